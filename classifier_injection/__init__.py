@@ -1,0 +1,52 @@
+"""classifier_injection: give pretrained timm classifiers new classes from text alone.
+
+    >>> from classifier_injection import inject
+    >>> model = inject(model, ["capybara", "red panda"])
+
+The extended model keeps every old logit bit-identical and predicts the new rows with ICIS
+(Christensen et al., "Image-free Classifier Injection with Semantics", ICCV 2023).
+"""
+
+__version__ = "0.1.0"
+
+from .api import head_fingerprint, inject
+from .calibration import Calibration, NoCalibration, NormCalibration, get_calibration
+from .descriptors import DescriptorConfig, embed_classes, seen_class_names
+from .embedders import (
+    DEFAULT_SENTENCE_MODEL,
+    Embedder,
+    PrecomputedEmbedder,
+    SentenceTransformerEmbedder,
+    default_embedder,
+)
+from .heads import ClassifierHead, UnsupportedHeadError, find_head
+from .icis import ICISConfig, ICISInjector, ICISModel
+from .injector import Injector
+from .io import load_injected, save_injected
+
+__all__ = [
+    "DEFAULT_SENTENCE_MODEL",
+    "Calibration",
+    "ClassifierHead",
+    "DescriptorConfig",
+    "Embedder",
+    "ICISConfig",
+    "ICISInjector",
+    "ICISModel",
+    "Injector",
+    "NoCalibration",
+    "NormCalibration",
+    "PrecomputedEmbedder",
+    "SentenceTransformerEmbedder",
+    "UnsupportedHeadError",
+    "__version__",
+    "default_embedder",
+    "embed_classes",
+    "find_head",
+    "get_calibration",
+    "head_fingerprint",
+    "inject",
+    "load_injected",
+    "save_injected",
+    "seen_class_names",
+]

@@ -1,0 +1,289 @@
+"""ICIS: Image-free Classifier Injection with Semantics (Christensen et al., ICCV 2023).
+
+Two autoencoders share one latent space: one over class descriptors ``a`` (text embeddings), one over
+classifier rows ``r = [w | b]``. They are trained on the seen classes of the head with four losses,
+all weighted 1, ``d(x, y) = 1 - cos(x, y)`` per row (MSE as the ablation):
+
+* A->A: ``d(dec_A(enc_A(a)), a)`` over seen classes and, optionally, the descriptors of the new classes
+  (they have no row, so only this term sees them; the paper's ``include_unseen``),
+* W->W: ``d(dec_W(enc_W(r)), r)``, seen classes,
+* A->W and W->A (cross-reconstruction): ``d(dec_W(enc_A(a)), r)``, ``d(dec_A(enc_W(r)), a)``, seen classes.
+
+A new class gets the row ``dec_W(enc_A(a))``. The cosine loss leaves the norm of predicted rows free;
+:mod:`classifier_injection.calibration` sets it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .injector import check_fit_inputs
+
+__all__ = ["ICISConfig", "ICISInjector", "ICISModel"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ICISConfig:
+    """Hyper-parameters of ICIS.
+
+    The defaults are the library's (chosen on held-out *seen* classes, see ``benchmarks/``); use
+    :meth:`paper` for the settings of the official code (batch 16, lr 1e-5, slope early stopping).
+
+    Attributes:
+        latent_dim: width ``E`` of the shared latent space (2048 in the paper).
+        lr: Adam learning rate.
+        batch_size: seen classes per step.
+        max_epochs: upper bound on epochs.
+        min_epochs: epochs before early stopping may trigger (20 in the paper).
+        early_stop_slope: stop when ``-(mean(last 10 losses) - mean(previous 10)) / 10`` stays below this
+            for ``early_stop_patience`` epochs in a row (0.002 and 5 in the paper). ``0`` disables it.
+        loss: ``"cosine"`` (the paper) or ``"mse"`` (ablation).
+        cross_reconstruction: use the A->W and W->A terms (ablation: ``False``).
+        include_new_descriptors: use the new classes' descriptors in the A->A term.
+        weight_decay: Adam weight decay.
+    """
+
+    latent_dim: int = 2048
+    lr: float = 1e-3
+    batch_size: int = 128
+    max_epochs: int = 1000
+    min_epochs: int = 20
+    early_stop_slope: float = 0.002
+    early_stop_patience: int = 5
+    loss: Literal["cosine", "mse"] = "cosine"
+    cross_reconstruction: bool = True
+    include_new_descriptors: bool = True
+    weight_decay: float = 0.0
+
+    @classmethod
+    def paper(cls, **overrides) -> ICISConfig:
+        """The settings of the official ICIS code: batch 16, lr 1e-5, up to 1000 epochs, slope stop."""
+        return replace(cls(lr=1e-5, batch_size=16), **overrides)
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("cosine", "mse"):
+            raise ValueError(f"loss must be 'cosine' or 'mse', got {self.loss!r}")
+        for name in ("latent_dim", "batch_size", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ICISConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ICIS config keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+class _AutoEncoder(nn.Module):
+    def __init__(self, dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, latent_dim), nn.ReLU())
+        self.decoder = nn.Linear(latent_dim, dim)
+
+
+class ICISModel(nn.Module):
+    """The two autoencoders. ``forward(a)`` predicts rows from descriptors."""
+
+    def __init__(self, descriptor_dim: int, row_dim: int, latent_dim: int = 2048) -> None:
+        super().__init__()
+        self.descriptor_ae = _AutoEncoder(descriptor_dim, latent_dim)
+        self.weight_ae = _AutoEncoder(row_dim, latent_dim)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+        return self.weight_ae.decoder(self.descriptor_ae.encoder(descriptors))
+
+    def losses(
+        self,
+        descriptors: torch.Tensor,
+        rows: torch.Tensor,
+        extra_descriptors: torch.Tensor | None,
+        distance,
+        cross_reconstruction: bool,
+    ) -> torch.Tensor:
+        z_a = self.descriptor_ae.encoder(descriptors)
+        z_w = self.weight_ae.encoder(rows)
+        a_for_aa = descriptors if extra_descriptors is None else torch.cat([descriptors, extra_descriptors])
+        z_aa = z_a if extra_descriptors is None else torch.cat([z_a, self.descriptor_ae.encoder(extra_descriptors)])
+        loss = distance(self.descriptor_ae.decoder(z_aa), a_for_aa) + distance(self.weight_ae.decoder(z_w), rows)
+        if cross_reconstruction:
+            loss = (
+                loss
+                + distance(self.weight_ae.decoder(z_a), rows)
+                + distance(self.descriptor_ae.decoder(z_w), descriptors)
+            )
+        return loss
+
+
+def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (1 - F.cosine_similarity(x, y, dim=1)).mean()
+
+
+def _mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(x, y)
+
+
+def _slope_says_stop(history: list[float]) -> float | None:
+    """The paper's slope: ``-(mean(last 10) - mean(previous 10)) / 10``, or None before 20 epochs."""
+    if len(history) < 20:
+        return None
+    last, previous = history[-10:], history[-20:-10]
+    return -(sum(last) / 10 - sum(previous) / 10) / 10
+
+
+class ICISInjector:
+    """ICIS as an :class:`~classifier_injection.injector.Injector`.
+
+    Example:
+        >>> injector = ICISInjector(seed=0).fit(seen_descriptors, seen_rows, new_descriptors)
+        >>> new_rows = injector.predict(new_descriptors)
+    """
+
+    name = "icis"
+
+    def __init__(self, config: ICISConfig | None = None, *, seed: int = 0, progress: bool = False) -> None:
+        self.config = config or ICISConfig()
+        self.seed = seed
+        self.progress = progress
+        self.model: ICISModel | None = None
+        self.history: list[float] = []
+        self.fingerprint: str | None = None
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.model is not None
+
+    def hparams(self) -> dict:
+        return {**self.config.to_dict(), "seed": self.seed, "epochs_trained": len(self.history)}
+
+    def fit(
+        self,
+        seen_descriptors: torch.Tensor,
+        seen_rows: torch.Tensor,
+        new_descriptors: torch.Tensor | None = None,
+    ) -> ICISInjector:
+        check_fit_inputs(seen_descriptors, seen_rows, new_descriptors)
+        cfg = self.config
+        a = seen_descriptors.detach().float().cpu()
+        r = seen_rows.detach().float().cpu()
+        a_new = None
+        if cfg.include_new_descriptors and new_descriptors is not None and len(new_descriptors):
+            a_new = new_descriptors.detach().float().cpu()
+        distance = _cosine_distance if cfg.loss == "cosine" else _mse
+
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = ICISModel(a.shape[1], r.shape[1], cfg.latent_dim)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+        n = a.shape[0]
+        batch = min(cfg.batch_size, n)
+        self.history = []
+        flat_epochs = 0
+        bar = tqdm(range(cfg.max_epochs), desc="ICIS", unit="epoch", disable=not self.progress, leave=False)
+        model.train()
+        for epoch in bar:
+            order = torch.randperm(n, generator=generator)
+            new_order = torch.randperm(len(a_new), generator=generator) if a_new is not None else None
+            total, steps = 0.0, 0
+            for start in range(0, n, batch):
+                idx = order[start : start + batch]
+                extra = None
+                if new_order is not None:
+                    # Cycle the (usually few) new descriptors through the steps of the epoch.
+                    k = min(len(idx), len(new_order))
+                    offset = (steps * k) % len(new_order)
+                    extra = a_new[new_order.roll(-offset)[:k]]
+                loss = model.losses(a[idx], r[idx], extra, distance, cfg.cross_reconstruction)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                steps += 1
+            self.history.append(total / steps)
+            bar.set_postfix(loss=f"{self.history[-1]:.4f}")
+            slope = _slope_says_stop(self.history)
+            if cfg.early_stop_slope > 0 and slope is not None and epoch + 1 >= cfg.min_epochs:
+                flat_epochs = flat_epochs + 1 if slope < cfg.early_stop_slope else 0
+                if flat_epochs >= cfg.early_stop_patience:
+                    break
+        bar.close()
+        _logger.info("ICIS trained %d epochs, final loss %.4f", len(self.history), self.history[-1])
+        model.eval()
+        self.model = model
+        return self
+
+    @torch.no_grad()
+    def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError("ICISInjector.predict() called before fit() or load()")
+        expected = self.model.descriptor_ae.encoder[0].in_features
+        if descriptors.dim() != 2 or descriptors.shape[1] != expected:
+            raise ValueError(
+                f"descriptors must be [n, {expected}] (the width this injector was trained on), got "
+                f"{tuple(descriptors.shape)}: use the same embedder as for training"
+            )
+        return self.model(descriptors.detach().float().cpu())
+
+    def save(self, path: str) -> None:
+        """Save the trained injector as one safetensors file (weights + JSON config in its metadata)."""
+        from .io import atomic_save_safetensors
+
+        if self.model is None:
+            raise RuntimeError("nothing to save: call fit() first")
+        metadata = {
+            "format": "classifier_injection.icis",
+            "config": json.dumps(self.config.to_dict()),
+            "seed": str(self.seed),
+            "history": json.dumps(self.history),
+            "fingerprint": self.fingerprint or "",
+            "descriptor_dim": str(self.model.descriptor_ae.encoder[0].in_features),
+            "row_dim": str(self.model.weight_ae.encoder[0].in_features),
+        }
+        atomic_save_safetensors(self.model.state_dict(), path, metadata)
+
+    @classmethod
+    def load(cls, path: str) -> ICISInjector:
+        """Load an injector written by :meth:`save` (safetensors only: no pickle)."""
+        from .io import read_safetensors
+
+        tensors, metadata = read_safetensors(path)
+        if metadata.get("format") != "classifier_injection.icis":
+            raise ValueError(f"{path} is not an ICIS injector file (metadata format={metadata.get('format')!r})")
+        try:
+            config = ICISConfig.from_dict(json.loads(metadata["config"]))
+            descriptor_dim, row_dim = int(metadata["descriptor_dim"]), int(metadata["row_dim"])
+            injector = cls(config, seed=int(metadata["seed"]))
+            injector.history = [float(x) for x in json.loads(metadata["history"])]
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: invalid ICIS injector metadata ({err})") from err
+        model = ICISModel(descriptor_dim, row_dim, config.latent_dim)
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path}: tensors do not match the ICIS model in its metadata ({err})") from err
+        model.eval()
+        injector.model = model
+        injector.fingerprint = metadata.get("fingerprint") or None
+        return injector

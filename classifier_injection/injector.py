@@ -1,0 +1,69 @@
+"""The interface every injector (ICIS and the baselines) implements.
+
+An injector learns, from the seen classes of one head, a map from class descriptors to classifier rows,
+and predicts rows for new classes from their descriptors alone.
+
+Shapes: ``seen_descriptors [S, d]``, ``seen_rows [S, D + 1]`` (``[W | b]``), ``new_descriptors [U, d]``;
+:meth:`Injector.predict` returns ``[U, D + 1]``. All float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["Injector", "check_fit_inputs"]
+
+
+@runtime_checkable
+class Injector(Protocol):
+    """Fit on the seen rows of a head, predict rows for new classes."""
+
+    #: Short method name recorded in provenance (e.g. ``"icis"``, ``"ridge"``).
+    name: str
+
+    def fit(
+        self,
+        seen_descriptors: torch.Tensor,
+        seen_rows: torch.Tensor,
+        new_descriptors: torch.Tensor | None = None,
+    ) -> Injector:
+        """Learn from the seen classes. ``new_descriptors`` may be used transductively (no rows for them)."""
+        ...
+
+    def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """Rows ``[W | b]`` for classes described by ``descriptors``."""
+        ...
+
+    def hparams(self) -> dict:
+        """JSON-able hyper-parameters, recorded in the provenance of injected models."""
+        ...
+
+
+def check_fit_inputs(
+    seen_descriptors: torch.Tensor, seen_rows: torch.Tensor, new_descriptors: torch.Tensor | None = None
+) -> None:
+    """Validate the shapes every injector expects, with errors that say what is wrong."""
+    if seen_descriptors.dim() != 2 or seen_rows.dim() != 2:
+        raise ValueError(
+            f"seen_descriptors and seen_rows must be 2-D, got {tuple(seen_descriptors.shape)} and "
+            f"{tuple(seen_rows.shape)}"
+        )
+    if seen_descriptors.shape[0] != seen_rows.shape[0]:
+        raise ValueError(
+            f"seen_descriptors has {seen_descriptors.shape[0]} classes but seen_rows has {seen_rows.shape[0]}: "
+            "one descriptor per row"
+        )
+    if seen_rows.shape[0] < 2:
+        raise ValueError(f"need at least 2 seen classes to learn from, got {seen_rows.shape[0]}")
+    if new_descriptors is not None and (
+        new_descriptors.dim() != 2 or new_descriptors.shape[1] != seen_descriptors.shape[1]
+    ):
+        raise ValueError(
+            f"new_descriptors must be [U, {seen_descriptors.shape[1]}] like seen_descriptors, got "
+            f"{tuple(new_descriptors.shape)}"
+        )
+    for name, t in (("seen_descriptors", seen_descriptors), ("seen_rows", seen_rows)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
