@@ -131,6 +131,22 @@ def _check_safetensors_header(path: Path) -> None:
             f"{path} is truncated: its header claims {header_len} bytes but the file has only {size}; "
             "download or save it again"
         )
+    with open(path, "rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"{path} is not a valid safetensors file (its header is not JSON: {err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
+    # The library says "incomplete metadata" for a cut file; name the usual cause instead.
+    ends = [e["data_offsets"][1] for e in header.values() if isinstance(e, dict) and "data_offsets" in e]
+    data_len = max((end for end in ends if _is_int(end)), default=0)
+    if 8 + header_len + data_len > size:
+        raise ValueError(
+            f"{path} is truncated: it describes {8 + header_len + data_len} bytes but has only {size}; "
+            "download or save it again"
+        )
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -35,7 +35,12 @@ def _embedder() -> PrecomputedEmbedder:
 def _injected(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     model = timm.create_model("test_resnet", pretrained=False, num_classes=len(NAMES)).eval().to(dtype)
     return inject(
-        model, NEW, embedder=_embedder(), class_names=NAMES, icis_config=ICISConfig(latent_dim=16, max_epochs=2)
+        model,
+        NEW,
+        embedder=_embedder(),
+        class_names=NAMES,
+        icis_config=ICISConfig(latent_dim=16, max_epochs=2),
+        calibration="norm",
     )
 
 
