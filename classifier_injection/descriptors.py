@@ -1,63 +1,344 @@
-"""Class names and the texts that describe them (descriptors), and their embedding.
+"""Class descriptors: the texts that describe each class, and their embedding.
 
-A descriptor is built per class from its name (and, when known, a description) with one or more
-templates; the class vector is the mean of the L2-normalised embeddings of its texts.
+A class is described by its name and, when known, a description (a definition). A
+:class:`DescriptorConfig` turns them into one or more texts with templates; the class vector is the mean of
+the L2-normalised embeddings of its texts (a template ensemble when there are several).
+
+Descriptions come from, in order of preference: the user (``descriptions={"capybara": "..."}``), the
+WordNet definition of a known synset (the seen classes of ImageNet-family heads, by WordNet id), or a
+look-up of the class name among the lemmas of the 21,844 WordNet synsets that timm ships
+(``timm/data/_info``). A name with several synsets is ambiguous and is resolved by an explicit policy
+(:attr:`DescriptorConfig.ambiguous`). Every decision is returned as provenance by :func:`describe_classes`.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
+import logging
+import pkgutil
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embedders import Embedder
+from .embedders import CombinedEmbedder, Embedder
 
-__all__ = ["DescriptorConfig", "embed_classes", "seen_class_names"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "DescriptorConfig",
+    "InjectionDescriptions",
+    "WordNetMatch",
+    "default_config_for",
+    "describe_classes",
+    "describe_injection",
+    "embed_classes",
+    "lookup_wordnet",
+    "openai_templates",
+    "seen_class_names",
+    "seen_class_wnids",
+    "uses_descriptions",
+    "wordnet_definition",
+]
+
+logger = logging.getLogger(__name__)
 
 _WNID = re.compile(r"^n\d{8}$")
+
+#: The library's default texts per class (chosen on the benchmark, see ``benchmarks/descriptors.py``).
+DEFAULT_TEMPLATES: tuple[str, ...] = ("{name}: {description}",)
+#: Texts of a class without a description when a template needs one.
+DEFAULT_FALLBACK = "{name}"
+
+AmbiguityPolicy = Literal["skip", "headword", "first", "error"]
+_POLICIES = ("skip", "headword", "first", "error")
+
+
+@functools.cache
+def openai_templates() -> tuple[str, ...]:
+    """The 80 prompt templates of OpenAI's CLIP ImageNet evaluation (shipped by open_clip), as ``{name}`` strings."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{name}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+_PRESETS: dict[str, dict] = {
+    "name": {"templates": ("{name}",), "use_definitions": False},
+    "photo": {"templates": ("a photo of a {name}.",), "use_definitions": False},
+    "ensemble": {"templates": "openai", "use_definitions": False},
+    "definition": {"templates": ("{description}",)},
+    "name+definition": {"templates": ("{name}: {description}",)},
+    "photo+definition": {"templates": ("a photo of a {name}, {description}.",)},
+    "name&definition": {"templates": ("{name}", "{description}")},
+}
 
 
 @dataclass(frozen=True)
 class DescriptorConfig:
-    """How class names become texts.
+    """How a class (name, optional description) becomes texts.
 
     Attributes:
-        templates: format strings with ``{name}`` (and optionally ``{description}``); a class gets one
-            text per template and its vector is the mean of their normalised embeddings. A template that
-            uses ``{description}`` falls back to ``fallback_template`` for classes without one.
-        fallback_template: used for classes without a description when a template needs one.
+        templates: format strings with ``{name}`` and/or ``{description}``; a class gets one text per template
+            and its vector is the mean of their normalised embeddings (a template ensemble).
+        fallback_template: replaces a template that needs ``{description}`` for a class without one, so that
+            every class still gets a text (classes described differently are less comparable: prefer giving
+            descriptions to all new classes when the seen classes have them).
+        use_definitions: look up WordNet definitions (seen ImageNet classes by WordNet id, other names by
+            lemma). ``False``: only user-given descriptions are used.
+        ambiguous: what to do with a name that is a lemma of several synsets: ``"skip"`` (no definition),
+            ``"headword"`` (the one synset whose first lemma is the name, else skip), ``"first"`` (headword
+            matches first, then WordNet order), ``"error"`` (raise, listing the candidates).
+        preset: the preset name this config was built from, if any (recorded in provenance).
     """
 
-    templates: tuple[str, ...] = ("a photo of a {name}.",)
-    fallback_template: str = "a photo of a {name}."
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    fallback_template: str = DEFAULT_FALLBACK
+    use_definitions: bool = True
+    ambiguous: AmbiguityPolicy = "headword"
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.templates, str) or not self.templates:
+            raise ValueError("templates must be a non-empty tuple of strings like ('a photo of a {name}.',)")
+        object.__setattr__(self, "templates", tuple(self.templates))
+        for template in (*self.templates, self.fallback_template):
+            try:
+                template.format(name="x", description="y")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(
+                    f"template {template!r} is not a valid format string with only {{name}} and {{description}}"
+                ) from err
+        if "{description}" in self.fallback_template:
+            raise ValueError(f"fallback_template {self.fallback_template!r} must not need a description")
+        if self.ambiguous not in _POLICIES:
+            raise ValueError(f"ambiguous must be one of {_POLICIES}, got {self.ambiguous!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DescriptorConfig:
+        """A named config: ``"name"``, ``"photo"`` (``"a photo of a {name}."``), ``"ensemble"`` (80 CLIP
+        templates), ``"definition"``, ``"name+definition"`` (the default), ``"photo+definition"``,
+        ``"name&definition"`` (ensemble of the name and the definition)."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown descriptor preset {name!r}; choose one of {sorted(_PRESETS)}")
+        kwargs = dict(_PRESETS[name])
+        if kwargs["templates"] == "openai":
+            kwargs["templates"] = openai_templates()
+        return cls(**{**kwargs, "preset": name, **overrides})
+
+    @property
+    def needs_descriptions(self) -> bool:
+        return any("{description}" in t for t in self.templates)
 
     def texts(self, name: str, description: str | None = None) -> list[str]:
+        """The texts of one class."""
         texts = []
         for template in self.templates:
             if "{description}" in template and not description:
                 template = self.fallback_template
-            texts.append(template.format(name=name, description=description or ""))
+            texts.append(template.format(name=name, description=(description or "").strip().rstrip(".")))
         return texts
 
     def to_dict(self) -> dict:
-        return {"templates": list(self.templates), "fallback_template": self.fallback_template}
+        data = asdict(self)
+        data["templates"] = list(self.templates)
+        if self.preset == "ensemble":  # 80 strings add nothing a reader can't get from the preset name
+            data["templates"] = f"{len(self.templates)} OpenAI CLIP templates"
+        return data
+
+
+def default_config_for(embedder: Embedder) -> DescriptorConfig:
+    """The config used when none is given: the embedder's ``default_template`` if it has one, else the default."""
+    template = getattr(embedder, "default_template", None)
+    if template:
+        return DescriptorConfig(templates=(template,), use_definitions="{description}" in template)
+    return DescriptorConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WordNet lemmas and definitions shipped by timm
+
+
+@dataclass(frozen=True)
+class _WordNetTables:
+    lemmas: dict[str, list[str]]  # wnid -> lemmas, headword first
+    definitions: dict[str, str]  # wnid -> gloss
+    by_lemma: dict[str, list[str]]  # normalised lemma -> wnids, in file order
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+@functools.cache
+def _wordnet() -> _WordNetTables:
+    def read(file: str) -> dict[str, str]:
+        data = pkgutil.get_data("timm.data", f"_info/{file}")
+        if data is None:
+            raise FileNotFoundError(f"timm does not ship {file}: upgrade timm (>= 0.9)")
+        return dict(csv.reader(data.decode("utf-8").splitlines(), delimiter="\t"))
+
+    lemmas = {
+        wnid: [lemma.strip() for lemma in text.split(",")]
+        for wnid, text in read("imagenet_synset_to_lemma.txt").items()
+    }
+    by_lemma: dict[str, list[str]] = {}
+    for wnid, names in lemmas.items():
+        for lemma in dict.fromkeys(_normalise(n) for n in names):
+            by_lemma.setdefault(lemma, []).append(wnid)
+    return _WordNetTables(lemmas, read("imagenet_synset_to_definition.txt"), by_lemma)
+
+
+def wordnet_definition(wnid: str) -> str | None:
+    """WordNet definition (gloss) of a synset id such as ``"n02084071"``, if timm knows it."""
+    return _wordnet().definitions.get(wnid)
+
+
+@dataclass(frozen=True)
+class WordNetMatch:
+    """Result of looking a class name up among WordNet lemmas.
+
+    Attributes:
+        name: the name looked up.
+        status: ``"found"`` (one synset chosen), ``"ambiguous"`` (several, none chosen), ``"not_found"``.
+        wnid: the chosen synset, if any.
+        definition: its definition.
+        candidates: every synset with this lemma, ``(wnid, lemmas, definition)``, in WordNet order.
+    """
+
+    name: str
+    status: Literal["found", "ambiguous", "not_found"]
+    wnid: str | None = None
+    definition: str | None = None
+    candidates: tuple[tuple[str, str, str], ...] = ()
+
+
+def lookup_wordnet(name: str, ambiguous: AmbiguityPolicy = "headword") -> WordNetMatch:
+    """Find the WordNet synset of a class name (case and ``_`` insensitive), see :attr:`DescriptorConfig.ambiguous`."""
+    if ambiguous not in _POLICIES:
+        raise ValueError(f"ambiguous must be one of {_POLICIES}, got {ambiguous!r}")
+    tables = _wordnet()
+    key = _normalise(name)
+    wnids = tables.by_lemma.get(key, [])
+    candidates = tuple((w, ", ".join(tables.lemmas[w]), tables.definitions.get(w, "")) for w in wnids)
+    if not wnids:
+        return WordNetMatch(name, "not_found")
+    chosen: str | None = wnids[0] if len(wnids) == 1 else None
+    if chosen is None and ambiguous != "skip":
+        headword = [w for w in wnids if _normalise(tables.lemmas[w][0]) == key]
+        if ambiguous == "error":
+            listing = "; ".join(f"{w} ({lemmas}: {gloss})" for w, lemmas, gloss in candidates)
+            raise ValueError(
+                f"class name {name!r} names {len(wnids)} WordNet synsets: {listing}. Pass "
+                f"descriptions={{{name!r}: '...'}} to say which one, or choose another ambiguity policy"
+            )
+        if len(headword) == 1:
+            chosen = headword[0]
+        elif ambiguous == "first":
+            chosen = (headword or wnids)[0]
+    if chosen is None:
+        return WordNetMatch(name, "ambiguous", candidates=candidates)
+    return WordNetMatch(name, "found", chosen, tables.definitions.get(chosen), candidates)
+
+
+def describe_classes(
+    names: Sequence[str],
+    descriptions: Mapping[str, str] | None = None,
+    config: DescriptorConfig | None = None,
+    *,
+    wnids: Sequence[str | None] | None = None,
+) -> tuple[list[str | None], list[dict]]:
+    """The description of each class, and where it came from.
+
+    Order of preference per class: ``descriptions[name]`` (the user's); the definition of ``wnids[i]`` (a
+    known synset, e.g. a seen class of an ImageNet head); a WordNet look-up of the name
+    (:func:`lookup_wordnet`). The last two only when ``config.use_definitions``.
+
+    Returns:
+        ``(texts, provenance)``: one description (or ``None``) per name, and one JSON-able record per name
+        with ``source`` in ``{"user", "wordnet-id", "wordnet-lemma", "none"}`` plus the synset and, for
+        ambiguous names, the candidates.
+    """
+    config = config or DescriptorConfig()
+    descriptions = dict(descriptions or {})
+    if wnids is not None and len(wnids) != len(names):
+        raise ValueError(f"wnids must have one entry per name: got {len(wnids)} for {len(names)} names")
+    texts: list[str | None] = []
+    records: list[dict] = []
+    for i, name in enumerate(names):
+        text, record = None, {"source": "none"}
+        wnid = wnids[i] if wnids is not None else None
+        if descriptions.get(name):
+            text, record = descriptions[name], {"source": "user"}
+        elif config.use_definitions and wnid and wordnet_definition(wnid):
+            text, record = wordnet_definition(wnid), {"source": "wordnet-id", "wnid": wnid}
+        elif config.use_definitions:
+            match = lookup_wordnet(name, config.ambiguous)
+            if match.status == "found":
+                text, record = match.definition, {"source": "wordnet-lemma", "wnid": match.wnid}
+                if len(match.candidates) > 1:
+                    record["ambiguous"] = [c[0] for c in match.candidates]
+            elif match.status == "ambiguous":
+                record = {"source": "none", "ambiguous": [c[0] for c in match.candidates]}
+        texts.append(text or None)
+        records.append(record)
+    return texts, records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedding
+
+
+def _description_list(
+    names: Sequence[str], descriptions: Mapping[str, str] | Sequence[str | None] | None
+) -> list[str | None]:
+    if descriptions is None:
+        return [None] * len(names)
+    if isinstance(descriptions, Mapping):
+        return [descriptions.get(n) for n in names]
+    if isinstance(descriptions, str) or len(descriptions) != len(names):
+        raise ValueError("descriptions must be a mapping name -> text or a list with one entry (or None) per name")
+    return list(descriptions)
 
 
 def embed_classes(
     embedder: Embedder,
     names: Sequence[str],
     config: DescriptorConfig | None = None,
-    descriptions: Mapping[str, str] | None = None,
+    descriptions: Mapping[str, str] | Sequence[str | None] | None = None,
+    *,
+    cache=None,
 ) -> torch.Tensor:
-    """Class vectors ``[len(names), embedder.dim]``: mean of normalised embeddings of each class's texts."""
+    """Class vectors ``[len(names), embedder.dim]``: mean of the normalised embeddings of each class's texts.
+
+    Args:
+        embedder: any :class:`~classifier_injection.embedders.Embedder`. The parts of a
+            :class:`~classifier_injection.embedders.CombinedEmbedder` are embedded with their own configs
+            (or ``config``), normalised and concatenated.
+        names: class names.
+        config: how a class becomes texts; default :func:`default_config_for` the embedder.
+        descriptions: a mapping name -> description, or a list aligned with ``names`` (needed when names
+            repeat, like the two "crane" classes of ImageNet). Lists are used as given; see
+            :func:`describe_classes` to fill them from WordNet.
+        cache: an :class:`~classifier_injection.cache.EmbeddingCache` to read and extend, or ``None``.
+    """
+    described = _description_list(names, descriptions)
+    if isinstance(embedder, CombinedEmbedder):
+        parts = [
+            embed_classes(part, names, part_config or config, described, cache=cache)
+            for part, part_config in zip(embedder.embedders, embedder.configs, strict=True)
+        ]
+        return embedder.combine(parts)
     if config is None:
-        config = DescriptorConfig(templates=(getattr(embedder, "default_template", None) or "a photo of a {name}.",))
-    descriptions = descriptions or {}
-    per_class = [config.texts(name, descriptions.get(name)) for name in names]
+        config = default_config_for(embedder)
+    if cache is not None:
+        from .cache import CachedEmbedder
+
+        embedder = CachedEmbedder(embedder, cache)
+    per_class = [config.texts(name, text) for name, text in zip(names, described, strict=True)]
     flat = [text for texts in per_class for text in texts]
     vectors = F.normalize(embedder.encode(flat).float(), dim=1)
     counts = torch.tensor([len(texts) for texts in per_class])
@@ -66,8 +347,23 @@ def embed_classes(
     return summed / counts[:, None]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The classes a head already has
+
+
 def _readable(names: Sequence[str]) -> bool:
     return all(isinstance(n, str) and n.strip() and not _WNID.match(n) for n in names)
+
+
+def _imagenet_info(model: nn.Module, num_classes: int):
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is not None:
+        info = ImageNetInfo(subset)
+        if info.num_classes() == num_classes:
+            return info
+    return None
 
 
 def seen_class_names(model: nn.Module, num_classes: int, class_names: Sequence[str] | None = None) -> list[str]:
@@ -88,14 +384,89 @@ def seen_class_names(model: nn.Module, num_classes: int, class_names: Sequence[s
     label_names = cfg.get("label_names")
     if label_names and len(label_names) == num_classes and _readable(label_names):
         return list(label_names)
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    subset = infer_imagenet_subset(model)
-    if subset is not None:
-        info = ImageNetInfo(subset)
-        if info.num_classes() == num_classes:
-            return [d.split(",")[0].strip() for d in info.label_descriptions()]
+    info = _imagenet_info(model, num_classes)
+    if info is not None:
+        return [d.split(",")[0].strip() for d in info.label_descriptions()]
     raise ValueError(
         f"cannot tell the names of the {num_classes} classes this model already has: pass "
         "class_names=[...] (one string per existing class, in head order)"
     )
+
+
+def seen_class_wnids(
+    model: nn.Module, num_classes: int, class_names: Sequence[str] | None = None
+) -> list[str | None] | None:
+    """WordNet ids of the head's classes when known (ImageNet-family heads), else ``None``.
+
+    Known when the model's ``label_names`` are WordNet ids, or when the head is ImageNet-sized and no
+    other names were given (``class_names`` or readable ``label_names`` mean the classes may be others).
+    """
+    if class_names is not None:
+        return None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    label_names = cfg.get("label_names")
+    if label_names and len(label_names) == num_classes:
+        if all(isinstance(n, str) and _WNID.match(n) for n in label_names):
+            return list(label_names)
+        return None
+    info = _imagenet_info(model, num_classes)
+    return list(info.label_names()) if info is not None else None
+
+
+def uses_descriptions(embedder: Embedder, config: DescriptorConfig) -> bool:
+    """Whether embedding with ``embedder`` and ``config`` reads any description (a part's config counts)."""
+    if isinstance(embedder, CombinedEmbedder):
+        return any(
+            uses_descriptions(part, part_config or config)
+            for part, part_config in zip(embedder.embedders, embedder.configs, strict=True)
+        )
+    return config.needs_descriptions
+
+
+@dataclass
+class InjectionDescriptions:
+    """Descriptions of a head's seen classes and of the classes being injected, described the same way.
+
+    Attributes:
+        seen: one description (or ``None``) per seen class, in head order.
+        new: one description (or ``None``) per new class.
+        provenance: per new class name, ``{"text": ..., "source": ..., ...}`` (see :func:`describe_classes`).
+    """
+
+    seen: list[str | None]
+    new: list[str | None]
+    provenance: dict[str, dict]
+
+
+def describe_injection(
+    model: nn.Module,
+    seen_names: Sequence[str],
+    new_names: Sequence[str],
+    *,
+    embedder: Embedder,
+    config: DescriptorConfig,
+    descriptions: Mapping[str, str] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> InjectionDescriptions:
+    """Describe the seen and the new classes of one injection by the same rules.
+
+    Seen classes of ImageNet-family heads get the definition of their WordNet id; other seen classes and
+    all new classes are looked up by name (unless the user described them). When no template reads a
+    description, nothing is looked up.
+    """
+    if not uses_descriptions(embedder, config):
+        return InjectionDescriptions([None] * len(seen_names), [None] * len(new_names), {})
+    wnids = seen_class_wnids(model, len(seen_names), class_names)
+    seen, _ = describe_classes(seen_names, descriptions, config, wnids=wnids)
+    new, records = describe_classes(new_names, descriptions, config)
+    provenance = {name: {"text": text, **record} for name, text, record in zip(new_names, new, records, strict=True)}
+    missing = [name for name, text in zip(new_names, new, strict=True) if text is None]
+    if missing and any(seen):
+        # The seen classes are described with definitions and these new classes are not: their descriptors
+        # are less comparable (measured in benchmarks/results/descriptors.md). Say so, and how to fix it.
+        logger.warning(
+            "no description for new classes %s (not in WordNet, or ambiguous): they are described by their name "
+            "alone; pass descriptions={name: '...'} for better rows",
+            missing[:10],
+        )
+    return InjectionDescriptions(seen, new, provenance)

@@ -1,0 +1,238 @@
+"""Which descriptors make the best injected rows? Names vs templates vs definitions, per embedder.
+
+Protocol (same as the rest of the benchmark): the real 1000-class head of ``tf_efficientnet_lite0``, the 5
+folds of 200 held-out classes (``benchmarks.data.fold_classes``). In fold k the 800 other classes are
+"seen": an injector learns descriptor -> row from them and predicts rows for the 200 held-out classes,
+which are then described exactly as a user's new classes would be:
+
+* seen classes: their WordNet definition, by WordNet id (what :func:`inject` does for ImageNet heads);
+* held-out classes: a WordNet look-up of their *name* (first lemma), with the library's ambiguity policy;
+  names that stay ambiguous fall back to the name alone.
+
+Scores: ZSL top-1 (held-out photos among held-out classes), GZSL S/U/H (extended head: 800 real rows + 200
+injected), and an image-free check: mean cosine between predicted and true rows of the held-out classes.
+Two injectors: a closed-form ridge probe (fast, all variants) and ICIS with library defaults and the library
+default calibration (the few variants that matter). Results: ``benchmarks/results/descriptors*.{json,md}``.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.descriptors            # ridge, all variants
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.descriptors --icis     # + ICIS on the key variants
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.data import EMBEDDINGS, ROOT, HeadData, fold_classes, head_data
+from benchmarks.harness import run_method
+from classifier_injection.cache import EmbeddingCache
+from classifier_injection.descriptors import DescriptorConfig, describe_classes, embed_classes
+from classifier_injection.embedders import SentenceTransformerEmbedder, WordVectorEmbedder
+
+RESULTS = ROOT / "benchmarks" / "results"
+#: open_clip's short list of CLIP templates (the 80-template preset costs 80 texts a class: 80k on ImageNet).
+SIMPLE_TEMPLATES = (
+    "itap of a {name}.",
+    "a bad photo of the {name}.",
+    "a origami {name}.",
+    "a photo of the large {name}.",
+    "a {name} in a video game.",
+    "art of the {name}.",
+    "a photo of the small {name}.",
+)
+CACHE = EmbeddingCache(ROOT / "benchmarks" / ".cache" / "embeddings")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Descriptor matrices: one for the classes as seen classes, one for the same classes as new classes
+
+
+def imagenet_classes() -> tuple[list[str], list[str]]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    return [d.split(",")[0].strip() for d in info.label_descriptions()], list(info.label_names())
+
+
+def descriptions(config: DescriptorConfig, new_have_definitions: bool = True):
+    """(seen descriptions by WordNet id, new descriptions by name look-up, look-up provenance)."""
+    names, wnids = imagenet_classes()
+    seen, _ = describe_classes(names, None, config, wnids=wnids)
+    if new_have_definitions:
+        new, records = describe_classes(names, None, config)
+    else:  # names that are nowhere in WordNet: every new class falls back to its name
+        new, records = [None] * len(names), [{"source": "none"}] * len(names)
+    return seen, new, records
+
+
+def text_matrices(embedder, config: DescriptorConfig, new_have_definitions: bool = True):
+    names, _ = imagenet_classes()
+    seen_desc, new_desc, _ = descriptions(config, new_have_definitions)
+    seen = embed_classes(embedder, names, config, seen_desc, cache=CACHE)
+    new = embed_classes(embedder, names, config, new_desc, cache=CACHE)
+    return seen, new
+
+
+def conceptnet_matrix() -> torch.Tensor:
+    """ConceptNet Numberbatch vectors of the 1000 names (benchmark only: they exist for these names alone)."""
+    vectors = torch.from_numpy(np.load(EMBEDDINGS / "imgnet_cn_list.npy", allow_pickle=False)).float()
+    return F.normalize(vectors, dim=1)
+
+
+def concat(*pairs):
+    """Concatenate normalised (seen, new) matrix pairs, as CombinedEmbedder does."""
+    return tuple(torch.cat([F.normalize(p[i], dim=1) for p in pairs], 1) for i in (0, 1))
+
+
+def variants() -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    minilm = SentenceTransformerEmbedder()
+    glove = WordVectorEmbedder()
+    preset = DescriptorConfig.from_preset
+    cn = conceptnet_matrix()
+
+    def m(name, **kw):
+        return lambda: text_matrices(minilm, preset(name), **kw)
+
+    def g(name):
+        return lambda: text_matrices(glove, preset(name))
+
+    return {
+        "minilm/name": m("name"),
+        "minilm/photo": m("photo"),
+        "minilm/ensemble (7 CLIP templates)": lambda: text_matrices(
+            minilm, DescriptorConfig(templates=SIMPLE_TEMPLATES, use_definitions=False)
+        ),
+        "minilm/definition": m("definition"),
+        "minilm/name+definition": m("name+definition"),
+        "minilm/photo+definition": m("photo+definition"),
+        "minilm/name&definition": m("name&definition"),
+        "minilm/name+definition (new: no definitions)": m("name+definition", new_have_definitions=False),
+        "minilm/name+definition (ambiguous: first)": lambda: text_matrices(
+            minilm, preset("name+definition", ambiguous="first")
+        ),
+        "glove/name": g("name"),
+        "glove/name+definition": g("name+definition"),
+        "minilm/name+definition + glove/name": lambda: concat(
+            text_matrices(minilm, preset("name+definition")), text_matrices(glove, preset("name"))
+        ),
+        "minilm/photo + glove/name": lambda: concat(
+            text_matrices(minilm, preset("photo")), text_matrices(glove, preset("name"))
+        ),
+        "conceptnet/name [1000 names only]": lambda: (cn, cn),
+        "minilm/name+definition + conceptnet [1000 names only]": lambda: concat(
+            text_matrices(minilm, preset("name+definition")), (cn, cn)
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Injectors and scores
+
+
+class RidgeProbe:
+    """Closed-form ridge regression descriptor -> row (centred: the intercept is the mean row)."""
+
+    name = "ridge"
+
+    def __init__(self, lam: float = 1.0) -> None:
+        self.lam = lam
+
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None) -> RidgeProbe:
+        a, r = seen_descriptors.double(), seen_rows.double()
+        self.mu_a, self.mu_r = a.mean(0), r.mean(0)
+        a0 = a - self.mu_a
+        eye = torch.eye(a.shape[1], dtype=a.dtype)
+        self.coef = torch.linalg.solve(a0.T @ a0 + self.lam * eye, a0.T @ (r - self.mu_r))
+        return self
+
+    def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
+        return ((descriptors.double() - self.mu_a) @ self.coef + self.mu_r).float()
+
+    def hparams(self) -> dict:
+        return {"lam": self.lam}
+
+
+def make_injector(method: str):
+    if method == "ridge":
+        return RidgeProbe()
+    from classifier_injection.icis import ICISInjector
+
+    return ICISInjector(seed=0)
+
+
+def evaluate(data: HeadData, seen_a: torch.Tensor, new_a: torch.Tensor, method: str, folds=range(5)) -> dict:
+    """Mean over folds of :func:`benchmarks.harness.run_method` (library default calibration).
+
+    In fold k the held-out classes get their *new-class* descriptors, the others their seen-class ones.
+    """
+    per_fold = []
+    for k in folds:
+        held = fold_classes(k)
+        matrix = seen_a.clone()
+        matrix[torch.as_tensor(held)] = new_a[torch.as_tensor(held)]
+        per_fold.append(run_method(data, held, matrix, make_injector(method), None, seed=0))
+    return {key: float(np.mean([f[key] for f in per_fold])) for key in per_fold[0]}
+
+
+def markdown(results: dict[str, dict[str, dict[str, float]]], folds: list[int]) -> str:
+    lines = []
+    for method, table in results.items():
+        lines += [
+            f"### {method} (tf_efficientnet_lite0, mean over folds {folds} of 200 held-out classes)",
+            "",
+            "| descriptor | ZSL | S | U | H | row cos (image-free) | fit s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in table.items():
+            lines.append(
+                f"| {name} | {r['zsl']:.1f} | {r['seen']:.1f} | {r['unseen']:.1f} | {r['h']:.1f} | {r['cosine']:.3f} "
+                f"| {r['fit_seconds']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+RIDGE = "ridge probe (lambda=1), library default calibration"
+ICIS = "ICIS (library defaults), library default calibration"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", default=None, help="ridge on these variants only (default: all)")
+    parser.add_argument("--icis", nargs="*", default=None, help="also run ICIS on these variants (default: key ones)")
+    parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="folds to average")
+    parser.add_argument("--out", default="descriptors", help="name of the results files in benchmarks/results")
+    args = parser.parse_args()
+
+    data = head_data("tf_efficientnet_lite0")
+    all_variants = variants()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    matrices: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    plan = [(RIDGE, "ridge", name) for name in (all_variants if args.only is None else args.only)]
+    if args.icis is not None:
+        key = args.icis or ["minilm/photo", "minilm/name+definition", "minilm/name+definition + glove/name"]
+        plan += [(ICIS, "icis", name) for name in key]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for table, method, name in plan:
+        start = time.perf_counter()
+        if name not in matrices:
+            matrices[name] = all_variants[name]()
+        r = evaluate(data, *matrices[name], method, folds=args.folds)
+        results.setdefault(table, {})[name] = r
+        short = {k: round(v, 3) for k, v in r.items()}
+        print(f"{method:5s} {name:55s} {short} ({time.perf_counter() - start:.0f}s)", flush=True)
+        # Written after every variant: a long run that is stopped keeps what it measured.
+        Path(RESULTS / f"{args.out}.json").write_text(json.dumps({"folds": args.folds, **results}, indent=2))
+        Path(RESULTS / f"{args.out}.md").write_text(markdown(results, args.folds))
+    print(markdown(results, args.folds))
+
+
+if __name__ == "__main__":
+    main()

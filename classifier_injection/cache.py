@@ -1,0 +1,193 @@
+"""On-disk cache of text embeddings, keyed by (embedder id, text).
+
+Injecting into an ImageNet head embeds the descriptors of its 1000 seen classes every time; with the cache
+only texts never seen before are encoded. One safetensors file per embedder id holds a ``[n, d]`` float32
+matrix and, in its (string) metadata, the JSON list of the ``n`` texts. Nothing is unpickled on load.
+
+The cache trusts the embedder id: an id must change whenever the vectors would (different model or weights).
+So only embedders that declare ``cacheable = True`` are cached (the library's sentence-transformers and
+open_clip embedders with real weights do); others, e.g. a randomly initialised text tower or a user's own
+embedder whose id may not say which weights it runs, are encoded every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["CachedEmbedder", "EmbeddingCache", "default_cache_dir", "resolve_cache"]
+
+_logger = logging.getLogger(__name__)
+
+#: Environment variable that overrides where embeddings are cached.
+CACHE_ENV = "CLASSIFIER_INJECTION_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$CLASSIFIER_INJECTION_CACHE``, else ``$XDG_CACHE_HOME/classifier_injection/embeddings`` (``~/.cache``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "classifier_injection" / "embeddings"
+
+
+class EmbeddingCache:
+    """Embeddings on disk, one file per embedder id.
+
+    Args:
+        directory: where the files live; created on first write. Default: :func:`default_cache_dir`.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
+        # In-memory copy of each file read, so repeated look-ups in one process do not re-read it.
+        self._loaded: dict[str, tuple[dict[str, int], torch.Tensor]] = {}
+
+    def path(self, embedder_id: str) -> Path:
+        """File holding the vectors of ``embedder_id`` (a hash of the id: ids may contain any character)."""
+        digest = hashlib.sha256(embedder_id.encode("utf-8")).hexdigest()[:24]
+        return self.directory / f"{digest}.safetensors"
+
+    def _load(self, embedder_id: str) -> tuple[dict[str, int], torch.Tensor]:
+        if embedder_id in self._loaded:
+            return self._loaded[embedder_id]
+        path = self.path(embedder_id)
+        entry: tuple[dict[str, int], torch.Tensor] = ({}, torch.zeros(0, 0))
+        if path.is_file():
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = f.metadata() or {}
+                    vectors = f.get_tensor("vectors")
+                texts = json.loads(metadata.get("texts", "[]"))
+                if metadata.get("embedder") != embedder_id or len(texts) != len(vectors):
+                    raise ValueError("header does not match its content")
+                entry = ({t: i for i, t in enumerate(texts)}, vectors)
+            except Exception as err:  # a corrupt or foreign file: ignore it, it is rewritten on the next put
+                _logger.warning("ignoring unreadable embedding cache %s (%s)", path, err)
+        self._loaded[embedder_id] = entry
+        return entry
+
+    def get(self, embedder_id: str, texts: Sequence[str]) -> tuple[torch.Tensor | None, list[int]]:
+        """Cached vectors of ``texts``: ``(vectors [n, d] with zeros where missing, missing indices)``.
+
+        Returns ``(None, all indices)`` when nothing is cached for ``embedder_id``.
+        """
+        index, vectors = self._load(embedder_id)
+        if not index:
+            return None, list(range(len(texts)))
+        out = torch.zeros(len(texts), vectors.shape[1])
+        missing = []
+        for i, text in enumerate(texts):
+            j = index.get(text)
+            if j is None:
+                missing.append(i)
+            else:
+                out[i] = vectors[j]
+        return out, missing
+
+    def put(self, embedder_id: str, texts: Sequence[str], vectors: torch.Tensor) -> None:
+        """Add ``vectors [n, d]`` of ``texts`` (existing entries are kept) and rewrite the file atomically."""
+        from safetensors.torch import save_file
+
+        vectors = vectors.detach().float().cpu()
+        if vectors.dim() != 2 or len(vectors) != len(texts):
+            raise ValueError(f"need one vector per text: got {len(texts)} texts and vectors {tuple(vectors.shape)}")
+        index, old = self._load(embedder_id)
+        if index and old.shape[1] != vectors.shape[1]:
+            raise ValueError(
+                f"embedder {embedder_id!r} returned {vectors.shape[1]}-d vectors but the cache holds "
+                f"{old.shape[1]}-d ones: the id must change when the model does (or clear {self.path(embedder_id)})"
+            )
+        new = {t: i for i, t in enumerate(texts) if t not in index}
+        if not new:
+            return
+        all_texts = [*index, *new]
+        matrix = torch.cat([old, vectors[list(new.values())]]) if index else vectors[list(new.values())]
+        matrix = matrix.contiguous()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(embedder_id)
+        # Write to a temporary file and rename: readers never see a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"vectors": matrix}, tmp, metadata={"embedder": embedder_id, "texts": json.dumps(all_texts)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._loaded[embedder_id] = ({t: i for i, t in enumerate(all_texts)}, matrix)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingCache({str(self.directory)!r})"
+
+
+class CachedEmbedder:
+    """Wrap an embedder so that texts it has already embedded are read from an :class:`EmbeddingCache`.
+
+    Same ``id`` and ``dim`` as the wrapped embedder (provenance is unchanged); embedders without
+    ``cacheable = True`` pass straight through.
+    """
+
+    def __init__(self, embedder, cache: EmbeddingCache | None = None) -> None:
+        self.embedder = embedder
+        self.cache = cache if cache is not None else EmbeddingCache()
+
+    @property
+    def id(self) -> str:
+        return self.embedder.id
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        if getattr(self.embedder, "cacheable", False) is not True:
+            return self.embedder.encode(texts)
+        cached, missing = self.cache.get(self.id, texts)
+        if not missing:
+            return cached
+        # Encode each distinct missing text once, in first-seen order (deterministic batches).
+        todo = list(dict.fromkeys(texts[i] for i in missing))
+        fresh = self.embedder.encode(todo).detach().float().cpu()
+        self.cache.put(self.id, todo, fresh)
+        if cached is None:
+            cached = torch.zeros(len(texts), fresh.shape[1])
+        row = {t: i for i, t in enumerate(todo)}
+        for i in missing:
+            cached[i] = fresh[row[texts[i]]]
+        return cached
+
+    def __getattr__(self, name: str):
+        # Template hints (default_template) and other attributes of the wrapped embedder stay visible.
+        if name == "embedder":
+            raise AttributeError(name)
+        return getattr(self.embedder, name)
+
+    def __repr__(self) -> str:
+        return f"CachedEmbedder({self.embedder!r}, {self.cache!r})"
+
+
+def resolve_cache(cache: EmbeddingCache | str | os.PathLike | bool | None) -> EmbeddingCache | None:
+    """``True``: the default cache; ``False`` / ``None``: no cache; a path: a cache there; or a cache as is."""
+    if cache is True:
+        return EmbeddingCache()
+    if cache is False or cache is None:
+        return None
+    if isinstance(cache, EmbeddingCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return EmbeddingCache(cache)
+    raise TypeError(
+        f"embedding_cache must be True (default location), False (off), a directory or an EmbeddingCache, "
+        f"got {type(cache).__name__}"
+    )

@@ -1,0 +1,186 @@
+"""Descriptor configs, WordNet definitions and look-up, class embedding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from classifier_injection import CombinedEmbedder, PrecomputedEmbedder
+from classifier_injection.cache import EmbeddingCache
+from classifier_injection.descriptors import (
+    DescriptorConfig,
+    describe_classes,
+    embed_classes,
+    lookup_wordnet,
+    openai_templates,
+    seen_class_names,
+    seen_class_wnids,
+    wordnet_definition,
+)
+
+
+class CountingEmbedder:
+    """Deterministic toy embedder that records what it was asked to encode."""
+
+    id = "counting"
+    dim = 8
+    cacheable = True
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        out = torch.zeros(len(texts), self.dim)
+        for i, text in enumerate(texts):
+            g = torch.Generator().manual_seed(sum(ord(c) * (k + 1) for k, c in enumerate(text)))
+            out[i] = torch.randn(self.dim, generator=g)
+        return out
+
+
+CAPYBARA = "n02365480"
+CRANE_BIRD, CRANE_MACHINE = "n02012849", "n03126707"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs and texts
+
+
+def test_texts_fill_templates_and_fall_back_without_description():
+    config = DescriptorConfig(templates=("{name}: {description}", "a photo of a {name}."))
+    assert config.texts("capybara", "a large rodent.") == ["capybara: a large rodent", "a photo of a capybara."]
+    assert config.texts("capybara") == ["capybara", "a photo of a capybara."]
+    assert config.needs_descriptions and not DescriptorConfig.from_preset("photo").needs_descriptions
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"templates": ()}, "non-empty tuple"),
+        ({"templates": "a photo of a {name}."}, "non-empty tuple"),
+        ({"templates": ("a {nmae}",)}, "not a valid format string"),
+        ({"fallback_template": "{description}"}, "must not need a description"),
+        ({"ambiguous": "guess"}, "ambiguous must be one of"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DescriptorConfig(**kwargs)
+
+
+def test_presets():
+    ensemble = DescriptorConfig.from_preset("ensemble")
+    assert len(ensemble.templates) == 80 == len(openai_templates()) and not ensemble.use_definitions
+    assert all("{name}" in t for t in ensemble.templates)
+    assert ensemble.to_dict()["templates"] == "80 OpenAI CLIP templates" and ensemble.to_dict()["preset"] == "ensemble"
+    assert DescriptorConfig.from_preset("name+definition", ambiguous="first").ambiguous == "first"
+    with pytest.raises(ValueError, match="unknown descriptor preset"):
+        DescriptorConfig.from_preset("best")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WordNet
+
+
+def test_lookup_finds_unique_lemmas_case_insensitively():
+    match = lookup_wordnet("Capybara")
+    assert (match.status, match.wnid) == ("found", CAPYBARA)
+    assert "rodent" in match.definition and match.definition == wordnet_definition(CAPYBARA)
+    assert lookup_wordnet("red_panda").status == "found"
+    assert lookup_wordnet("zorblax flumph").status == "not_found"
+
+
+def test_ambiguous_lemmas_follow_the_policy():
+    for policy in ("skip", "headword"):
+        match = lookup_wordnet("crane", policy)
+        assert match.status == "ambiguous" and match.wnid is None
+        assert [c[0] for c in match.candidates] == [CRANE_BIRD, CRANE_MACHINE]
+    assert lookup_wordnet("crane", "first").wnid == CRANE_BIRD
+    with pytest.raises(ValueError, match=r"names 2 WordNet synsets.*descriptions=\{'crane'"):
+        lookup_wordnet("crane", "error")
+    # "ram": the sheep's headword, a later lemma of random-access memory: "headword" resolves it, "skip" does not.
+    assert lookup_wordnet("ram", "skip").status == "ambiguous"
+    headword = lookup_wordnet("ram", "headword")
+    assert (headword.status, headword.wnid, len(headword.candidates)) == ("found", "n02412080", 2)
+
+
+def test_describe_classes_prefers_user_then_wordnet_id_then_lemma():
+    config = DescriptorConfig()
+    texts, records = describe_classes(
+        ["capybara", "crane", "crane", "zorblax", "custom"],
+        {"custom": "a made-up animal"},
+        config,
+        wnids=[None, CRANE_MACHINE, None, None, None],
+    )
+    assert texts[0] == wordnet_definition(CAPYBARA) and records[0] == {"source": "wordnet-lemma", "wnid": CAPYBARA}
+    assert texts[1] == wordnet_definition(CRANE_MACHINE) and records[1]["source"] == "wordnet-id"
+    assert texts[2] is None and records[2] == {"source": "none", "ambiguous": [CRANE_BIRD, CRANE_MACHINE]}
+    assert texts[3] is None and records[3] == {"source": "none"}
+    assert texts[4] == "a made-up animal" and records[4] == {"source": "user"}
+    off, records = describe_classes(["capybara"], None, DescriptorConfig(use_definitions=False))
+    assert off == [None] and records == [{"source": "none"}]
+    with pytest.raises(ValueError, match="one entry per name"):
+        describe_classes(["a", "b"], wnids=["n02365480"])
+
+
+class _ImageNetSized(nn.Module):
+    def __init__(self, labels=None) -> None:
+        super().__init__()
+        self.num_classes = 1000
+        self.pretrained_cfg = {"label_names": labels} if labels else {}
+
+
+def test_seen_classes_of_imagenet_heads_have_wordnet_ids():
+    wnids = seen_class_wnids(_ImageNetSized(), 1000)
+    names = seen_class_names(_ImageNetSized(), 1000)
+    assert wnids[0] == "n01440764" and names[0] == "tench" and len(wnids) == 1000
+    assert seen_class_wnids(_ImageNetSized(wnids), 1000) == wnids  # label_names given as WordNet ids
+    assert seen_class_wnids(_ImageNetSized(), 1000, class_names=[f"c{i}" for i in range(1000)]) is None
+    readable = [f"class {i}" for i in range(1000)]
+    assert seen_class_wnids(_ImageNetSized(readable), 1000) is None  # a fine-tuned head with its own classes
+    model = _ImageNetSized()
+    model.num_classes = 10
+    assert seen_class_wnids(model, 10) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedding
+
+
+def test_embed_classes_is_the_mean_of_normalised_text_embeddings():
+    emb = CountingEmbedder()
+    config = DescriptorConfig(templates=("{name}", "{name}: {description}"))
+    out = embed_classes(emb, ["a", "b"], config, {"a": "first letter"})
+    texts = emb.calls[0]
+    assert texts == ["a", "a: first letter", "b", "b"]
+    unit = F.normalize(CountingEmbedder().encode(texts), dim=1)
+    assert torch.allclose(out, torch.stack([unit[:2].mean(0), unit[2:].mean(0)]))
+    # Descriptions may also be a list aligned with the names (names can repeat, like ImageNet's two cranes).
+    aligned = embed_classes(emb, ["crane", "crane"], config, ["a bird", "a machine"])
+    assert not torch.allclose(aligned[0], aligned[1])
+    with pytest.raises(ValueError, match="one entry"):
+        embed_classes(emb, ["a", "b"], config, ["only one"])
+
+
+def test_embed_classes_uses_each_parts_own_texts_and_the_cache(tmp_path):
+    names = ["capybara", "red panda"]
+    vectors = PrecomputedEmbedder({"capybara": [1.0, 0.0], "red panda": [0.0, 2.0]}, id="cn")
+    sentence = CountingEmbedder()
+    combined = CombinedEmbedder([(sentence, DescriptorConfig(templates=("{name}: {description}",))), vectors])
+    cache = EmbeddingCache(tmp_path)
+    out = embed_classes(combined, names, None, {"capybara": "a rodent"}, cache=cache)
+    assert out.shape == (2, 8 + 2)
+    assert sentence.calls == [["capybara: a rodent", "red panda"]]  # precomputed part got bare names
+    assert torch.allclose(out[:, 8:], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    again = embed_classes(combined, names, None, {"capybara": "a rodent"}, cache=cache)
+    assert torch.equal(out, again) and len(sentence.calls) == 1  # served from the cache
+
+
+def test_default_config_follows_the_embedder():
+    vectors = PrecomputedEmbedder({"capybara": [1.0, 0.0]}, id="cn")
+    assert torch.allclose(embed_classes(vectors, ["capybara"]), torch.tensor([[1.0, 0.0]]))
+    emb = CountingEmbedder()
+    embed_classes(emb, ["capybara"], None, {"capybara": "a rodent"})
+    assert emb.calls == [DescriptorConfig().texts("capybara", "a rodent")]
