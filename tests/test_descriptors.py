@@ -184,3 +184,62 @@ def test_default_config_follows_the_embedder():
     emb = CountingEmbedder()
     embed_classes(emb, ["capybara"], None, {"capybara": "a rodent"})
     assert emb.calls == [DescriptorConfig().texts("capybara", "a rodent")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wiring into inject()
+
+
+@pytest.fixture(scope="module")
+def imagenet_head() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    # A tiny architecture with an ImageNet-1k-sized head and no label names: timm's metadata names the classes.
+    return timm.create_model("test_efficientnet", pretrained=False, num_classes=1000).eval()
+
+
+def _inject(model, names, tmp_path, **kwargs):
+    from classifier_injection import ICISConfig, inject
+
+    embedder = kwargs.pop("embedder", None) or CountingEmbedder()
+    out = inject(
+        model,
+        names,
+        embedder=embedder,
+        icis_config=ICISConfig(latent_dim=16, max_epochs=1, batch_size=256),
+        calibration="norm",
+        embedding_cache=tmp_path,
+        **kwargs,
+    )
+    return out, embedder, out.classifier_injection["injections"][-1]
+
+
+def test_inject_describes_seen_and_new_classes_with_definitions(imagenet_head, tmp_path):
+    out, embedder, record = _inject(imagenet_head, ["capybara", "bass", "zorblax"], tmp_path)
+    texts = [t for call in embedder.calls for t in call]
+    assert f"tench: {wordnet_definition('n01440764')}" in texts  # a seen class, by WordNet id
+    assert f"capybara: {wordnet_definition(CAPYBARA)}" in texts  # a new class, by lemma
+    assert "zorblax" in texts and "bass" in texts  # unknown / ambiguous: the name alone
+    described = record["descriptions"]
+    assert described["capybara"] == {"text": wordnet_definition(CAPYBARA), "source": "wordnet-lemma", "wnid": CAPYBARA}
+    assert described["bass"]["source"] == "none" and len(described["bass"]["ambiguous"]) == 3
+    assert described["zorblax"] == {"text": None, "source": "none"}
+    assert record["descriptors"]["templates"] == ["{name}: {description}"] and out.num_classes == 1003
+    # The seen classes were cached: a second injection only encodes the new texts.
+    _, again, _ = _inject(imagenet_head, ["okapi"], tmp_path)
+    assert len(again.calls) == 1 and again.calls[0] == [f"okapi: {lookup_wordnet('okapi').definition}"]
+
+
+def test_inject_user_descriptions_and_turning_definitions_off(imagenet_head, tmp_path):
+    _, embedder, record = _inject(
+        imagenet_head, ["capybara"], tmp_path, descriptions={"capybara": "a large South American rodent"}
+    )
+    assert record["descriptions"]["capybara"] == {"text": "a large South American rodent", "source": "user"}
+    assert "capybara: a large South American rodent" in [t for call in embedder.calls for t in call]
+    _, embedder, record = _inject(
+        imagenet_head, ["capybara"], tmp_path, descriptor_config=DescriptorConfig.from_preset("photo")
+    )
+    texts = [t for call in embedder.calls for t in call]
+    assert "a photo of a capybara." in texts and "a photo of a tench." in texts
+    assert record["descriptions"] == {} and record["descriptors"]["preset"] == "photo"
