@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny timm models and a deterministic fake embedder, so unit tests run in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import timm
+import torch
+
+from classifier_injection import ICISConfig
+
+
+class HashEmbedder:
+    """Deterministic text -> vector map (a hash seeds a Gaussian): no model needed, distinct texts differ."""
+
+    def __init__(self, dim: int = 16) -> None:
+        self._dim = dim
+
+    @property
+    def id(self) -> str:
+        return f"hash-{self._dim}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            rows.append(torch.randn(self._dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(rows)
+
+
+@pytest.fixture
+def embedder() -> HashEmbedder:
+    return HashEmbedder()
+
+
+@pytest.fixture
+def fast_icis() -> ICISConfig:
+    return ICISConfig(latent_dim=32, max_epochs=5, batch_size=8)
+
+
+def tiny_model(name: str = "resnet18", num_classes: int = 10) -> torch.nn.Module:
+    """A small randomly initialised timm classifier with readable class names in its pretrained_cfg."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": [f"class {i}" for i in range(num_classes)]}
+    return model
+
+
+@pytest.fixture
+def resnet() -> torch.nn.Module:
+    return tiny_model("resnet18")

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import timm
+import torch
+
+from classifier_injection import ICISInjector, find_head, inject, load_injected, save_injected
+from classifier_injection.heads import SegmentedLinear
+from tests.conftest import tiny_model
+
+NEW = ["capybara", "red panda"]
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_inject_extends_head_and_keeps_old_logits(resnet, embedder, fast_icis):
+    x = torch.randn(2, 3, 64, 64)
+    before = _logits(resnet, x)
+    state = {k: v.clone() for k, v in resnet.state_dict().items()}
+    out = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis)
+
+    assert out is not resnet
+    assert out.num_classes == 12 and out.pretrained_cfg["num_classes"] == 12
+    assert out.pretrained_cfg["label_names"] == [f"class {i}" for i in range(10)] + NEW
+    after = _logits(out, x)
+    assert after.shape == (2, 12)
+    assert torch.equal(after[:, :10], before)
+    # the input model is untouched
+    assert resnet.num_classes == 10 and len(resnet.pretrained_cfg["label_names"]) == 10
+    assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in state.items())
+    # head rows 0..N-1 are the old rows, in timm's layout
+    assert isinstance(out.fc, SegmentedLinear) and out.fc.segments == (10, 2)
+    assert torch.equal(out.fc.weight[:10], resnet.fc.weight)
+    record = out.classifier_injection["injections"][0]
+    assert record["names"] == NEW and record["method"] == "icis" and record["embedder"] == embedder.id
+
+
+def test_inplace_modifies_and_returns_same_model(resnet, embedder, fast_icis):
+    out = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis, inplace=True)
+    assert out is resnet and resnet.num_classes == 12
+
+
+def test_inject_twice_keeps_all_earlier_logits(resnet, embedder, fast_icis):
+    x = torch.randn(2, 3, 64, 64)
+    once = inject(resnet, ["a"], embedder=embedder, icis_config=fast_icis)
+    twice = inject(once, ["b", "c"], embedder=embedder, icis_config=fast_icis)
+    assert twice.fc.segments == (10, 1, 2)
+    assert torch.equal(_logits(twice, x)[:, :11], _logits(once, x))
+    assert twice.pretrained_cfg["label_names"][-3:] == ["a", "b", "c"]
+    assert len(twice.classifier_injection["injections"]) == 2
+
+
+def test_deterministic_given_seed(resnet, embedder, fast_icis):
+    a = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis, seed=1)
+    b = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis, seed=1)
+    assert torch.equal(a.fc.weight, b.fc.weight) and torch.equal(a.fc.bias, b.fc.bias)
+
+
+def test_conv1x1_head():
+    model = tiny_model("dla34", num_classes=7)
+    from tests.conftest import HashEmbedder
+
+    x = torch.randn(1, 3, 64, 64)
+    before = _logits(model, x)
+    out = inject(model, NEW, embedder=HashEmbedder(), icis_config=fast_config())
+    assert find_head(out).family == "conv1x1"
+    after = _logits(out, x)
+    assert after.shape == (1, 9) and torch.equal(after[:, :7], before)
+
+
+def fast_config():
+    from classifier_injection import ICISConfig
+
+    return ICISConfig(latent_dim=32, max_epochs=5, batch_size=8)
+
+
+def test_save_load_round_trip_and_plain_timm_reload(tmp_path, resnet, embedder, fast_icis):
+    x = torch.randn(2, 3, 64, 64)
+    out = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis)
+    expected = _logits(out, x)
+    path = save_injected(out, tmp_path / "model")
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+
+    loaded = load_injected(path)
+    assert torch.equal(_logits(loaded, x), expected)
+    assert loaded.pretrained_cfg["label_names"][-2:] == NEW
+    assert loaded.classifier_injection["injections"][0]["names"] == NEW
+
+    plain = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    assert plain.num_classes == 12
+    assert torch.allclose(_logits(plain, x), expected, atol=1e-5, rtol=0)
+    assert plain.pretrained_cfg["label_names"][-2:] == NEW
+
+
+def test_trained_injector_is_reused_without_refit(resnet, embedder, fast_icis):
+    first = inject(resnet, ["a"], embedder=embedder, icis_config=fast_icis)
+    injector = ICISInjector(fast_icis)
+    inject(resnet, ["a"], embedder=embedder, injector=injector)
+    history = list(injector.history)
+    again = inject(resnet, ["a"], embedder=embedder, injector=injector)
+    assert injector.history == history  # not refitted
+    assert again.fc.weight.shape == first.fc.weight.shape

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from classifier_injection import ICISConfig, ICISInjector
+from classifier_injection.icis import _slope_says_stop
+
+
+def _synthetic(num_seen: int = 64, num_new: int = 8, d: int = 12, row_dim: int = 17, seed: int = 0):
+    """Rows that are a fixed linear map of descriptors: ICIS should recover the map's direction."""
+    g = torch.Generator().manual_seed(seed)
+    descriptors = torch.randn(num_seen + num_new, d, generator=g)
+    mapping = torch.randn(d, row_dim, generator=g)
+    rows = descriptors @ mapping
+    return descriptors[:num_seen], rows[:num_seen], descriptors[num_seen:], rows[num_seen:]
+
+
+def test_paper_config_matches_official_code():
+    cfg = ICISConfig.paper()
+    assert (cfg.lr, cfg.batch_size, cfg.latent_dim, cfg.max_epochs) == (1e-5, 16, 2048, 1000)
+    assert (cfg.early_stop_slope, cfg.early_stop_patience, cfg.min_epochs, cfg.loss) == (0.002, 5, 20, "cosine")
+    assert cfg.cross_reconstruction and cfg.include_new_descriptors
+
+
+def test_slope_is_the_papers_formula():
+    history = [float(i) for i in range(20, 0, -1)]  # loss falls by 1 per epoch
+    assert _slope_says_stop(history[:19]) is None
+    assert _slope_says_stop(history) == pytest.approx(1.0)  # -(mean(last10) - mean(prev10)) / 10 = 10/10
+
+
+def test_icis_learns_a_linear_map_on_unseen_classes():
+    a_seen, r_seen, a_new, r_new = _synthetic()
+    injector = ICISInjector(ICISConfig(latent_dim=128, lr=3e-3, batch_size=16, max_epochs=200, early_stop_slope=0))
+    pred = injector.fit(a_seen, r_seen, a_new).predict(a_new)
+    cosine = torch.nn.functional.cosine_similarity(pred, r_new).mean()
+    assert pred.shape == r_new.shape
+    assert cosine > 0.8, f"mean cosine to the true unseen rows {cosine:.3f}"
+    assert injector.history[-1] < injector.history[0]
+
+
+def test_fit_is_deterministic_given_seed_and_leaves_global_rng_alone():
+    a_seen, r_seen, a_new, _ = _synthetic()
+    cfg = ICISConfig(latent_dim=32, max_epochs=5)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    p1 = ICISInjector(cfg, seed=7).fit(a_seen, r_seen, a_new).predict(a_new)
+    assert torch.equal(torch.get_rng_state(), state)
+    p2 = ICISInjector(cfg, seed=7).fit(a_seen, r_seen, a_new).predict(a_new)
+    p3 = ICISInjector(cfg, seed=8).fit(a_seen, r_seen, a_new).predict(a_new)
+    assert torch.equal(p1, p2)
+    assert not torch.equal(p1, p3)
+
+
+def test_early_stopping_stops_before_max_epochs():
+    a_seen, r_seen, a_new, _ = _synthetic()
+    injector = ICISInjector(ICISConfig(latent_dim=32, lr=1e-2, max_epochs=1000, early_stop_slope=0.002))
+    injector.fit(a_seen, r_seen, a_new)
+    assert 20 <= len(injector.history) < 1000
+
+
+@pytest.mark.parametrize("variant", [dict(loss="mse"), dict(cross_reconstruction=False), dict(include_new_descriptors=False)])
+def test_ablations_train(variant):
+    a_seen, r_seen, a_new, _ = _synthetic()
+    pred = ICISInjector(ICISConfig(latent_dim=32, max_epochs=3, **variant)).fit(a_seen, r_seen, a_new).predict(a_new)
+    assert pred.shape == (8, 17) and torch.isfinite(pred).all()
+
+
+def test_save_load_round_trip(tmp_path):
+    a_seen, r_seen, a_new, _ = _synthetic()
+    injector = ICISInjector(ICISConfig(latent_dim=32, max_epochs=3), seed=3).fit(a_seen, r_seen, a_new)
+    injector.fingerprint = "abc123"
+    path = tmp_path / "icis.safetensors"
+    injector.save(str(path))
+    loaded = ICISInjector.load(str(path))
+    assert torch.equal(loaded.predict(a_new), injector.predict(a_new))
+    assert loaded.config == injector.config and loaded.fingerprint == "abc123" and loaded.seed == 3
+
+
+def test_predict_rejects_wrong_descriptor_width():
+    a_seen, r_seen, a_new, _ = _synthetic()
+    injector = ICISInjector(ICISConfig(latent_dim=16, max_epochs=2)).fit(a_seen, r_seen)
+    with pytest.raises(ValueError, match="width this injector was trained on"):
+        injector.predict(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(loss="l1"), "loss"), (dict(batch_size=0), "batch_size"), (dict(lr=0), "lr")],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ICISConfig(**kwargs)
+
+
+def test_fit_validates_shapes():
+    with pytest.raises(ValueError, match="one descriptor per row"):
+        ICISInjector().fit(torch.randn(5, 4), torch.randn(6, 3))
