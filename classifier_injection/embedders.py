@@ -534,6 +534,6 @@ class CombinedEmbedder:
         return f"CombinedEmbedder({self.embedders!r}, weights={self.weights})"
 
 
-def default_embedder() -> Embedder:
+def default_embedder(*, device: str | None = None, show_progress: bool = False) -> Embedder:
     """The embedder :func:`classifier_injection.inject` uses when none is given: all-MiniLM-L6-v2."""
-    return SentenceTransformerEmbedder()
+    return SentenceTransformerEmbedder(device=device, show_progress=show_progress)

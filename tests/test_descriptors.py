@@ -243,3 +243,15 @@ def test_inject_user_descriptions_and_turning_definitions_off(imagenet_head, tmp
     texts = [t for call in embedder.calls for t in call]
     assert "a photo of a capybara." in texts and "a photo of a tench." in texts
     assert record["descriptions"] == {} and record["descriptors"]["preset"] == "photo"
+
+
+def test_inject_accepts_a_combined_embedder(imagenet_head, tmp_path):
+    from classifier_injection import WordVectorEmbedder
+
+    words = WordVectorEmbedder({"capybara": [1.0, 0.0, 0.0], "tench": [0.0, 1.0, 0.0]}, id="toy-words")
+    sentence = CountingEmbedder()
+    combined = CombinedEmbedder([sentence, words])
+    out, _, record = _inject(imagenet_head, ["capybara"], tmp_path, embedder=combined)
+    assert record["embedder"] == "combined(counting, toy-words)" and out.num_classes == 1001
+    assert record["descriptions"]["capybara"]["source"] == "wordnet-lemma"  # the sentence part reads definitions
+    assert f"capybara: {wordnet_definition(CAPYBARA)}" in [t for call in sentence.calls for t in call]
