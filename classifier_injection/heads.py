@@ -215,14 +215,19 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
         setattr(parent, name, module)
 
 
+def _f64(tensor: torch.Tensor) -> torch.Tensor:
+    """A float64 copy on the CPU (meta stays meta): row arithmetic never depends on the accelerator."""
+    tensor = tensor.detach()
+    return tensor.double() if tensor.is_meta else tensor.to("cpu", torch.float64)
+
+
 def _bn_scale_shift(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``y = x * scale + shift`` (float64)."""
+    """Eval-mode BatchNorm as ``y = x * scale + shift`` (float64, CPU)."""
     if bn.running_mean is None or bn.running_var is None:
         raise UnsupportedHeadError("a BatchNorm1d without running statistics cannot be folded into the classifier")
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    var, mean = _f64(bn.running_var), _f64(bn.running_mean)
+    gamma = _f64(bn.weight) if bn.weight is not None else torch.ones_like(var)
+    beta = _f64(bn.bias) if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
 
@@ -299,8 +304,8 @@ class ClassifierHead:
         return model.get_submodule(self.layers[0].path)
 
     def coefficients(self, model: nn.Module) -> list[torch.Tensor]:
-        """The mixing coefficient ``c_l`` of each layer, as 0-d float64 tensors."""
-        device = model.get_submodule(self.layers[0].path).weight.device
+        """The mixing coefficient ``c_l`` of each layer, as 0-d float64 tensors on the CPU (meta if the model is)."""
+        device = "meta" if model.get_submodule(self.layers[0].path).weight.is_meta else "cpu"
         n = len(self.layers)
         if self.mixing == "single":
             return [torch.ones((), dtype=torch.float64, device=device)]
@@ -316,7 +321,7 @@ class ClassifierHead:
             distilled = any(layer.path.startswith("heads_dist.") for layer in self.layers)
             for layer in self.layers:
                 attr = "weights_dist" if layer.path.startswith("heads_dist.") else "weights"
-                weights = getattr(model, attr).detach().double().softmax(-1)
+                weights = _f64(getattr(model, attr)).softmax(-1)
                 coefficients.append(weights[int(layer.path.rsplit(".", 1)[1])] * (0.5 if distilled else 1.0))
             return coefficients
         raise ValueError(f"unknown mixing {self.mixing!r}")
@@ -325,8 +330,8 @@ class ClassifierHead:
     def _folded(self, model: nn.Module, layer: HeadLayer) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W', b')`` of one layer in float64, with its BatchNorm folded in."""
         module = model.get_submodule(layer.path)
-        weight = _weight_2d(module).double()
-        bias = module.bias.detach().double() if module.bias is not None else weight.new_zeros(weight.shape[0])
+        weight = _f64(_weight_2d(module))
+        bias = _f64(module.bias) if module.bias is not None else weight.new_zeros(weight.shape[0])
         if layer.norm_path is not None:
             scale, shift = _bn_scale_shift(model.get_submodule(layer.norm_path))
             bias = bias + weight @ shift
@@ -334,14 +339,15 @@ class ClassifierHead:
         return weight, bias
 
     def rows(self, model: nn.Module) -> torch.Tensor:
-        """The rows ``[W | b]`` as float32 on the CPU, shape ``[num_classes, in_features + 1]``."""
+        """The rows ``[W | b]``, shape ``[num_classes, in_features + 1]``, float32 on the CPU (meta if the model is)."""
         blocks: dict[int, torch.Tensor] = {}
         bias = None
         for layer, c in zip(self.layers, self.coefficients(model), strict=True):
             weight, b = self._folded(model, layer)
             blocks[layer.group] = blocks[layer.group] + c * weight if layer.group in blocks else c * weight
             bias = c * b if bias is None else bias + c * b
-        return torch.cat([*(blocks[g] for g in sorted(blocks)), bias[:, None]], dim=1).float().cpu()
+        rows = torch.cat([*(blocks[g] for g in sorted(blocks)), bias[:, None]], dim=1).float()
+        return rows if rows.is_meta else rows.cpu()
 
     # ----------------------------------------------------------------------------- features and logits
     def capture(self, model: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, ...]:
@@ -424,7 +430,7 @@ class ClassifierHead:
                 out = module(x)
             if layer.reduce == "token_max":
                 out = out.max(dim=1)[0]
-            out = out * c.to(out.dtype) if self.mixing != "single" else out
+            out = out * c.to(out) if self.mixing != "single" else out
             total = out if total is None else total + out
         return total
 
@@ -444,6 +450,8 @@ class ClassifierHead:
             raise ValueError(f"new_rows must have shape [K, {self.in_features + 1}], got {shape}")
         if new_rows.shape[0] == 0:
             raise ValueError("new_rows is empty: give at least one row")
+        if not new_rows.is_meta and not torch.isfinite(new_rows).all():
+            raise ValueError("new_rows contains NaN or infinite values")
         coefficients = self.coefficients(model)
         device = coefficients[0].device
         rows = new_rows.detach().to(device=device, dtype=torch.float64)

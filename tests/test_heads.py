@@ -298,6 +298,8 @@ def test_grow_rejects_wrong_shapes():
         head.grow(model, torch.randn(2, head.in_features))
     with pytest.raises(ValueError, match="empty"):
         head.grow(model, torch.randn(0, head.in_features + 1))
+    with pytest.raises(ValueError, match="NaN"):
+        head.grow(model, torch.full((1, head.in_features + 1), float("nan")))
     with pytest.raises(ValueError, match=r"use \.layers"):
         find_head(_build("levit_128s", img_size=64)).layer(model)
 
@@ -352,3 +354,27 @@ def test_refuses_unknown_multi_layer_heads():
 
     with pytest.raises(UnsupportedHeadError, match="combined in a way"):
         find_head(TwoHeads())
+
+
+def test_inject_refuses_projection_heads_unless_allowed():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_xsmall_patch16_clip_224", pretrained=False, img_size=32).eval()
+    num_dims = model.num_classes  # 512 embedding dimensions, not classes
+    names = [f"dim {i}" for i in range(num_dims)]
+    dim = find_head(model, allow_projection=True).in_features + 1
+    with pytest.raises(UnsupportedHeadError, match="allow_projection=True"):
+        inject(model, NEW, embedder=HashEmbedder(), class_names=names, injector=FixedRows(torch.randn(K, dim)))
+    injected = inject(
+        model,
+        NEW,
+        embedder=HashEmbedder(),
+        class_names=names,
+        injector=FixedRows(torch.randn(K, dim)),
+        calibration="none",
+        allow_projection=True,
+    )
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(injected(x)[:, :num_dims], model(x))
+    # Once extended (labelled outputs), the model is a classifier: saving finds its head.
+    assert find_head(injected).num_classes == num_dims + K

@@ -1,0 +1,56 @@
+"""The zoo sweep (benchmarks/zoo_sweep.py): a fast check of its machinery, and the full sweep behind ``slow``.
+
+Full sweep, as a command (writes benchmarks/results/zoo_summary.md and zoo_results.csv)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.zoo_sweep
+
+or as a test: ``.venv/bin/pytest -m slow tests/test_zoo.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from benchmarks.zoo_sweep import check_meta, check_real, run
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "family"),
+    [
+        ("levit_384_s8", "supported", "distilled"),  # its cfg lists only one of the twins
+        ("efficientvim_m1_dist", "supported", "multi_branch"),
+        ("volo_d1_224", "supported", "aux_token"),
+        ("dla34", "supported", "conv1x1"),
+        ("resnet50_clip", "refused", ""),
+        ("deepseek_vit_412m_enc", "refused", ""),
+        ("aimv2_1b_patch14_224", "refused", ""),
+    ],
+)
+def test_meta_check_classifies_models(name, status, family):
+    result = check_meta(name)
+    assert (result.status, result.family) == (status, family), result.reason
+    if status == "refused":
+        assert result.reason
+
+
+def test_real_check_compares_old_logits():
+    assert check_real("test_resnet") == "exact"
+
+
+def test_sweep_writes_summary_and_csv(tmp_path):
+    results = run(["test_vit", "test_resnet", "resnet50_clip"], out_dir=tmp_path)
+    assert [r.status for r in results] == ["refused", "supported", "supported"]
+    summary = next(tmp_path.glob("zoo_summary*.md")).read_text()
+    assert "| supported | 2 |" in summary and "| failed | 0 |" in summary
+    with open(next(tmp_path.glob("zoo_results*.csv")), newline="") as f:
+        assert [row["name"] for row in csv.DictReader(f)] == ["resnet50_clip", "test_resnet", "test_vit"]
+
+
+@pytest.mark.slow
+def test_whole_zoo_has_no_failures(tmp_path):
+    results = run(out_dir=tmp_path)
+    failed = [f"{r.name}: {r.reason}" for r in results if r.status == "failed"]
+    assert len(results) > 1000
+    assert not failed, failed
