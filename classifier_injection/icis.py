@@ -50,6 +50,10 @@ class ICISConfig:
         loss: ``"cosine"`` (the paper) or ``"mse"`` (ablation).
         cross_reconstruction: use the A->W and W->A terms (ablation: ``False``).
         include_new_descriptors: use the new classes' descriptors in the A->A term.
+        center: subtract the seen classes' mean descriptor and mean row before training. Rows of a real head
+            share a large common component; without centering the cosine loss is mostly spent on it. The cosine
+            loss leaves the norm of a prediction free, so a centred prediction is rescaled to the mean norm of
+            the centred seen rows before the mean row is added back. ``False`` in :meth:`paper`.
         weight_decay: Adam weight decay.
     """
 
@@ -64,11 +68,12 @@ class ICISConfig:
     cross_reconstruction: bool = True
     include_new_descriptors: bool = True
     weight_decay: float = 0.0
+    center: bool = True
 
     @classmethod
     def paper(cls, **overrides) -> ICISConfig:
-        """The settings of the official ICIS code: batch 16, lr 1e-5, up to 1000 epochs, slope stop."""
-        return replace(cls(lr=1e-5, batch_size=16), **overrides)
+        """The settings of the official ICIS code: batch 16, lr 1e-5, latent 2048, up to 1000 epochs, slope stop."""
+        return replace(cls(lr=1e-5, batch_size=16, latent_dim=2048, center=False), **overrides)
 
     def __post_init__(self) -> None:
         if self.loss not in ("cosine", "mse"):
@@ -105,13 +110,21 @@ class ICISModel(nn.Module):
         super().__init__()
         self.descriptor_ae = _AutoEncoder(descriptor_dim, latent_dim)
         self.weight_ae = _AutoEncoder(row_dim, latent_dim)
+        # Offsets removed before encoding / added after decoding, and the norm given to centred predictions
+        # (zeros unless ICISConfig.center: then forward() is the plain decode of the paper).
+        self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
+        self.register_buffer("row_mean", torch.zeros(row_dim))
+        self.register_buffer("centered_norm", torch.zeros(()))
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
-        return self.weight_ae.decoder(self.descriptor_ae.encoder(descriptors))
+        rows = self.weight_ae.decoder(self.descriptor_ae.encoder(descriptors - self.descriptor_mean))
+        if self.centered_norm > 0:
+            rows = F.normalize(rows, dim=1) * self.centered_norm + self.row_mean
+        return rows
 
     def losses(
         self,
@@ -190,11 +203,20 @@ class ICISInjector:
         if cfg.include_new_descriptors and new_descriptors is not None and len(new_descriptors):
             a_new = new_descriptors.detach().float().cpu()
         distance = _cosine_distance if cfg.loss == "cosine" else _mse
+        descriptor_mean = a.mean(0) if cfg.center else torch.zeros(a.shape[1])
+        row_mean = r.mean(0) if cfg.center else torch.zeros(r.shape[1])
+        a, r = a - descriptor_mean, r - row_mean
+        if a_new is not None:
+            a_new = a_new - descriptor_mean
 
         generator = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = ICISModel(a.shape[1], r.shape[1], cfg.latent_dim)
+        model.descriptor_mean.copy_(descriptor_mean)
+        model.row_mean.copy_(row_mean)
+        if cfg.center:
+            model.centered_norm.fill_(r.norm(dim=1).mean())
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
         n = a.shape[0]
@@ -246,8 +268,11 @@ class ICISInjector:
             )
         return self.model(descriptors.detach().float().cpu())
 
-    def save(self, path: str) -> None:
-        """Save the trained injector as one safetensors file (weights + JSON config in its metadata)."""
+    def save(self, path: str, *, overwrite: bool = False) -> None:
+        """Save the trained injector as one safetensors file (weights + JSON config in its metadata).
+
+        Written atomically; an existing ``path`` is replaced only if ``overwrite``.
+        """
         from .io import atomic_save_safetensors
 
         if self.model is None:
@@ -261,12 +286,12 @@ class ICISInjector:
             "descriptor_dim": str(self.model.descriptor_ae.encoder[0].in_features),
             "row_dim": str(self.model.weight_ae.encoder[0].in_features),
         }
-        atomic_save_safetensors(self.model.state_dict(), path, metadata)
+        atomic_save_safetensors(self.model.state_dict(), path, metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str) -> ICISInjector:
         """Load an injector written by :meth:`save` (safetensors only: no pickle)."""
-        from .io import read_safetensors
+        from .io import check_state_dict, read_safetensors
 
         tensors, metadata = read_safetensors(path)
         if metadata.get("format") != "classifier_injection.icis":
@@ -276,13 +301,14 @@ class ICISInjector:
             descriptor_dim, row_dim = int(metadata["descriptor_dim"]), int(metadata["row_dim"])
             injector = cls(config, seed=int(metadata["seed"]))
             injector.history = [float(x) for x in json.loads(metadata["history"])]
-        except (KeyError, ValueError, TypeError) as err:
+            # Sizes come from an untrusted file: check them against its tensors on the meta device first.
+            with torch.device("meta"):
+                skeleton = ICISModel(descriptor_dim, row_dim, config.latent_dim)
+        except (KeyError, ValueError, TypeError, RecursionError, RuntimeError) as err:
             raise ValueError(f"{path}: invalid ICIS injector metadata ({err})") from err
+        check_state_dict(tensors, skeleton.state_dict(), path, parameters=set(skeleton.state_dict()))
         model = ICISModel(descriptor_dim, row_dim, config.latent_dim)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{path}: tensors do not match the ICIS model in its metadata ({err})") from err
+        model.load_state_dict(tensors, strict=True)
         model.eval()
         injector.model = model
         injector.fingerprint = metadata.get("fingerprint") or None

@@ -59,7 +59,9 @@ def test_early_stopping_stops_before_max_epochs():
     assert 20 <= len(injector.history) < 1000
 
 
-@pytest.mark.parametrize("variant", [dict(loss="mse"), dict(cross_reconstruction=False), dict(include_new_descriptors=False)])
+@pytest.mark.parametrize(
+    "variant", [dict(loss="mse"), dict(cross_reconstruction=False), dict(include_new_descriptors=False)]
+)
 def test_ablations_train(variant):
     a_seen, r_seen, a_new, _ = _synthetic()
     pred = ICISInjector(ICISConfig(latent_dim=32, max_epochs=3, **variant)).fit(a_seen, r_seen, a_new).predict(a_new)
@@ -78,7 +80,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_predict_rejects_wrong_descriptor_width():
-    a_seen, r_seen, a_new, _ = _synthetic()
+    a_seen, r_seen, _, _ = _synthetic()
     injector = ICISInjector(ICISConfig(latent_dim=16, max_epochs=2)).fit(a_seen, r_seen)
     with pytest.raises(ValueError, match="width this injector was trained on"):
         injector.predict(torch.randn(2, 5))
