@@ -1,0 +1,245 @@
+"""Calibration rules: norm matching, the leave-classes-out simulation, logit matching, the trade-off knob."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from classifier_injection.calibration import (
+    CalibrationContext,
+    LogitMatchCalibration,
+    NoCalibration,
+    NormCalibration,
+    ScaledCalibration,
+    SimulatedCalibration,
+    apply_new_class_scale,
+    copying_factory,
+    fit_calibration,
+    get_calibration,
+    prototype_gzsl_curve,
+)
+
+
+def _head(num: int = 40, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic head whose rows are a linear function of the class descriptors (plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    descriptors = F.normalize(torch.randn(num, 8, generator=g), dim=1)
+    mixing = torch.randn(8, dim + 1, generator=g)
+    rows = descriptors @ mixing + 0.3 * torch.randn(num, dim + 1, generator=g)
+    rows[:, -1] = 0.05 * torch.randn(num, generator=g)
+    return descriptors, rows
+
+
+class LeastSquares:
+    """A tiny ridge injector: enough to give the simulation real (imperfect) predictions."""
+
+    name = "lsq"
+
+    def __init__(self, shrink: float = 1.0) -> None:
+        self.shrink = shrink
+
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None):
+        a = seen_descriptors
+        self.map = torch.linalg.solve(a.T @ a + 0.1 * torch.eye(a.shape[1]), a.T @ seen_rows)
+        return self
+
+    def predict(self, descriptors):
+        return self.shrink * descriptors @ self.map
+
+    def hparams(self):
+        return {"shrink": self.shrink}
+
+
+def test_norm_calibration_sets_norms_and_biases():
+    _, rows = _head()
+    new = torch.randn(3, rows.shape[1])
+    out = NormCalibration(factor=2.0, bias_shift=1.0)(new, rows)
+    mean_norm = rows[:, :-1].norm(dim=1).mean()
+    torch.testing.assert_close(out[:, :-1].norm(dim=1), torch.full((3,), 2 * mean_norm.item()))
+    torch.testing.assert_close(out[:, -1], torch.full((3,), (rows[:, -1].mean() + rows[:, -1].std()).item()))
+    # Directions are kept.
+    torch.testing.assert_close(F.normalize(out[:, :-1], dim=1), F.normalize(new[:, :-1], dim=1))
+    assert torch.equal(NoCalibration()(new, rows), new)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_norm_calibration_rejects_bad_factor(bad):
+    with pytest.raises(ValueError, match="factor"):
+        NormCalibration(factor=bad)
+
+
+def test_rows_of_wrong_width_are_rejected():
+    _, rows = _head()
+    with pytest.raises(ValueError, match="same D"):
+        NormCalibration()(torch.randn(2, rows.shape[1] + 1), rows)
+
+
+def test_prototype_curve_is_monotone_and_perfect_rows_win():
+    _, rows = _head(num=30)
+    rows[:, :-1] = 2 * F.normalize(rows[:, :-1], dim=1)  # equal norms: true rows keep theirs when normalised
+    held = torch.tensor([1, 5, 9, 20])
+    factors = [0.05, 0.5, 1.0, 2.0, 8.0]
+    perfect = prototype_gzsl_curve(rows, held, rows[held], factors)
+    # True rows at their own norm scale compete like the old ones: every prototype is won by its own row.
+    assert perfect[2, 0] == 100.0 and perfect[2, 1] == 100.0
+    assert perfect[0, 1] == 0.0  # vanishing new rows never win
+    noisy = rows[held] + 2.0 * torch.randn(len(held), rows.shape[1], generator=torch.Generator().manual_seed(1))
+    curve = prototype_gzsl_curve(rows, held, noisy, factors)
+    assert (curve[1:, 0] <= curve[:-1, 0]).all(), "seen accuracy can only drop as new rows grow"
+    assert curve[-1, 0] < 100.0 and curve[0, 0] == 100.0
+
+
+def test_simulation_picks_a_larger_factor_for_worse_predictions_and_is_deterministic():
+    descriptors, rows = _head(num=60)
+    context = CalibrationContext(
+        seen_rows=rows, new_rows=rows[:2], seen_descriptors=descriptors, injector_factory=LeastSquares, seed=3
+    )
+    rule = SimulatedCalibration(repeats=2)
+    fitted = rule.fit(context)
+    assert isinstance(fitted, ScaledCalibration) and fitted.name == "simulate"
+    assert fitted.factor in rule.factors
+    assert fitted == rule.fit(context), "same context and seed must give the same calibration"
+    assert {"simulated_S", "simulated_U", "simulated_H"} <= set(fitted.diagnostics)
+    assert fitted.bias == pytest.approx(rows[:, -1].mean().item())
+    # Predictions mixed with noise point worse: they need a larger norm to win their own classes.
+    noisy = SimulatedCalibration(repeats=2).fit(
+        CalibrationContext(
+            seen_rows=rows,
+            new_rows=rows[:2],
+            seen_descriptors=descriptors + 0.8 * torch.randn(descriptors.shape, generator=torch.Generator()),
+            injector_factory=LeastSquares,
+            seed=3,
+        )
+    )
+    assert noisy.factor > fitted.factor
+    out = fitted(torch.randn(4, rows.shape[1]), rows)
+    torch.testing.assert_close(
+        out[:, :-1].norm(dim=1), torch.full((4,), fitted.factor * rows[:, :-1].norm(dim=1).mean().item())
+    )
+
+
+def test_simulation_needs_its_context():
+    descriptors, rows = _head()
+    rule = SimulatedCalibration()
+    with pytest.raises(ValueError, match="injector_factory"):
+        rule.fit(CalibrationContext(seen_rows=rows, new_rows=rows[:1], seen_descriptors=descriptors))
+    with pytest.raises(ValueError, match="seen_descriptors has"):
+        rule.fit(
+            CalibrationContext(
+                seen_rows=rows, new_rows=rows[:1], seen_descriptors=descriptors[:5], injector_factory=LeastSquares
+            )
+        )
+    with pytest.raises(RuntimeError, match="fitted first"):
+        rule(rows[:1], rows)
+    with pytest.raises(ValueError, match="at least 3"):
+        rule.fit(
+            CalibrationContext(
+                seen_rows=rows[:2], new_rows=rows[:1], seen_descriptors=descriptors[:2], injector_factory=LeastSquares
+            )
+        )
+    for bad in (dict(holdout_fraction=1.0), dict(repeats=0), dict(factors=()), dict(factors=(1.0, -2.0))):
+        with pytest.raises(ValueError):
+            SimulatedCalibration(**bad)
+
+
+def test_logit_match_is_invariant_to_the_predicted_norm():
+    _, rows = _head()
+    new = torch.randn(5, rows.shape[1], generator=torch.Generator().manual_seed(2))
+    rule = LogitMatchCalibration(top_k=3, margin=1.5)
+    fitted = rule.fit(CalibrationContext(seen_rows=rows, new_rows=new))
+    assert fitted.factor == pytest.approx(rule.fit(CalibrationContext(seen_rows=rows, new_rows=10 * new)).factor)
+    torch.testing.assert_close(rule(new, rows), fitted(new, rows))
+    # The rule's definition: the new rows' median top-k response is margin x the old rows' median.
+    out = fitted(new, rows)
+    protos = F.normalize(rows[:, :-1], dim=1)
+    old = rows[:, :-1] @ protos.T
+    old.fill_diagonal_(-math.inf)
+    target = old.topk(3, dim=1).values.mean(1).median()
+    response = (out[:, :-1] @ protos.T).topk(3, dim=1).values.mean(1).median()
+    assert response.item() == pytest.approx(1.5 * target.item(), rel=1e-4)
+    # A larger margin gives a larger factor.
+    assert LogitMatchCalibration(top_k=3, margin=3.0).fit(CalibrationContext(rows, new)).factor > fitted.factor
+
+
+def test_scaled_calibration_checks_row_count_and_serialises():
+    _, rows = _head()
+    fitted = ScaledCalibration(name="x", factor=2.0, bias=0.1, row_scales=(1.0, 2.0), diagnostics={"a": 1})
+    out = fitted(torch.randn(2, rows.shape[1]), rows)
+    assert out[1, :-1].norm() == pytest.approx(2 * out[0, :-1].norm().item(), rel=1e-5)
+    assert fitted.to_dict()["row_scales"] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="fitted for 2"):
+        fitted(torch.randn(3, rows.shape[1]), rows)
+
+
+def test_get_calibration_and_fit_calibration():
+    assert isinstance(get_calibration(None), SimulatedCalibration)
+    assert isinstance(get_calibration("logit-match"), LogitMatchCalibration)
+    assert isinstance(get_calibration("norm"), NormCalibration)
+    with pytest.raises(ValueError, match="unknown calibration"):
+        get_calibration("magic")
+    with pytest.raises(TypeError, match="calibration must be"):
+        get_calibration(3)
+    _, rows = _head()
+    norm = NormCalibration()
+    assert fit_calibration(norm, CalibrationContext(rows, rows[:1])) is norm
+
+
+def test_new_class_scale_multiplies_logits_and_rejects_bad_values():
+    rows = torch.randn(3, 5)
+    torch.testing.assert_close(apply_new_class_scale(rows, 2.0), 2 * rows)
+    for bad in (0, -1.0, math.nan, True, "2"):
+        with pytest.raises(ValueError, match="new_class_scale"):
+            apply_new_class_scale(rows, bad)
+
+
+def test_copying_factory_gives_independent_fresh_injectors():
+    template = LeastSquares(shrink=0.5)
+    factory = copying_factory(template)
+    first, second = factory(), factory()
+    assert first is not second and first is not template and first.shrink == 0.5
+
+
+class _HashEmbedder:
+    """Deterministic pseudo-random vectors per text (no model download)."""
+
+    id = "hash-8"
+    dim = 8
+
+    def encode(self, texts):
+        return torch.stack(
+            [torch.randn(8, generator=torch.Generator().manual_seed(sum(map(ord, t)) * 7919)) for t in texts]
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import timm
+
+    return timm.create_model("test_resnet", pretrained=False, num_classes=12).eval()
+
+
+def test_inject_fits_the_default_rule_and_records_it(tiny_model):
+    from classifier_injection import ICISConfig, find_head, inject
+
+    names = [f"class {i}" for i in range(12)]
+    kwargs = dict(embedder=_HashEmbedder(), class_names=names, icis_config=ICISConfig(latent_dim=16, max_epochs=3))
+    model = inject(tiny_model, ["capybara", "red panda"], **kwargs)
+    record = model.classifier_injection["injections"][-1]
+    calibration = record["calibration"]
+    assert calibration["name"] == "simulate" and calibration["factor"] > 0
+    assert {"bias", "diagnostics"} <= set(calibration) and record["new_class_scale"] == 1.0
+    boosted = inject(tiny_model, ["capybara", "red panda"], new_class_scale=2.0, **kwargs)
+    head = find_head(model)
+    rows, boosted_rows = head.rows(model)[12:], head.rows(boosted)[12:]
+    torch.testing.assert_close(boosted_rows, 2 * rows)
+    norm = inject(tiny_model, ["capybara"], calibration=NormCalibration(factor=1.5), **kwargs)
+    assert norm.classifier_injection["injections"][-1]["calibration"] == {
+        "factor": 1.5,
+        "bias_shift": 0.0,
+        "name": "norm",
+    }
+    with pytest.raises(ValueError, match="new_class_scale"):
+        inject(tiny_model, ["capybara"], new_class_scale=-1.0, **kwargs)
