@@ -331,6 +331,7 @@ class SimulatedCalibration:
         s, u, h = (round(float(v), 2) for v in curve[best])
         _logger.info("simulate calibration: factor %.3f (simulated S %.1f, U %.1f, H %.1f)", factor, s, u, h)
         diagnostics = {
+            "old_mean_norm": round(float(_mean_norm(seen_rows)), 6),
             "held_out_classes": num_held,
             "repeats": self.repeats,
             "simulated_S": s,
@@ -392,6 +393,7 @@ class LogitMatchCalibration:
         # Rows orthogonal to (or opposite) every old class leave nothing to match: fall back to norm matching.
         factor = float(self.margin * target / response) if response > 0 and target > 0 else 1.0
         diagnostics = {
+            "old_mean_norm": round(float(_mean_norm(seen_rows)), 6),
             "old_neighbourhood_logit": round(float(target), 4),
             "new_neighbourhood_logit": round(float(response), 4),
         }

@@ -243,3 +243,35 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
     }
     with pytest.raises(ValueError, match="new_class_scale"):
         inject(tiny_model, ["capybara"], new_class_scale=-1.0, **kwargs)
+
+
+def test_real_head_one_fold_simulation_is_close_to_the_test_picked_scale():
+    """lite0, fold 0, ridge rows: the image-free rule reaches >= 80 % of the H of the best test-picked factor."""
+    from benchmarks.data import CACHE, fold_classes, head_data, shared_data_available
+
+    features = CACHE / "tf_efficientnet_lite0.safetensors"
+    descriptors_file = CACHE / "descriptors" / "minilm-name.safetensors"
+    if not (shared_data_available() and features.is_file() and descriptors_file.is_file()):
+        pytest.skip("needs ../shared/data and the benchmark caches (python -m benchmarks.data; benchmarks.harness)")
+    from safetensors.torch import load_file
+
+    from benchmarks.calibration import RidgeInjector
+    from benchmarks.harness import evaluate_rows, seen_mask
+
+    data = head_data("tf_efficientnet_lite0")
+    descriptors = load_file(str(descriptors_file))["descriptors"]
+    held = fold_classes(0)
+    seen = seen_mask(1000, held)
+    seen_a, new_a, seen_rows = descriptors[seen], descriptors[torch.as_tensor(held)], data.rows[seen]
+    predicted = RidgeInjector().fit(seen_a, seen_rows, new_a).predict(new_a)
+    context = CalibrationContext(seen_rows, predicted, seen_a, new_a, RidgeInjector, 0)
+    fitted = SimulatedCalibration().fit(context)
+    chosen = evaluate_rows(data, held, fitted(predicted, seen_rows))
+    plain = evaluate_rows(data, held, NormCalibration()(predicted, seen_rows))
+    bound = max(
+        evaluate_rows(data, held, NormCalibration(factor=f)(predicted, seen_rows))["h"]
+        for f in (1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5)
+    )
+    assert plain["h"] < 5 < chosen["unseen"]
+    assert chosen["h"] >= 0.8 * bound, (fitted, chosen, bound)
+    assert chosen["seen"] >= plain["seen"] - 30
