@@ -270,11 +270,13 @@ def load_model_source(spec: str, *, offline_weights: bool = False):
 
 def run_inject(args: argparse.Namespace) -> int:
     """``inject``: load, inject, save. Inputs are checked before anything expensive runs."""
-    from .api import inject
+    from .api import _validate_new_names, inject
     from .icis import ICISConfig, ICISInjector
     from .io import check_output_path, save_injected
 
     names = _new_class_names(args)
+    # Count, empty names and duplicates are checked now, not after minutes of model and embedder loading.
+    _validate_new_names(names, existing=(), allow_existing=True)
     descriptions = _descriptions(args.descriptions)
     class_names = _lines(args.class_names, "--class-names") if args.class_names is not None else None
     check_output_path(args.out, args.overwrite)

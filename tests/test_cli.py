@@ -205,6 +205,20 @@ def test_hostile_descriptions_file(files, tmp_path, capsys, content, message):
     assert code == EXIT_USAGE and message in _one_error_line(err)
 
 
+def test_too_many_classes_fail_before_loading_anything(files, tmp_path, capsys, monkeypatch):
+    from classifier_injection.api import MAX_NEW_CLASSES
+
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"species {i}" for i in range(100_000)))
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(cli, "load_model_source", not_called)
+    code, _, err = _run(capsys, *_inject_args(files, tmp_path / "o", "--classes-file", names))
+    assert code == EXIT_USAGE and f"more than MAX_NEW_CLASSES={MAX_NEW_CLASSES}" in _one_error_line(err)
+
+
 def test_classes_file_and_overwrite(files, tmp_path, capsys):
     names = tmp_path / "names.txt"
     names.write_text("# new classes\nokapi\n\nquokka\n")
