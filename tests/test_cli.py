@@ -287,6 +287,18 @@ def test_info_json_and_all(files, tmp_path, capsys):
     assert "     6  capybara" in stdout
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_round_trip_through_the_cli(files, tmp_path, capsys, dtype):
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=len(NAMES)).eval().to(dtype)
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": NAMES}
+    save_injected(model, tmp_path / "half")
+    args = ["inject", "--model", tmp_path / "half", "--embedder", files["vectors"], *FAST, "--classes", "okapi"]
+    assert _run(capsys, *args, "--out", tmp_path / "out")[0] == EXIT_OK
+    assert {p.dtype for p in load_injected(tmp_path / "out").parameters()} == {dtype}
+    code, stdout, _ = _run(capsys, "predict", tmp_path / "out", files["image"], "--json", "--top-k", "7")
+    assert code == EXIT_OK and len(json.loads(stdout)[0]["top"]) == 7
+
+
 def test_damaged_model_directory(files, tmp_path, capsys):
     import shutil
 
