@@ -1,0 +1,383 @@
+"""The benchmark: ICIS and the paper's baselines on real ImageNet heads and photos, identical splits.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run            # everything (see benchmarks/README.md)
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --quick    # one fold, lite0, MiniLM: ICIS, ridge, ConSE
+
+Stages, in order (each result is written as soon as it exists, so an interrupted run keeps what it did):
+
+1. ``main``: ``tf_efficientnet_lite0`` + MiniLM names, every method, 5 folds (ICIS with the paper's settings:
+   fold 0 only, it is slow).
+2. ``sources``: ``tf_efficientnet_lite0``, ICIS (library defaults) and ridge on every other descriptor source.
+3. ``models``: ``tf_efficientnet_lite1/2`` + MiniLM names, ICIS and ridge.
+4. ``speed``: ``inject()`` latency for 1, 100 and 1000 new classes, embedder loaded.
+
+Per-fold results are cached in ``benchmarks/.cache/results`` (keyed by model, descriptors, method, fold and the
+method's hyper-parameters); ``--fresh`` ignores the cache. Outputs: ``benchmarks/results/<name>.json``,
+``<name>.md`` and ``<name>_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from benchmarks import harness
+from benchmarks.data import CACHE, ROOT, fold_classes, head_data
+from classifier_injection import __version__
+from classifier_injection.baselines import (
+    ConSE,
+    COSTAInjector,
+    MLPInjector,
+    RidgeInjector,
+    SubRegInjector,
+    VGSESMOInjector,
+    VGSEWAvgInjector,
+)
+from classifier_injection.calibration import get_calibration
+from classifier_injection.icis import ICISConfig, ICISInjector
+
+RESULTS = ROOT / "benchmarks" / "results"
+RESULT_CACHE = CACHE / "results"
+METRICS = ("zsl", "seen", "unseen", "h", "cosine")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the tables: how to build the injector and which calibration to apply."""
+
+    name: str
+    build: Callable[[], object]
+    calibration: str | None = None  # None: the library default (classifier_injection.calibration)
+    description: str = ""
+    first_fold_only: bool = False
+
+
+#: Run order: training-free and cheap methods first, ICIS with the paper's settings (slowest) last.
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ridge", lambda: RidgeInjector(), description="closed-form ridge regression"),
+        Method("conse", lambda: ConSE(), description="ConSE (Norouzi et al. 2014), its own GZSL rule"),
+        Method("costa", lambda: COSTAInjector(), description="COSTA (Mensink et al. 2014)"),
+        Method("vgse-wavg", lambda: VGSEWAvgInjector(), description="VGSE-WAvg (Xu et al. 2022)"),
+        Method("vgse-smo", lambda: VGSESMOInjector(), description="VGSE-SMO (Xu et al. 2022)"),
+        Method("icis", lambda: ICISInjector(seed=0), description="ICIS, library defaults + default calibration"),
+        Method("mlp", lambda: MLPInjector(), description="single MLP, cosine loss"),
+        Method("subreg", lambda: SubRegInjector(), description="Sub.Reg. (Akyürek et al. 2022)"),
+        Method(
+            "icis-no-cross",
+            lambda: ICISInjector(ICISConfig(cross_reconstruction=False), seed=0),
+            description="ablation: no A->W / W->A terms",
+        ),
+        Method(
+            "icis-no-new-descriptors",
+            lambda: ICISInjector(ICISConfig(include_new_descriptors=False), seed=0),
+            description="ablation: new classes' descriptors not used in training",
+        ),
+        Method("icis-mse", lambda: ICISInjector(ICISConfig(loss="mse"), seed=0), description="ablation: MSE loss"),
+        Method(
+            "icis-paper",
+            lambda: ICISInjector(ICISConfig.paper(), seed=0),
+            calibration="none",
+            description="ICIS, the paper's settings (batch 16, lr 1e-5, slope stop), no calibration",
+            first_fold_only=True,
+        ),
+    )
+}
+
+
+def _log(message: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool = False) -> dict:
+    """One (model, descriptors, method, fold) result, from the cache when it was computed before."""
+    injector = method.build()
+    hparams = injector.hparams()
+    key = f"{model}__{source}__{method.name}__fold{fold}"
+    path = RESULT_CACHE / f"{key}.json"
+    if not fresh and path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("hparams") == json.loads(json.dumps(hparams)) and cached.get("calibration") == str(
+            method.calibration
+        ):
+            return cached
+    data = head_data(model)
+    held = fold_classes(fold)
+    descriptors = harness.descriptor_matrix(source)
+    start = time.perf_counter()
+    if isinstance(injector, ConSE):
+        result = harness.run_conse(data, held, descriptors, injector)
+    else:
+        result = harness.run_method(data, held, descriptors, injector, method.calibration)
+        if method.calibration == "none":
+            # Also score the same rows with the no-refit image-free calibration: the paper's rows in GZSL.
+            seen_rows = data.rows[harness.seen_mask(len(data.rows), held)]
+            rows = get_calibration("logit-match")(injector.predict(descriptors[held]), seen_rows)
+            result["logit_match"] = harness.evaluate_rows(data, held, rows)
+        if hasattr(injector, "history"):
+            result["epochs"] = len(injector.history)
+    result.update(
+        model=model,
+        source=source,
+        method=method.name,
+        fold=fold,
+        hparams=json.loads(json.dumps(hparams)),
+        calibration=str(method.calibration),
+        seconds=time.perf_counter() - start,
+        peak_rss_mb=_peak_rss_mb(),
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    RESULT_CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def oracle_result(model: str, fold: int) -> dict:
+    return {**harness.oracle(head_data(model), fold_classes(fold)), "fold": fold, "fit_seconds": 0.0}
+
+
+def mean_over_folds(results: list[dict]) -> dict:
+    out = {key: float(np.mean([r[key] for r in results])) for key in (*METRICS, "fit_seconds") if key in results[0]}
+    out["folds"] = [r["fold"] for r in results]
+    if "calibration_seconds" in results[0]:
+        out["calibration_seconds"] = float(np.mean([r["calibration_seconds"] for r in results]))
+    return out
+
+
+def run_grid(
+    model: str,
+    source: str,
+    methods: list[str],
+    folds: list[int],
+    fresh: bool,
+    into: dict,
+    on_update: Callable[[], None] = lambda: None,
+) -> None:
+    """Fill ``into[model][source][method]`` with per-fold results and their mean; oracle included.
+
+    ``on_update`` is called after every fold (the caller saves the partial report).
+    """
+    table = into.setdefault(model, {}).setdefault(source, {})
+    oracle = [oracle_result(model, k) for k in folds]
+    table["oracle"] = {"mean": mean_over_folds(oracle), "per_fold": oracle}
+    for name in methods:
+        method = METHODS[name]
+        per_fold = []
+        for k in folds[:1] if method.first_fold_only else folds:
+            result = run_one(model, source, method, k, fresh=fresh)
+            _log(
+                f"{model} {source} {name} fold {k}: ZSL {result['zsl']:.1f} S {result['seen']:.1f} "
+                f"U {result['unseen']:.1f} H {result['h']:.1f} cos {result['cosine']:.3f} "
+                f"fit {result['fit_seconds']:.1f}s"
+            )
+            per_fold.append(result)
+            table[name] = {"mean": mean_over_folds(per_fold), "per_fold": per_fold, "description": method.description}
+            on_update()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed
+
+
+def speed(fresh: bool) -> dict:
+    """Training time ratio default vs paper settings (fold 0, one run each) and inject() latency."""
+    out: dict = {}
+    default = run_one("tf_efficientnet_lite0", "minilm-name", METHODS["icis"], 0, fresh=fresh)
+    paper = run_one("tf_efficientnet_lite0", "minilm-name", METHODS["icis-paper"], 0, fresh=fresh)
+    out["train_seconds"] = {"icis_default": default["fit_seconds"], "icis_paper": paper["fit_seconds"]}
+    out["train_speedup_paper_over_default"] = paper["fit_seconds"] / default["fit_seconds"]
+    out["epochs"] = {"icis_default": default.get("epochs"), "icis_paper": paper.get("epochs")}
+    out["peak_rss_mb_after"] = {"icis_default": default["peak_rss_mb"], "icis_paper": paper["peak_rss_mb"]}
+    out["inject_latency_seconds"] = inject_latency()
+    return out
+
+
+def new_class_names(count: int) -> list[str]:
+    """Names of ImageNet-21k classes that are not ImageNet-1k classes (realistic new classes)."""
+    from timm.data import ImageNetInfo
+
+    known = {d.split(",")[0].strip() for d in ImageNetInfo("imagenet-1k").label_descriptions()}
+    names: list[str] = []
+    for description in ImageNetInfo("imagenet-21k").label_descriptions():
+        name = description.split(",")[0].strip()
+        if name not in known and name not in names:
+            names.append(name)
+        if len(names) == count:
+            return names
+    raise RuntimeError(f"fewer than {count} new class names available")
+
+
+def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
+    """Wall time of ``inject()`` (library defaults) on lite0, the default embedder loaded and warm."""
+    from benchmarks.data import load_model
+    from classifier_injection import default_embedder, inject
+    from classifier_injection.cache import EmbeddingCache
+
+    model = load_model("tf_efficientnet_lite0")
+    embedder = default_embedder()
+    embedder.encode(["warm-up"])  # loads the model: excluded from the latency, as the issue asks
+    cache = EmbeddingCache(CACHE / "embeddings")
+    inject(model, ["warm-up class"], embedder=embedder, embedding_cache=cache)  # seen classes now cached
+    out = {}
+    for count in counts:
+        names = new_class_names(count)
+        start = time.perf_counter()
+        inject(model, names, embedder=embedder, embedding_cache=cache)
+        out[str(count)] = time.perf_counter() - start
+        _log(f"inject() with {count} new classes: {out[str(count)]:.1f}s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def machine() -> dict:
+    import os
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Benchmark results ({report['name']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}, classifier_injection {report['version']}, "
+        f"{report['machine']['cpu_count']} CPUs, torch {report['machine']['torch']}, "
+        f"load average at start {report['machine']['load_average_at_start'][0]:.1f}, "
+        f"total {report['total_seconds'] / 60:.1f} min.",
+        "",
+        "ZSL: top-1 among the held-out classes; S / U: accuracy on seen / held-out photos with the extended "
+        "1000-way head; H = 2SU/(S+U); cos: mean cosine of injected vs true weight vectors; fit: injector "
+        "training seconds (calibration excluded). Means over the listed folds.",
+        "",
+    ]
+    for model, sources in report["results"].items():
+        for source, table in sources.items():
+            lines += [
+                f"## {model}, descriptors {source}",
+                "",
+                "| method | folds | ZSL | S | U | H | cos | fit s |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for name, entry in table.items():
+                m = entry["mean"]
+                cos = "" if np.isnan(m["cosine"]) else f"{m['cosine']:.3f}"
+                lines.append(
+                    f"| {name} | {len(m['folds'])} | {m['zsl']:.1f} | {m['seen']:.1f} | {m['unseen']:.1f} | "
+                    f"{m['h']:.1f} | {cos} | {m['fit_seconds']:.1f} |"
+                )
+                for r in entry.get("per_fold", []):
+                    if "logit_match" in r:
+                        lm = r["logit_match"]
+                        lines.append(
+                            f"| {name} + logit-match calibration (fold {r['fold']}) | 1 | {lm['zsl']:.1f} | "
+                            f"{lm['seen']:.1f} | {lm['unseen']:.1f} | {lm['h']:.1f} | {lm['cosine']:.3f} | |"
+                        )
+            lines.append("")
+    if "speed" in report:
+        s = report["speed"]
+        lines += [
+            "## Speed (ICIS, lite0, MiniLM names, fold 0, one run each)",
+            "",
+            f"- training: library default {s['train_seconds']['icis_default']:.1f} s "
+            f"({s['epochs']['icis_default']} epochs), paper settings {s['train_seconds']['icis_paper']:.1f} s "
+            f"({s['epochs']['icis_paper']} epochs): ratio {s['train_speedup_paper_over_default']:.1f}x",
+            f"- process peak RSS after the fits: {s['peak_rss_mb_after']['icis_default']:.0f} MB (default), "
+            f"{s['peak_rss_mb_after']['icis_paper']:.0f} MB (paper)",
+            "- inject() latency (library defaults, embedder loaded): "
+            + ", ".join(f"{k} new: {v:.1f} s" for k, v in s["inject_latency_seconds"].items()),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    report: dict = {
+        "name": args.name,
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": __version__,
+        "machine": machine(),
+        "results": {},
+    }
+    stages = args.stages
+    folds = list(range(args.folds))
+
+    def save() -> None:
+        report["total_seconds"] = time.perf_counter() - start
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+        (RESULTS / f"{args.name}.md").write_text(markdown(report))
+
+    if "main" in stages:
+        run_grid("tf_efficientnet_lite0", "minilm-name", args.methods, folds, args.fresh, report["results"], save)
+        save()
+    if "sources" in stages:
+        for source in args.sources:
+            run_grid("tf_efficientnet_lite0", source, ["ridge", "icis"], folds, args.fresh, report["results"], save)
+            save()
+    if "models" in stages:
+        for model in ("tf_efficientnet_lite1", "tf_efficientnet_lite2"):
+            run_grid(model, "minilm-name", ["ridge", "icis"], folds, args.fresh, report["results"], save)
+            save()
+    if "speed" in stages:
+        report["speed"] = speed(args.fresh)
+    save()
+    if not args.no_plots:
+        from benchmarks.plots import plot_report
+
+        plot_report(report, RESULTS)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="ICIS vs the paper's baselines on real ImageNet heads")
+    parser.add_argument("--quick", action="store_true", help="one fold, lite0, MiniLM names: ICIS, ridge, ConSE")
+    parser.add_argument("--stages", nargs="+", default=["main", "sources", "models", "speed"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--sources", nargs="+", default=["minilm-ensemble", "conceptnet", "wiki2vec", "glove"])
+    parser.add_argument("--folds", type=int, default=5, choices=range(1, 6), help="number of folds (from fold 0)")
+    parser.add_argument("--name", default=None, help="output file stem (default: benchmark, or quick)")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached per-fold results")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.stages, args.methods, args.folds = ["main"], ["ridge", "conse", "icis"], 1
+    args.name = args.name or ("quick" if args.quick else "benchmark")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    report = run(parse_args(argv))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
