@@ -82,9 +82,9 @@ def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _refusal_reason(err: UnsupportedHeadError) -> str:
     text = str(err)
-    for key, label in (
-        ("get_classifier", "no get_classifier (encoder only)"),
+    for key, label in (  # first match wins: the no-classifier message also mentions get_classifier()
         ("no classifier to extend", "no classifier (num_classes=0 / Identity head)"),
+        ("has no get_classifier", "no get_classifier (encoder only)"),
         ("CLIP-style projection", "projection head (image-text embedding, not classes)"),
         ("combined in a way", "unknown multi-layer head"),
         ("only affine classifiers", "non-affine classifier"),
@@ -140,12 +140,18 @@ def check_meta(name: str) -> ZooResult:
 
 
 def check_real(name: str) -> str:
-    """Random weights on the CPU: grow the head and compare the old logits with ``torch.equal``."""
+    """Random weights on the CPU: the rows and captured features reproduce the logits, and after growing
+    the head the old logits are ``torch.equal`` to the original ones."""
     torch.manual_seed(0)
     model = _build(name, "cpu")
     head = find_head(model)
     x = _input(model, "cpu")
     before = _output(model, x)
+    if head.mixing != "volo":  # volo's max over tokens is not rows @ features
+        rows = head.rows(model)
+        predicted = head.features(model, x) @ rows[:, :-1].T + rows[:, -1]
+        if not torch.allclose(predicted, before, rtol=1e-3, atol=1e-3 * before.abs().max().item()):
+            return "MISMATCH: rows @ features are not the logits"
     head.grow(model, torch.randn(NUM_NEW, head.in_features + 1))
     after = _output(model, x)
     if after.shape[-1] != head.num_classes + NUM_NEW or not torch.equal(after[..., : head.num_classes], before):

@@ -15,6 +15,12 @@ import pytest
 
 from benchmarks.zoo_sweep import check_meta, check_real, run
 
+REASONS = {
+    "resnet50_clip": "projection head (image-text embedding, not classes)",
+    "deepseek_vit_412m_enc": "no get_classifier (encoder only)",
+    "aimv2_1b_patch14_224": "no classifier (num_classes=0 / Identity head)",
+}
+
 
 @pytest.mark.parametrize(
     ("name", "status", "family"),
@@ -32,7 +38,7 @@ def test_meta_check_classifies_models(name, status, family):
     result = check_meta(name)
     assert (result.status, result.family) == (status, family), result.reason
     if status == "refused":
-        assert result.reason
+        assert result.reason == REASONS[name]
 
 
 def test_real_check_compares_old_logits():
