@@ -224,7 +224,8 @@ def run_method(
         seed: seed of the fit and of the calibration's random choices.
 
     Returns:
-        :func:`evaluate_rows`'s metrics plus ``fit_seconds`` (injector fit) and ``calibration_seconds``.
+        :func:`evaluate_rows`'s metrics plus ``fit_seconds`` (injector fit), ``predict_seconds`` and
+        ``calibration_seconds``.
     """
     held = _check_fold(data, held_out)
     if descriptors.shape[0] != len(data.rows):
@@ -239,7 +240,9 @@ def run_method(
         torch.manual_seed(seed)
         injector.fit(seen_a, seen_rows, new_a)
     fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     predicted = injector.predict(new_a).detach().float().cpu()
+    predict_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     context = CalibrationContext(
@@ -255,6 +258,7 @@ def run_method(
     return {
         **evaluate_rows(data, held, rows),
         "fit_seconds": fit_seconds,
+        "predict_seconds": predict_seconds,
         "calibration_seconds": calibration_seconds,
     }
 

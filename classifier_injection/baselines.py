@@ -225,7 +225,24 @@ class VGSESMOInjector(_SeenMemory):
     def hparams(self) -> dict:
         return {"lr": self.lr, "steps": self.steps}
 
+    def fit(
+        self, seen_descriptors: torch.Tensor, seen_rows: torch.Tensor, new_descriptors: torch.Tensor | None = None
+    ) -> VGSESMOInjector:
+        super().fit(seen_descriptors, seen_rows, new_descriptors)
+        self._solved: tuple[torch.Tensor, torch.Tensor] | None = None
+        if new_descriptors is not None and len(new_descriptors):
+            # The optimisation is the training of this method: do it now for the classes to inject.
+            a = new_descriptors.detach().float().to(self.seen_descriptors.device)
+            self._solved = (a.clone(), self._optimise(a))
+        return self
+
     def weights(self, descriptors: torch.Tensor) -> torch.Tensor:
+        solved = getattr(self, "_solved", None)
+        if solved is not None and solved[0].shape == descriptors.shape and torch.equal(solved[0], descriptors):
+            return solved[1]
+        return self._optimise(descriptors)
+
+    def _optimise(self, descriptors: torch.Tensor) -> torch.Tensor:
         logits = torch.zeros(len(descriptors), len(self.seen_descriptors), device=descriptors.device)
         logits.requires_grad_(True)
         optimizer = torch.optim.Adam([logits], lr=self.lr)

@@ -198,3 +198,13 @@ def test_baselines_plug_into_inject(resnet, embedder):
         assert after.shape == (2, 12) and torch.equal(after[:, :10], before)
         record = out.classifier_injection["injections"][-1]
         assert record["method"] == injector.name and record["hparams"] == injector.hparams()
+
+
+def test_vgse_smo_solves_the_new_classes_during_fit():
+    seen_a, seen_r, new_a, _ = linear_problem()
+    transductive = VGSESMOInjector(steps=20).fit(seen_a, seen_r, new_a)
+    assert transductive._solved is not None
+    inductive = VGSESMOInjector(steps=20).fit(seen_a, seen_r)
+    torch.testing.assert_close(transductive.predict(new_a), inductive.predict(new_a))
+    # Other descriptors are optimised at predict time.
+    assert transductive.predict(new_a[:3] + 1).shape == (3, seen_r.shape[1])
