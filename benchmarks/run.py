@@ -70,8 +70,8 @@ METHODS: dict[str, Method] = {
         Method("conse", lambda: ConSE(), description="ConSE (Norouzi et al. 2014), its own GZSL rule"),
         Method("costa", lambda: COSTAInjector(), description="COSTA (Mensink et al. 2014)"),
         Method("vgse-wavg", lambda: VGSEWAvgInjector(), description="VGSE-WAvg (Xu et al. 2022)"),
-        Method("vgse-smo", lambda: VGSESMOInjector(), description="VGSE-SMO (Xu et al. 2022)"),
         Method("icis", lambda: ICISInjector(seed=0), description="ICIS, library defaults + default calibration"),
+        Method("vgse-smo", lambda: VGSESMOInjector(), description="VGSE-SMO (Xu et al. 2022)"),
         Method("mlp", lambda: MLPInjector(), description="single MLP, cosine loss"),
         Method("subreg", lambda: SubRegInjector(), description="Sub.Reg. (Akyürek et al. 2022)"),
         Method(
