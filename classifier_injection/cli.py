@@ -197,14 +197,11 @@ def _descriptions(path: Path | None) -> dict[str, str] | None:
     return data
 
 
-def _load_embedder(spec: str | None, device: str):
+def _load_embedder(spec: str | None, device: str, progress: bool):
     from .embedders import PrecomputedEmbedder, SentenceTransformerEmbedder, default_embedder
 
     if spec is None:
-        embedder = default_embedder()
-        if hasattr(embedder, "device") and device != "cpu":
-            embedder.device = device
-        return embedder
+        return default_embedder(device=device, show_progress=progress)
     path = Path(spec)
     if path.suffix == ".json":
         data = _read_json(path, "--embedder")
@@ -214,7 +211,7 @@ def _load_embedder(spec: str | None, device: str):
             return PrecomputedEmbedder(data, id=f"precomputed:{path.name}")
         except (ValueError, TypeError) as err:
             raise UsageError(f"--embedder: {path} does not hold vectors of equal length ({err})") from err
-    return SentenceTransformerEmbedder(spec, device=device)
+    return SentenceTransformerEmbedder(spec, device=device, show_progress=progress)
 
 
 def _check_device(device: str) -> str:
@@ -286,13 +283,13 @@ def run_inject(args: argparse.Namespace) -> int:
     if args.injector is not None and (args.epochs or args.latent_dim):
         raise UsageError("--epochs and --latent-dim train a new injector: they cannot be used with --injector")
 
-    embedder = _load_embedder(args.embedder, device)
-    if args.injector is not None:
-        injector = ICISInjector.load(str(args.injector))
-    else:
-        overrides = {"max_epochs": args.epochs, "latent_dim": args.latent_dim}
-        config = ICISConfig(**{k: v for k, v in overrides.items() if v is not None})
-        injector = ICISInjector(config, seed=args.seed, progress=args.progress)
+    embedder = _load_embedder(args.embedder, device, args.progress)
+    overrides = {k: v for k, v in {"max_epochs": args.epochs, "latent_dim": args.latent_dim}.items() if v}
+    icis_config = ICISConfig(**overrides) if overrides else None
+    # Without --injector or --save-injector, inject() picks and fits its default injector itself.
+    injector = ICISInjector.load(str(args.injector)) if args.injector is not None else None
+    if injector is None and args.save_injector is not None:
+        injector = ICISInjector(icis_config, seed=args.seed, progress=args.progress)
 
     model = load_model_source(args.model, offline_weights=args.offline_weights).to(device)
     num_before = model.num_classes
@@ -303,6 +300,7 @@ def run_inject(args: argparse.Namespace) -> int:
         class_names=class_names,
         descriptions=descriptions,
         injector=injector,
+        icis_config=icis_config,
         calibration=args.calibration,
         allow_existing=args.allow_existing,
         seed=args.seed,
@@ -318,7 +316,7 @@ def run_inject(args: argparse.Namespace) -> int:
         injector.save(str(args.save_injector), overwrite=args.overwrite)
     seconds = record.get("injections", [{}])[-1].get("seconds")
     took = f" in {seconds:.1f}s" if isinstance(seconds, (int, float)) else ""
-    print(f"injected {len(names)} classes into {args.model} ({num_before} -> {model.num_classes} classes){took}")
+    print(f"injected {_count(len(names))} into {args.model} ({num_before} -> {model.num_classes} classes){took}")
     print(f"saved to {out}")
     return EXIT_OK
 
@@ -375,7 +373,7 @@ def run_info(args: argparse.Namespace) -> int:
         calibration = calibration.get("name", calibration) if isinstance(calibration, dict) else calibration
         new = entry.get("names") or []
         print(
-            f"  injection {n}: {len(new)} classes, method {entry.get('method')}, embedder {entry.get('embedder')}, "
+            f"  injection {n}: {_count(len(new))}, method {entry.get('method')}, embedder {entry.get('embedder')}, "
             f"calibration {calibration}, seed {entry.get('seed')}, from {entry.get('source', '?')}"
         )
         print(f"    new classes: {_clip(', '.join(map(str, new)))}")
@@ -452,6 +450,10 @@ def _for_cli(message: str) -> str:
     for api_words, flag in _FLAGS.items():
         message = message.replace(api_words, flag)
     return message
+
+
+def _count(n: int) -> str:
+    return f"{n} class" if n == 1 else f"{n} classes"
 
 
 def _clip(text: str, limit: int = 400) -> str:
