@@ -48,6 +48,7 @@ SIMPLE_TEMPLATES = (
     "a photo of the small {name}.",
 )
 CACHE = EmbeddingCache(ROOT / "benchmarks" / ".cache" / "embeddings")
+MPNET = ROOT / "benchmarks" / ".cache" / "all-mpnet-base-v2" / "all-mpnet-base-v2"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def variants() -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
     def g(name):
         return lambda: text_matrices(glove, preset(name))
 
-    return {
+    found = {
         "minilm/name": m("name"),
         "minilm/photo": m("photo"),
         "minilm/ensemble (7 CLIP templates)": lambda: text_matrices(
@@ -130,6 +131,11 @@ def variants() -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
             text_matrices(minilm, preset("name+definition")), (cn, cn)
         ),
     }
+    if MPNET.is_dir():  # optional: all-mpnet-base-v2 assembled from its PyPI parts (offline-resources note)
+        mpnet = SentenceTransformerEmbedder(str(MPNET))
+        found["mpnet/photo"] = lambda: text_matrices(mpnet, preset("photo"))
+        found["mpnet/name+definition"] = lambda: text_matrices(mpnet, preset("name+definition"))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +215,10 @@ def main() -> None:
     parser.add_argument("--icis", nargs="*", default=None, help="also run ICIS on these variants (default: key ones)")
     parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="folds to average")
     parser.add_argument("--out", default="descriptors", help="name of the results files in benchmarks/results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is much faster on a busy host)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = head_data("tf_efficientnet_lite0")
     all_variants = variants()

@@ -452,7 +452,9 @@ def describe_injection(
 
     Seen classes of ImageNet-family heads get the definition of their WordNet id; other seen classes and
     all new classes are looked up by name (unless the user described them). When no template reads a
-    description, nothing is looked up.
+    description, nothing is looked up. When *no* new class has a description, the seen classes are not
+    described either: the injector then learns from names and predicts from names (definitions on one side
+    only cost ~9 ZSL points against that, ``benchmarks/results/descriptors_summary.md``).
     """
     if not uses_descriptions(embedder, config):
         return InjectionDescriptions([None] * len(seen_names), [None] * len(new_names), {})
@@ -461,7 +463,15 @@ def describe_injection(
     new, records = describe_classes(new_names, descriptions, config)
     provenance = {name: {"text": text, **record} for name, text, record in zip(new_names, new, records, strict=True)}
     missing = [name for name, text in zip(new_names, new, strict=True) if text is None]
-    if missing and any(seen):
+    if len(missing) == len(new_names) and any(seen):
+        logger.warning(
+            "no description for any new class (not in WordNet, or ambiguous): all classes are described by "
+            "their name alone; pass descriptions={name: '...'} to use definitions"
+        )
+        # User descriptions of seen classes are kept; definitions found by look-up are dropped.
+        given = descriptions or {}
+        seen = [given.get(name) or None for name in seen_names]
+    elif missing and any(seen):
         # The seen classes are described with definitions and these new classes are not: their descriptors
         # are less comparable (measured in benchmarks/results/descriptors.md). Say so, and how to fix it.
         logger.warning(

@@ -255,3 +255,11 @@ def test_inject_accepts_a_combined_embedder(imagenet_head, tmp_path):
     assert record["embedder"] == "combined(counting, toy-words)" and out.num_classes == 1001
     assert record["descriptions"]["capybara"]["source"] == "wordnet-lemma"  # the sentence part reads definitions
     assert f"capybara: {wordnet_definition(CAPYBARA)}" in [t for call in sentence.calls for t in call]
+
+
+def test_inject_without_any_new_description_describes_everything_by_name(imagenet_head, tmp_path, caplog):
+    _, embedder, record = _inject(imagenet_head, ["zorblax"], tmp_path)
+    texts = [t for call in embedder.calls for t in call]
+    assert "tench" in texts and not any(t.startswith("tench: ") for t in texts)  # seen side matches the new side
+    assert record["descriptions"] == {"zorblax": {"text": None, "source": "none"}}
+    assert "no description for any new class" in caplog.text
