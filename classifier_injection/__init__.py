@@ -10,13 +10,33 @@ The extended model keeps every old logit bit-identical and predicts the new rows
 __version__ = "0.1.0"
 
 from .api import head_fingerprint, inject
-from .calibration import Calibration, NoCalibration, NormCalibration, get_calibration
+from .baselines import (
+    ConSE,
+    COSTAInjector,
+    MLPInjector,
+    RidgeInjector,
+    SubRegInjector,
+    VGSESMOInjector,
+    VGSEWAvgInjector,
+)
+from .calibration import (
+    Calibration,
+    CalibrationContext,
+    LogitMatchCalibration,
+    NoCalibration,
+    NormCalibration,
+    SimulatedCalibration,
+    get_calibration,
+)
 from .descriptors import DescriptorConfig, embed_classes, seen_class_names
 from .embedders import (
     DEFAULT_SENTENCE_MODEL,
+    CombinedEmbedder,
     Embedder,
+    OpenCLIPEmbedder,
     PrecomputedEmbedder,
     SentenceTransformerEmbedder,
+    WordVectorEmbedder,
     default_embedder,
 )
 from .heads import ClassifierHead, UnsupportedHeadError, find_head
@@ -26,19 +46,32 @@ from .io import load_injected, save_injected
 
 __all__ = [
     "DEFAULT_SENTENCE_MODEL",
+    "COSTAInjector",
     "Calibration",
+    "CalibrationContext",
     "ClassifierHead",
+    "CombinedEmbedder",
+    "ConSE",
     "DescriptorConfig",
     "Embedder",
     "ICISConfig",
     "ICISInjector",
     "ICISModel",
     "Injector",
+    "LogitMatchCalibration",
+    "MLPInjector",
     "NoCalibration",
     "NormCalibration",
+    "OpenCLIPEmbedder",
     "PrecomputedEmbedder",
+    "RidgeInjector",
     "SentenceTransformerEmbedder",
+    "SimulatedCalibration",
+    "SubRegInjector",
     "UnsupportedHeadError",
+    "VGSESMOInjector",
+    "VGSEWAvgInjector",
+    "WordVectorEmbedder",
     "__version__",
     "default_embedder",
     "embed_classes",

@@ -57,9 +57,9 @@ class ICISConfig:
         weight_decay: Adam weight decay.
     """
 
-    latent_dim: int = 2048
-    lr: float = 1e-3
-    batch_size: int = 128
+    latent_dim: int = 256
+    lr: float = 3e-3
+    batch_size: int = 256
     max_epochs: int = 1000
     min_epochs: int = 20
     early_stop_slope: float = 0.002
@@ -68,7 +68,7 @@ class ICISConfig:
     cross_reconstruction: bool = True
     include_new_descriptors: bool = True
     weight_decay: float = 0.0
-    center: bool = True
+    center: bool = False
 
     @classmethod
     def paper(cls, **overrides) -> ICISConfig:

