@@ -309,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--injectors", nargs="+", default=["icis", "ridge"], choices=sorted(INJECTORS))
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--margin", type=float, default=None, help="logit-match margin (default: tune on lite0)")
+    parser.add_argument("--tolerance", type=float, default=None, help="simulate tolerance (default: tune)")
     parser.add_argument("--out", default="calibration")
     parser.add_argument("--merge", nargs="+", default=None, help="merge result JSONs of partial runs into --out")
     args = parser.parse_args(argv)
@@ -321,7 +322,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         margin = tune_margin(head_data("tf_efficientnet_lite0"), descriptors, args.folds, args.injectors)
     else:
         margin = {"margin": args.margin, "inner_h": None}
-    tolerance = tune_tolerance(head_data("tf_efficientnet_lite0"), descriptors, args.folds)
+    if args.tolerance is None:
+        tolerance = tune_tolerance(head_data("tf_efficientnet_lite0"), descriptors, args.folds)
+    else:
+        tolerance = {"tolerance": args.tolerance, "inner_best_h": None, "inner": None}
     results = {"margin": margin, "tolerance": tolerance, "runs": {}}
     for model in args.models:
         data = head_data(model)

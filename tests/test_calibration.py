@@ -175,7 +175,8 @@ def test_scaled_calibration_checks_row_count_and_serialises():
 
 
 def test_get_calibration_and_fit_calibration():
-    assert isinstance(get_calibration(None), SimulatedCalibration)
+    assert isinstance(get_calibration(None), LogitMatchCalibration)
+    assert isinstance(get_calibration("simulate"), SimulatedCalibration)
     assert isinstance(get_calibration("logit-match"), LogitMatchCalibration)
     assert isinstance(get_calibration("norm"), NormCalibration)
     with pytest.raises(ValueError, match="unknown calibration"):
@@ -226,12 +227,12 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
 
     names = [f"class {i}" for i in range(12)]
     kwargs = dict(embedder=_HashEmbedder(), class_names=names, icis_config=ICISConfig(latent_dim=16, max_epochs=3))
-    model = inject(tiny_model, ["capybara", "red panda"], **kwargs)
+    model = inject(tiny_model, ["capybara", "red panda"], calibration="simulate", **kwargs)
     record = model.classifier_injection["injections"][-1]
     calibration = record["calibration"]
     assert calibration["name"] == "simulate" and calibration["factor"] > 0
     assert {"bias", "diagnostics"} <= set(calibration) and record["new_class_scale"] == 1.0
-    boosted = inject(tiny_model, ["capybara", "red panda"], new_class_scale=2.0, **kwargs)
+    boosted = inject(tiny_model, ["capybara", "red panda"], calibration="simulate", new_class_scale=2.0, **kwargs)
     head = find_head(model)
     rows, boosted_rows = head.rows(model)[12:], head.rows(boosted)[12:]
     torch.testing.assert_close(boosted_rows, 2 * rows)
@@ -243,10 +244,12 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
     }
     with pytest.raises(ValueError, match="new_class_scale"):
         inject(tiny_model, ["capybara"], new_class_scale=-1.0, **kwargs)
+    default = inject(tiny_model, ["capybara"], **kwargs).classifier_injection["injections"][-1]["calibration"]
+    assert default["name"] == "logit-match" and default["factor"] > 0
 
 
-def test_real_head_one_fold_simulation_is_close_to_the_test_picked_scale():
-    """lite0, fold 0, ridge rows: the image-free rule reaches >= 80 % of the H of the best test-picked factor."""
+def test_real_head_one_fold_image_free_rules_are_close_to_the_test_picked_scale():
+    """lite0, fold 0, ridge rows: both image-free rules reach >= 80 % of the H of the best test-picked factor."""
     from benchmarks.data import CACHE, fold_classes, head_data, shared_data_available
 
     features = CACHE / "tf_efficientnet_lite0.safetensors"
@@ -275,3 +278,6 @@ def test_real_head_one_fold_simulation_is_close_to_the_test_picked_scale():
     assert plain["h"] < 5 < chosen["unseen"]
     assert chosen["h"] >= 0.8 * bound, (fitted, chosen, bound)
     assert chosen["seen"] >= plain["seen"] - 30
+    matched = LogitMatchCalibration().fit(context)  # the library default
+    default = evaluate_rows(data, held, matched(predicted, seen_rows))
+    assert default["h"] >= 0.8 * bound, (matched, default, bound)
