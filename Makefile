@@ -30,5 +30,9 @@ lint: install
 	$(PY) -m ruff check classifier_injection tests examples benchmarks
 	$(PY) -m ruff format --check classifier_injection tests examples benchmarks
 
+# Head surgery on every timm architecture (meta device): writes benchmarks/results/zoo_summary.md.
+zoo: install
+	$(PY) -m benchmarks.zoo_sweep
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
