@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 _WNID = re.compile(r"^n\d{8}$")
 
-#: The library's default texts per class (chosen on the benchmark, see ``benchmarks/descriptors.py``).
+#: The library's default texts per class (measured: ``benchmarks/results/descriptors_summary.md``).
 DEFAULT_TEMPLATES: tuple[str, ...] = ("{name}: {description}",)
 #: Texts of a class without a description when a template needs one.
 DEFAULT_FALLBACK = "{name}"
