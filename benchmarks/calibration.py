@@ -245,8 +245,8 @@ def summarise(results: dict) -> str:
     lines = [
         "# Image-free calibration (issue 7)",
         "",
-        "Per model and injector: mean over the 5 folds of GZSL S / U / H (%) and the chosen norm factor",
-        "(x the mean norm of the old rows). `original` is the model's own accuracy on the seen photos;",
+        "Per model and injector: mean over the folds run (count in brackets) of GZSL S / U / H (%) and the chosen",
+        "norm factor (x the mean norm of the old rows). S drop: the model's own accuracy on the seen photos minus S;",
         "`test-picked` chose its factor on the test photos (upper bound only). Descriptors: MiniLM",
         '"a photo of a {name}.". Produced by `python -m benchmarks.calibration`.',
         "",
