@@ -137,9 +137,10 @@ def inject(
             checking it was trained on this head.
         icis_config: hyper-parameters of the default ICIS injector.
         calibration: how the predicted rows get their scale and bias, from the model alone (no photo):
-            ``"simulate"`` (default: re-runs the injection on held-out old classes to pick the scale; costs one
-            more injector fit), ``"logit-match"`` (no refit), ``"norm"``, ``"none"``, or an instance from
-            :mod:`classifier_injection.calibration`. The chosen scale and bias go into the provenance.
+            ``"simulate"`` (default: re-runs the injection on held-out old classes to pick the scale; one more
+            injector fit; keeps the most old-class accuracy), ``"logit-match"`` (no refit; favours the new
+            classes), ``"norm"``, ``"none"``, or an instance from :mod:`classifier_injection.calibration`.
+            The chosen scale and bias go into the provenance.
         new_class_scale: trade-off knob, multiplies the new classes' logits after calibration: > 1 raises
             recall on the new classes at the cost of accuracy on the old ones, < 1 the reverse, 1 keeps the
             calibration's balance (S/U curve: ``benchmarks/results/calibration_tradeoff.png``).

@@ -27,10 +27,10 @@ from classifier_injection import find_head, inject, load_injected, save_injected
 from classifier_injection.offline import efficientnet_lite
 
 #: ImageNet-1k classes the demo removes and injects back: the domestic cats, espresso and missile.
-FORGOTTEN = {281: "tabby", 282: "tiger cat", 283: "Persian cat", 284: "Siamese cat", 285: "Egyptian cat",
+FORGOTTEN = {281: "tabby cat", 282: "tiger cat", 283: "Persian cat", 284: "Siamese cat", 285: "Egyptian cat",
              967: "espresso", 657: "missile"}  # fmt: skip
 #: scikit-image photos and the injected class each should be recognised as.
-PHOTOS = {"chelsea": ("tabby", "tiger cat", "Egyptian cat"), "coffee": ("espresso",), "rocket": ("missile",)}
+PHOTOS = {"chelsea": ("tabby cat", "tiger cat", "Egyptian cat"), "coffee": ("espresso",), "rocket": ("missile",)}
 OUTPUT = Path(__file__).resolve().parent / "output"
 
 
@@ -40,6 +40,7 @@ class DemoResult:
     top5_forgotten: dict[str, list[tuple[str, float]]]
     top5_injected: dict[str, list[tuple[str, float]]]
     row_cosines: dict[str, float]
+    ranks: dict[str, int]  # per photo: best rank (1 = top-1) of its expected injected class, out of 1000
     old_logits_identical: bool
     model: nn.Module
 
@@ -89,6 +90,11 @@ def run_demo(save_figure: bool = True, seed: int = 0) -> DemoResult:
     logits_injected, top5_injected = top5(injected, images)
     n_old = forgotten.num_classes
     identical = torch.equal(logits_injected[:, :n_old], logits_forgotten)
+    labels = injected.pretrained_cfg["label_names"]
+    ranks = {}
+    for i, (photo, expected) in enumerate(PHOTOS.items()):
+        order = logits_injected[i].argsort(descending=True).tolist()
+        ranks[photo] = 1 + min(order.index(labels.index(name)) for name in expected)
 
     true_rows = find_head(original).rows(original)[list(FORGOTTEN)]
     new_rows = find_head(injected).rows(injected)[n_old:]
@@ -101,7 +107,7 @@ def run_demo(save_figure: bool = True, seed: int = 0) -> DemoResult:
         reloaded = load_injected(OUTPUT / "lite0-injected")
         assert torch.equal(top5(reloaded, images)[0], logits_injected), "reloaded model differs"
         plot(images, original, top5_original, top5_forgotten, top5_injected, path=OUTPUT / "demo.png")
-    return DemoResult(top5_original, top5_forgotten, top5_injected, row_cosines, identical, injected)
+    return DemoResult(top5_original, top5_forgotten, top5_injected, row_cosines, ranks, identical, injected)
 
 
 def plot(images, model, *tables, path: Path) -> None:
@@ -142,6 +148,9 @@ def main() -> None:
     print("\n== cosine between each injected row and the true (removed) row ==")
     for name, cos in result.row_cosines.items():
         print(f"{name:14s} {cos:+.3f}")
+    print("\n== rank of the photo's injected class among all 1000 (1 = top-1) ==")
+    for photo, rank in result.ranks.items():
+        print(f"{photo:8s} {rank:4d}  ({' / '.join(PHOTOS[photo])})")
     print(f"\nold logits bit-identical after injection: {result.old_logits_identical}")
     print(f"figure: {OUTPUT / 'demo.png'}; saved model: {OUTPUT / 'lite0-injected'}")
 

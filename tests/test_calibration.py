@@ -175,7 +175,7 @@ def test_scaled_calibration_checks_row_count_and_serialises():
 
 
 def test_get_calibration_and_fit_calibration():
-    assert isinstance(get_calibration(None), LogitMatchCalibration)
+    assert isinstance(get_calibration(None), SimulatedCalibration)
     assert isinstance(get_calibration("simulate"), SimulatedCalibration)
     assert isinstance(get_calibration("logit-match"), LogitMatchCalibration)
     assert isinstance(get_calibration("norm"), NormCalibration)
@@ -245,7 +245,7 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
     with pytest.raises(ValueError, match="new_class_scale"):
         inject(tiny_model, ["capybara"], new_class_scale=-1.0, **kwargs)
     default = inject(tiny_model, ["capybara"], **kwargs).classifier_injection["injections"][-1]["calibration"]
-    assert default["name"] == "logit-match" and default["factor"] > 0
+    assert default["name"] == "simulate" and default["factor"] > 0
 
 
 def test_real_head_one_fold_image_free_rules_are_close_to_the_test_picked_scale():
