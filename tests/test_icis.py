@@ -31,7 +31,7 @@ def test_slope_is_the_papers_formula():
 
 def test_icis_learns_a_linear_map_on_unseen_classes():
     a_seen, r_seen, a_new, r_new = _synthetic()
-    injector = ICISInjector(ICISConfig(latent_dim=128, lr=3e-3, batch_size=16, max_epochs=200, early_stop_slope=0))
+    injector = ICISInjector(ICISConfig(latent_dim=64, lr=1e-2, batch_size=32, max_epochs=100, early_stop_slope=0))
     pred = injector.fit(a_seen, r_seen, a_new).predict(a_new)
     cosine = torch.nn.functional.cosine_similarity(pred, r_new).mean()
     assert pred.shape == r_new.shape
