@@ -16,6 +16,34 @@ import torch
 from classifier_injection import ICISConfig
 
 
+class CountingEmbedder:
+    """Deterministic toy embedder that records what it was asked to encode."""
+
+    id = "counting"
+    dim = 8
+    cacheable = True
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts):
+        self.calls.append(list(texts))
+        out = torch.zeros(len(texts), self.dim)
+        for i, text in enumerate(texts):
+            g = torch.Generator().manual_seed(sum(ord(c) * (k + 1) for k, c in enumerate(text)))
+            out[i] = torch.randn(self.dim, generator=g)
+        return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The test models are tiny: intra-op threads only add overhead, and on a shared 2-core machine contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class HashEmbedder:
     """Deterministic text -> vector map (a hash seeds a Gaussian): no model needed, distinct texts differ."""
 

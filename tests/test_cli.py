@@ -22,15 +22,6 @@ NEW = ["capybara", "red panda", "okapi", "quokka"]
 FAST = ["--epochs", "2", "--latent-dim", "16", "--calibration", "norm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A saved tiny model with named classes, precomputed vectors for every name, and a photo-like PNG."""

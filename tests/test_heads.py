@@ -99,15 +99,6 @@ class FixedRows:
         return {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise_head(model: nn.Module) -> None:
     """Non-trivial biases, BatchNorm statistics and mixing weights in the head (timm inits them to 0/1)."""
     g = torch.Generator().manual_seed(1)

@@ -44,15 +44,6 @@ def _injected(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     model = _injected()

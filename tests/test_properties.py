@@ -39,15 +39,6 @@ class HashEmbedder:
         return torch.stack(rows)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _key(name: str) -> str:
     return " ".join(name.split()).casefold()
 

@@ -44,15 +44,6 @@ class RecordingEmbedder(PrecomputedEmbedder):
         return torch.stack(rows)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(num_classes: int = len(NAMES), dtype: torch.dtype = torch.float32) -> nn.Module:
     return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes).eval().to(dtype)
 
