@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--calibration", metavar="NAME", help="calibration of the new rows (default: the library's)")
     inject.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     inject.add_argument("--epochs", type=_positive_int, metavar="N", help="maximum ICIS training epochs")
-    inject.add_argument("--latent-dim", type=_positive_int, metavar="N", help="ICIS latent width (default 2048)")
+    inject.add_argument(
+        "--latent-dim", type=_positive_int, metavar="N", help="ICIS latent width (default: ICISConfig().latent_dim)"
+    )
     inject.add_argument("--injector", type=Path, metavar="FILE", help="reuse a trained ICIS injector (.safetensors)")
     inject.add_argument("--save-injector", type=Path, metavar="FILE", help="also save the trained ICIS injector")
     inject.add_argument("--device", default="cpu", help="device for the model and embedder (default cpu)")
