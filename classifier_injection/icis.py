@@ -11,6 +11,12 @@ all weighted 1, ``d(x, y) = 1 - cos(x, y)`` per row (MSE as the ablation):
 
 A new class gets the row ``dec_W(enc_A(a))``. The cosine loss leaves the norm of predicted rows free;
 :mod:`classifier_injection.calibration` sets it afterwards.
+
+``dec_W`` is a linear layer in the paper. The library default (``ICISConfig.row_decoder="mixture"``) decodes a
+latent into softmax weights over the seen rows and returns their weighted sum: a predicted row then lies in
+the span the head itself learned (a new cat is a blend of lynx, tiger cat's siblings...), the way VGSE-SMO
+builds rows, but with the mixture learned by the two autoencoders. On held-out *seen* classes of a real
+ImageNet head it doubles the row cosine of the linear decoder (``benchmarks/results/icis_defaults.md``).
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ class ICISConfig:
             loss leaves the norm of a prediction free, so a centred prediction is rescaled to the mean norm of
             the centred seen rows before the mean row is added back. ``False`` in :meth:`paper`.
         weight_decay: Adam weight decay.
+        row_decoder: ``"mixture"`` (default): ``dec_W(z) = softmax(U z + c) @ R_seen``, a convex combination of
+            the seen rows ``R_seen`` (kept in the model as a buffer); ``"linear"``: ``dec_W(z) = V z + c``
+            (the paper's).
+        dropout: dropout on both latent codes during training (0 in the paper).
     """
 
     latent_dim: int = 256
@@ -69,11 +79,14 @@ class ICISConfig:
     include_new_descriptors: bool = True
     weight_decay: float = 0.0
     center: bool = False
+    row_decoder: Literal["mixture", "linear"] = "mixture"
+    dropout: float = 0.3
 
     @classmethod
     def paper(cls, **overrides) -> ICISConfig:
         """The settings of the official ICIS code: batch 16, lr 1e-5, latent 2048, up to 1000 epochs, slope stop."""
-        return replace(cls(lr=1e-5, batch_size=16, latent_dim=2048, center=False), **overrides)
+        paper = cls(lr=1e-5, batch_size=16, latent_dim=2048, center=False, row_decoder="linear", dropout=0.0)
+        return replace(paper, **overrides)
 
     def __post_init__(self) -> None:
         if self.loss not in ("cosine", "mse"):
@@ -83,6 +96,10 @@ class ICISConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.row_decoder not in ("mixture", "linear"):
+            raise ValueError(f"row_decoder must be 'mixture' or 'linear', got {self.row_decoder!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,20 +113,52 @@ class ICISConfig:
         return cls(**data)
 
 
-class _AutoEncoder(nn.Module):
-    def __init__(self, dim: int, latent_dim: int) -> None:
+class _MixtureDecoder(nn.Module):
+    """``z -> softmax(U z + c) @ basis``: a convex combination of fixed rows ``basis [S, dim]``."""
+
+    def __init__(self, latent_dim: int, basis: torch.Tensor) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(dim, latent_dim), nn.ReLU())
-        self.decoder = nn.Linear(latent_dim, dim)
+        self.logits = nn.Linear(latent_dim, basis.shape[0])
+        self.register_buffer("basis", basis)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(z), dim=-1) @ self.basis
+
+
+class _AutoEncoder(nn.Module):
+    def __init__(self, dim: int, latent_dim: int, dropout: float = 0.0, basis: torch.Tensor | None = None) -> None:
+        super().__init__()
+        # Dropout has no parameters: files saved with any dropout share one state-dict layout.
+        self.encoder = nn.Sequential(nn.Linear(dim, latent_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.decoder = nn.Linear(latent_dim, dim) if basis is None else _MixtureDecoder(latent_dim, basis)
 
 
 class ICISModel(nn.Module):
-    """The two autoencoders. ``forward(a)`` predicts rows from descriptors."""
+    """The two autoencoders. ``forward(a)`` predicts rows from descriptors.
 
-    def __init__(self, descriptor_dim: int, row_dim: int, latent_dim: int = 2048) -> None:
+    Args:
+        descriptor_dim: width of the descriptors.
+        row_dim: width of the rows ``[w | b]``.
+        latent_dim: width of the shared latent space.
+        basis: for the mixture row decoder, the rows ``[S, row_dim]`` it mixes (the seen rows, in the frame the
+            model is trained in); ``None`` for the paper's linear decoder.
+        dropout: dropout on the latent codes (active in ``train()`` mode only).
+    """
+
+    def __init__(
+        self,
+        descriptor_dim: int,
+        row_dim: int,
+        latent_dim: int = 2048,
+        *,
+        basis: torch.Tensor | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.descriptor_ae = _AutoEncoder(descriptor_dim, latent_dim)
-        self.weight_ae = _AutoEncoder(row_dim, latent_dim)
+        if basis is not None and (basis.dim() != 2 or basis.shape[1] != row_dim or len(basis) < 1):
+            raise ValueError(f"basis must be [S >= 1, {row_dim}] (rows to mix), got {tuple(basis.shape)}")
+        self.descriptor_ae = _AutoEncoder(descriptor_dim, latent_dim, dropout)
+        self.weight_ae = _AutoEncoder(row_dim, latent_dim, dropout, basis)
         # Offsets removed before encoding / added after decoding, and the norm given to centred predictions
         # (zeros unless ICISConfig.center: then forward() is the plain decode of the paper).
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
@@ -202,26 +251,36 @@ class ICISInjector:
         a_new = None
         if cfg.include_new_descriptors and new_descriptors is not None and len(new_descriptors):
             a_new = new_descriptors.detach().float().cpu()
-        distance = _cosine_distance if cfg.loss == "cosine" else _mse
         descriptor_mean = a.mean(0) if cfg.center else torch.zeros(a.shape[1])
         row_mean = r.mean(0) if cfg.center else torch.zeros(r.shape[1])
         a, r = a - descriptor_mean, r - row_mean
         if a_new is not None:
             a_new = a_new - descriptor_mean
 
-        generator = torch.Generator().manual_seed(self.seed)
+        # One forked RNG for the whole fit: initialisation and dropout are seeded, the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = ICISModel(a.shape[1], r.shape[1], cfg.latent_dim)
-        model.descriptor_mean.copy_(descriptor_mean)
-        model.row_mean.copy_(row_mean)
-        if cfg.center:
-            model.centered_norm.fill_(r.norm(dim=1).mean())
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+            basis = r.clone() if cfg.row_decoder == "mixture" else None
+            model = ICISModel(a.shape[1], r.shape[1], cfg.latent_dim, basis=basis, dropout=cfg.dropout)
+            model.descriptor_mean.copy_(descriptor_mean)
+            model.row_mean.copy_(row_mean)
+            if cfg.center:
+                model.centered_norm.fill_(r.norm(dim=1).mean())
+            self.history = self._train(model, a, r, a_new)
+        _logger.info("ICIS trained %d epochs, final loss %.4f", len(self.history), self.history[-1])
+        model.eval()
+        self.model = model
+        return self
 
+    def _train(self, model: ICISModel, a: torch.Tensor, r: torch.Tensor, a_new: torch.Tensor | None) -> list[float]:
+        """Mini-batch Adam on the four losses until the slope rule stops it; returns the loss per epoch."""
+        cfg = self.config
+        distance = _cosine_distance if cfg.loss == "cosine" else _mse
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed)
         n = a.shape[0]
         batch = min(cfg.batch_size, n)
-        self.history = []
+        history: list[float] = []
         flat_epochs = 0
         bar = tqdm(range(cfg.max_epochs), desc="ICIS", unit="epoch", disable=not self.progress, leave=False)
         model.train()
@@ -243,18 +302,15 @@ class ICISInjector:
                 optimizer.step()
                 total += loss.item()
                 steps += 1
-            self.history.append(total / steps)
-            bar.set_postfix(loss=f"{self.history[-1]:.4f}")
-            slope = _slope_says_stop(self.history)
+            history.append(total / steps)
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            slope = _slope_says_stop(history)
             if cfg.early_stop_slope > 0 and slope is not None and epoch + 1 >= cfg.min_epochs:
                 flat_epochs = flat_epochs + 1 if slope < cfg.early_stop_slope else 0
                 if flat_epochs >= cfg.early_stop_patience:
                     break
         bar.close()
-        _logger.info("ICIS trained %d epochs, final loss %.4f", len(self.history), self.history[-1])
-        model.eval()
-        self.model = model
-        return self
+        return history
 
     @torch.no_grad()
     def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
@@ -267,6 +323,10 @@ class ICISInjector:
                 f"{tuple(descriptors.shape)}: use the same embedder as for training"
             )
         return self.model(descriptors.detach().float().cpu())
+
+    def _basis_rows(self) -> int:
+        decoder = self.model.weight_ae.decoder if self.model is not None else None
+        return len(decoder.basis) if isinstance(decoder, _MixtureDecoder) else 0
 
     def save(self, path: str, *, overwrite: bool = False) -> None:
         """Save the trained injector as one safetensors file (weights + JSON config in its metadata).
@@ -285,6 +345,7 @@ class ICISInjector:
             "fingerprint": self.fingerprint or "",
             "descriptor_dim": str(self.model.descriptor_ae.encoder[0].in_features),
             "row_dim": str(self.model.weight_ae.encoder[0].in_features),
+            "basis_rows": str(self._basis_rows()),
         }
         atomic_save_safetensors(self.model.state_dict(), path, metadata, overwrite=overwrite)
 
@@ -297,17 +358,25 @@ class ICISInjector:
         if metadata.get("format") != "classifier_injection.icis":
             raise ValueError(f"{path} is not an ICIS injector file (metadata format={metadata.get('format')!r})")
         try:
-            config = ICISConfig.from_dict(json.loads(metadata["config"]))
+            stored = json.loads(metadata["config"])
+            if isinstance(stored, dict) and "row_decoder" not in stored:  # files from before the option existed
+                stored = {**stored, "row_decoder": "linear", "dropout": 0.0}
+            config = ICISConfig.from_dict(stored)
             descriptor_dim, row_dim = int(metadata["descriptor_dim"]), int(metadata["row_dim"])
             injector = cls(config, seed=int(metadata["seed"]))
             injector.history = [float(x) for x in json.loads(metadata["history"])]
             # Sizes come from an untrusted file: check them against its tensors on the meta device first.
+            basis_rows = int(metadata.get("basis_rows", "0"))
+            if (basis_rows > 0) != (config.row_decoder == "mixture"):
+                raise ValueError(f"basis_rows={basis_rows} does not match row_decoder={config.row_decoder!r}")
             with torch.device("meta"):
-                skeleton = ICISModel(descriptor_dim, row_dim, config.latent_dim)
+                basis = torch.empty(basis_rows, row_dim) if basis_rows else None
+                skeleton = ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis)
         except (KeyError, ValueError, TypeError, RecursionError, RuntimeError) as err:
             raise ValueError(f"{path}: invalid ICIS injector metadata ({err})") from err
         check_state_dict(tensors, skeleton.state_dict(), path, parameters=set(skeleton.state_dict()))
-        model = ICISModel(descriptor_dim, row_dim, config.latent_dim)
+        basis = torch.empty(basis_rows, row_dim) if basis_rows else None
+        model = ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis)
         model.load_state_dict(tensors, strict=True)
         model.eval()
         injector.model = model

@@ -26,11 +26,13 @@ from torch import nn
 from classifier_injection import find_head, inject, load_injected, save_injected, seen_class_names
 from classifier_injection.offline import efficientnet_lite
 
-#: ImageNet-1k classes the demo removes and injects back: the domestic cats, espresso and missile.
-FORGOTTEN = {281: "tabby cat", 282: "tiger cat", 283: "Persian cat", 284: "Siamese cat", 285: "Egyptian cat",
-             967: "espresso", 657: "missile"}  # fmt: skip
-#: scikit-image photos and the injected class each should be recognised as.
-PHOTOS = {"chelsea": ("tabby cat", "tiger cat", "Egyptian cat"), "coffee": ("espresso",), "rocket": ("missile",)}
+#: ImageNet-1k classes the demo removes and injects back. Not all five domestic cats: with every house-cat row
+#: gone, the nearest classes left (tiger, cougar, snow leopard, lion) have rows trained to *reject* house cats
+#: (chelsea scores below zero on them), so any blend of them ranks chelsea's cat ~800-900th; this holds for ICIS,
+#: VGSE-SMO and ridge alike. With two of the five removed, the siblings that remain carry the signal.
+FORGOTTEN = {281: "tabby cat", 285: "Egyptian cat", 967: "espresso", 968: "cup", 657: "missile"}
+#: scikit-image photos and the injected classes each may be recognised as (the coffee photo is a cup of espresso).
+PHOTOS = {"chelsea": ("tabby cat", "Egyptian cat"), "coffee": ("espresso", "cup"), "rocket": ("missile",)}
 OUTPUT = Path(__file__).resolve().parent / "output"
 
 

@@ -19,6 +19,7 @@ def _synthetic(num_seen: int = 64, num_new: int = 8, d: int = 12, row_dim: int =
 def test_paper_config_matches_official_code():
     cfg = ICISConfig.paper()
     assert (cfg.lr, cfg.batch_size, cfg.latent_dim, cfg.max_epochs) == (1e-5, 16, 2048, 1000)
+    assert (cfg.row_decoder, cfg.dropout, cfg.center) == ("linear", 0.0, False)
     assert (cfg.early_stop_slope, cfg.early_stop_patience, cfg.min_epochs, cfg.loss) == (0.002, 5, 20, "cosine")
     assert cfg.cross_reconstruction and cfg.include_new_descriptors
 
@@ -31,12 +32,30 @@ def test_slope_is_the_papers_formula():
 
 def test_icis_learns_a_linear_map_on_unseen_classes():
     a_seen, r_seen, a_new, r_new = _synthetic()
-    injector = ICISInjector(ICISConfig(latent_dim=64, lr=1e-2, batch_size=32, max_epochs=100, early_stop_slope=0))
+    cfg = ICISConfig(latent_dim=64, lr=1e-2, batch_size=32, max_epochs=100, early_stop_slope=0, row_decoder="linear")
+    injector = ICISInjector(cfg)
     pred = injector.fit(a_seen, r_seen, a_new).predict(a_new)
     cosine = torch.nn.functional.cosine_similarity(pred, r_new).mean()
     assert pred.shape == r_new.shape
     assert cosine > 0.8, f"mean cosine to the true unseen rows {cosine:.3f}"
     assert injector.history[-1] < injector.history[0]
+
+
+def test_mixture_decoder_blends_the_rows_of_similar_seen_classes():
+    # Seen classes come in 8 groups with one row per group (plus noise); a new class described like group g
+    # must get a row close to group g's row, which a convex combination of seen rows can represent exactly.
+    g = torch.Generator().manual_seed(0)
+    centres_a, centres_r = torch.randn(8, 12, generator=g), torch.randn(8, 17, generator=g)
+    group = torch.arange(64) % 8
+    a_seen = centres_a[group] + 0.1 * torch.randn(64, 12, generator=g)
+    r_seen = centres_r[group] + 0.1 * torch.randn(64, 17, generator=g)
+    a_new = centres_a + 0.1 * torch.randn(8, 12, generator=g)
+    injector = ICISInjector(ICISConfig(latent_dim=32, lr=1e-2, batch_size=32, max_epochs=150, early_stop_slope=0))
+    pred = injector.fit(a_seen, r_seen, a_new).predict(a_new)
+    similarity = torch.nn.functional.normalize(pred, dim=1) @ torch.nn.functional.normalize(centres_r, dim=1).T
+    assert torch.equal(similarity.argmax(1), torch.arange(8)), similarity
+    # Every prediction is a convex combination of the seen rows: inside their bounding box.
+    assert (pred >= r_seen.min(0).values - 1e-5).all() and (pred <= r_seen.max(0).values + 1e-5).all()
 
 
 def test_fit_is_deterministic_given_seed_and_leaves_global_rng_alone():
@@ -68,15 +87,31 @@ def test_ablations_train(variant):
     assert pred.shape == (8, 17) and torch.isfinite(pred).all()
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("row_decoder", ["mixture", "linear"])
+def test_save_load_round_trip(tmp_path, row_decoder):
     a_seen, r_seen, a_new, _ = _synthetic()
-    injector = ICISInjector(ICISConfig(latent_dim=32, max_epochs=3), seed=3).fit(a_seen, r_seen, a_new)
+    cfg = ICISConfig(latent_dim=32, max_epochs=3, row_decoder=row_decoder)
+    injector = ICISInjector(cfg, seed=3).fit(a_seen, r_seen, a_new)
     injector.fingerprint = "abc123"
     path = tmp_path / "icis.safetensors"
     injector.save(str(path))
     loaded = ICISInjector.load(str(path))
     assert torch.equal(loaded.predict(a_new), injector.predict(a_new))
     assert loaded.config == injector.config and loaded.fingerprint == "abc123" and loaded.seed == 3
+
+
+def test_load_rejects_basis_that_does_not_match_the_decoder(tmp_path):
+    from classifier_injection.io import atomic_save_safetensors, read_safetensors
+
+    a_seen, r_seen, a_new, _ = _synthetic()
+    path = tmp_path / "icis.safetensors"
+    ICISInjector(ICISConfig(latent_dim=8, max_epochs=2)).fit(a_seen, r_seen, a_new).save(str(path))
+    tensors, metadata = read_safetensors(str(path))
+    for basis_rows in ("0", "-3", "10000000000000"):
+        bad = tmp_path / f"bad{basis_rows}.safetensors"
+        atomic_save_safetensors(tensors, str(bad), {**metadata, "basis_rows": basis_rows})
+        with pytest.raises(ValueError, match=r"basis_rows|does not match|shape"):
+            ICISInjector.load(str(bad))
 
 
 def test_predict_rejects_wrong_descriptor_width():
@@ -88,7 +123,13 @@ def test_predict_rejects_wrong_descriptor_width():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(loss="l1"), "loss"), (dict(batch_size=0), "batch_size"), (dict(lr=0), "lr")],
+    [
+        (dict(loss="l1"), "loss"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=0), "lr"),
+        (dict(row_decoder="mlp"), "row_decoder"),
+        (dict(dropout=1.0), "dropout"),
+    ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
