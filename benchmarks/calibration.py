@@ -54,6 +54,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIT_CACHE = CACHE / "calibration"
 DESCRIPTORS = "minilm-name"
 MARGINS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 5.0)
+DESCRIPTOR_TEXT = {
+    "minilm-name": 'MiniLM "a photo of a {name}."',
+    "default": 'the library default, MiniLM "{name}: {definition}" (WordNet)',
+}
 KNOB = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0)
 
 
@@ -114,10 +118,28 @@ class CachedICIS(ICISInjector):
 INJECTORS = {"icis": lambda: CachedICIS(seed=0), "ridge": RidgeInjector}
 
 
-def _fold_inputs(data, descriptors: torch.Tensor, fold: int):
+def _fold_inputs(data, descriptors: torch.Tensor | tuple[torch.Tensor, torch.Tensor], fold: int):
+    """One fold's inputs. ``descriptors``: one ``[1000, d]`` matrix, or a pair (as seen classes, as new classes)."""
+    seen_matrix, new_matrix = descriptors if isinstance(descriptors, tuple) else (descriptors, descriptors)
     held = fold_classes(fold, len(data.rows))
     seen = seen_mask(len(data.rows), held)
-    return held, seen, descriptors[seen], descriptors[torch.as_tensor(held)], data.rows[seen]
+    return held, seen, seen_matrix[seen], new_matrix[torch.as_tensor(held)], data.rows[seen]
+
+
+def load_descriptors(source: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A benchmark descriptor source, or ``"default"``: the library's default descriptors.
+
+    ``"default"`` is what :func:`~classifier_injection.inject` uses on an ImageNet head: "{name}: {definition}"
+    embedded by MiniLM, seen classes described by WordNet id, held-out classes by a look-up of their name
+    (:func:`benchmarks.descriptors.text_matrices`).
+    """
+    if source != "default":
+        return descriptor_matrix(source)
+    from benchmarks.descriptors import text_matrices
+    from classifier_injection.descriptors import DescriptorConfig
+    from classifier_injection.embedders import SentenceTransformerEmbedder
+
+    return text_matrices(SentenceTransformerEmbedder(device="cpu"), DescriptorConfig())
 
 
 def _test_picked(data, held, predicted: torch.Tensor, seen_rows: torch.Tensor) -> dict:
@@ -247,8 +269,9 @@ def summarise(results: dict) -> str:
         "",
         "Per model and injector: mean over the folds run (count in brackets) of GZSL S / U / H (%) and the chosen",
         "norm factor (x the mean norm of the old rows). S drop: the model's own accuracy on the seen photos minus S;",
-        "`test-picked` chose its factor on the test photos (upper bound only). Descriptors: MiniLM",
-        '"a photo of a {name}.". Produced by `python -m benchmarks.calibration`.',
+        "`test-picked` chose its factor on the test photos (upper bound only). Descriptors:",
+        DESCRIPTOR_TEXT.get(results.get("descriptors", DESCRIPTORS), results.get("descriptors", DESCRIPTORS))
+        + ". Produced by `python -m benchmarks.calibration`.",
         "",
         f"logit-match margin (chosen on seen classes of lite0): {results['margin']['margin']}; "
         f"simulate tolerance (chosen on seen classes of lite0, ridge): {results['tolerance']['tolerance']}",
@@ -310,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--margin", type=float, default=None, help="logit-match margin (default: tune on lite0)")
     parser.add_argument("--tolerance", type=float, default=None, help="simulate tolerance (default: tune)")
+    parser.add_argument("--descriptors", default=DESCRIPTORS, help="a benchmark source, or 'default' (library's)")
     parser.add_argument("--out", default="calibration")
     parser.add_argument("--merge", nargs="+", default=None, help="merge result JSONs of partial runs into --out")
     args = parser.parse_args(argv)
@@ -317,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write(merge([json.loads(Path(p).read_text()) for p in args.merge]), args.out)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    descriptors = descriptor_matrix(DESCRIPTORS)
+    descriptors = load_descriptors(args.descriptors)
     if args.margin is None:
         margin = tune_margin(head_data("tf_efficientnet_lite0"), descriptors, args.folds, args.injectors)
     else:
@@ -326,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tolerance = tune_tolerance(head_data("tf_efficientnet_lite0"), descriptors, args.folds)
     else:
         tolerance = {"tolerance": args.tolerance, "inner_best_h": None, "inner": None}
-    results = {"margin": margin, "tolerance": tolerance, "runs": {}}
+    results = {"margin": margin, "tolerance": tolerance, "descriptors": args.descriptors, "runs": {}}
     for model in args.models:
         data = head_data(model)
         for injector in args.injectors:
@@ -354,7 +378,7 @@ def merge(parts: Sequence[dict]) -> dict:
     tolerances = {p["tolerance"]["tolerance"] for p in parts}
     if len(tolerances) != 1:
         raise ValueError(f"cannot merge runs made with different simulate tolerances {sorted(tolerances)}")
-    merged = {"margin": parts[0]["margin"], "tolerance": parts[0]["tolerance"], "runs": {}}
+    merged = {**{k: v for k, v in parts[0].items() if k != "runs"}, "runs": {}}
     for part in parts:
         for model, by_injector in part["runs"].items():
             for injector, folds in by_injector.items():

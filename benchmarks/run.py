@@ -86,6 +86,11 @@ METHODS: dict[str, Method] = {
         ),
         Method("icis-mse", lambda: ICISInjector(ICISConfig(loss="mse"), seed=0), description="ablation: MSE loss"),
         Method(
+            "icis-linear",
+            lambda: ICISInjector(ICISConfig(row_decoder="linear", dropout=0.0), seed=0),
+            description="ablation: the paper's linear row decoder, no dropout (the previous library default)",
+        ),
+        Method(
             "icis-paper",
             lambda: ICISInjector(ICISConfig.paper(), seed=0),
             calibration="none",
