@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument(
         "--latent-dim", type=_positive_int, metavar="N", help="ICIS latent width (default: ICISConfig().latent_dim)"
     )
+    inject.add_argument(
+        "--row-decoder",
+        choices=("mixture", "linear"),
+        help="ICIS row decoder: 'mixture' (default: blends of the seen rows) or 'linear' (the paper's)",
+    )
     inject.add_argument("--injector", type=Path, metavar="FILE", help="reuse a trained ICIS injector (.safetensors)")
     inject.add_argument("--save-injector", type=Path, metavar="FILE", help="also save the trained ICIS injector")
     inject.add_argument("--device", default="cpu", help="device for the model and embedder (default cpu)")
@@ -282,11 +287,14 @@ def run_inject(args: argparse.Namespace) -> int:
     if args.save_injector is not None and args.save_injector.exists() and not args.overwrite:
         raise UsageError(f"--save-injector: {args.save_injector} already exists (add --overwrite to replace it)")
     device = _check_device(args.device)
-    if args.injector is not None and (args.epochs or args.latent_dim):
-        raise UsageError("--epochs and --latent-dim train a new injector: they cannot be used with --injector")
+    if args.injector is not None and (args.epochs or args.latent_dim or args.row_decoder):
+        raise UsageError(
+            "--epochs, --latent-dim and --row-decoder train a new injector: they cannot be used with --injector"
+        )
 
     embedder = _load_embedder(args.embedder, device, args.progress)
-    overrides = {k: v for k, v in {"max_epochs": args.epochs, "latent_dim": args.latent_dim}.items() if v}
+    options = {"max_epochs": args.epochs, "latent_dim": args.latent_dim, "row_decoder": args.row_decoder}
+    overrides = {k: v for k, v in options.items() if v}
     icis_config = ICISConfig(**overrides) if overrides else None
     # Without --injector or --save-injector, inject() picks and fits its default injector itself.
     injector = ICISInjector.load(str(args.injector)) if args.injector is not None else None

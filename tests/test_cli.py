@@ -342,3 +342,14 @@ def test_real_weights_offline(tmp_path, capsys):
     assert code == EXIT_OK
     [prediction] = json.loads(capsys.readouterr().out)
     assert prediction["top"][0]["name"] == "espresso"  # the old classes still work
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mixture"])
+def test_row_decoder_option_reaches_the_provenance(files, tmp_path, capsys, decoder):
+    out = tmp_path / decoder
+    code, _, err = _run(capsys, *_inject_args(files, out, "--classes", "okapi", "--row-decoder", decoder))
+    assert code == EXIT_OK, err
+    record = load_injected(out).classifier_injection["injections"][-1]
+    assert record["hparams"]["row_decoder"] == decoder
+    code, _, err = _run(capsys, *_inject_args(files, tmp_path / "bad", "--classes", "okapi", "--row-decoder", "mlp"))
+    assert code == EXIT_USAGE and "--row-decoder" in err
