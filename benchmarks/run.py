@@ -184,25 +184,31 @@ def start_paper_job(args: argparse.Namespace) -> None:
     This process then uses one thread too, so the two share the cores without contention; the result is
     picked up from the per-fold cache when a stage first needs it (:func:`_wait_for_paper_job`).
     """
-    global _paper_job
+    global _paper_job, _threads_before_job
     needs = "icis-paper" in args.methods and ("main" in args.stages or "speed" in args.stages)
     if args.jobs < 2 or not needs:
         return
     command = [sys.executable, "-m", "benchmarks.run", "--paper-job"] + (["--fresh"] if args.fresh else [])
     _log("starting the paper-settings ICIS fit in a second process (one thread each)")
     _paper_job = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _threads_before_job = torch.get_num_threads()
     torch.set_num_threads(1)
 
 
+_threads_before_job = 1
+
+
 def _wait_for_paper_job(job: tuple[str, str, str, int]) -> None:
+    """Before ``job`` runs: if it is the paper job's, wait for it; once the job is over, use every thread again."""
     global _paper_job
-    if _paper_job is None or job != PAPER_JOB:
+    if _paper_job is None or (job != PAPER_JOB and _paper_job.poll() is None):
         return
     _log("waiting for the paper-settings ICIS fit")
     if _paper_job.wait() != 0:
         raise RuntimeError(f"the paper-settings ICIS job failed with exit code {_paper_job.returncode}")
     _paper_job = None
     _COMPUTED_THIS_RUN.add(_key(*PAPER_JOB))
+    torch.set_num_threads(_threads_before_job)
 
 
 def _run_paper_job(fresh: bool) -> None:
