@@ -94,7 +94,10 @@ def head_data(model_name: str, batch_size: int = 50) -> HeadData:
         hook.remove()
     data = HeadData(model_name, head.rows(model), torch.cat(captured).float(), torch.arange(len(paths)))
     CACHE.mkdir(parents=True, exist_ok=True)
-    save_file({"rows": data.rows, "features": data.features, "labels": data.labels}, str(cache))
+    # Atomic: the benchmark's second process may read this cache while it is written.
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
+    save_file({"rows": data.rows, "features": data.features, "labels": data.labels}, str(partial))
+    os.replace(partial, cache)
     return data
 
 

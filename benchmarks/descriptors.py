@@ -168,6 +168,10 @@ class RidgeProbe:
 def make_injector(method: str):
     if method == "ridge":
         return RidgeProbe()
+    if method == "vgse-smo":
+        from classifier_injection.baselines import VGSESMOInjector
+
+        return VGSESMOInjector()
     from classifier_injection.icis import ICISInjector
 
     return ICISInjector(seed=0)
@@ -207,12 +211,14 @@ def markdown(results: dict[str, dict[str, dict[str, float]]], folds: list[int]) 
 
 RIDGE = "ridge probe (lambda=1), library default calibration"
 ICIS = "ICIS (library defaults), library default calibration"
+SMO = "VGSE-SMO (the strongest baseline), library default calibration"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="ridge on these variants only (default: all)")
     parser.add_argument("--icis", nargs="*", default=None, help="also run ICIS on these variants (default: key ones)")
+    parser.add_argument("--smo", nargs="*", default=None, help="also run VGSE-SMO on these variants")
     parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="folds to average")
     parser.add_argument("--out", default="descriptors", help="name of the results files in benchmarks/results")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is much faster on a busy host)")
@@ -228,6 +234,8 @@ def main() -> None:
     if args.icis is not None:
         key = args.icis or ["minilm/photo", "minilm/name+definition", "minilm/name+definition + glove/name"]
         plan += [(ICIS, "icis", name) for name in key]
+    if args.smo is not None:
+        plan += [(SMO, "vgse-smo", name) for name in args.smo or ["minilm/photo", "minilm/name+definition"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     for table, method, name in plan:
         start = time.perf_counter()

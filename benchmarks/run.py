@@ -13,8 +13,9 @@ Stages, in order (each result is written as soon as it exists, so an interrupted
 
 Per-fold results are cached in ``benchmarks/.cache/results`` (keyed by model, descriptors, method, fold and the
 method's hyper-parameters); ``--fresh`` ignores results computed before this run. With ``--jobs 2`` (the default
-on machines with two or more cores) the one slow fit, ICIS with the paper's settings, runs in a second process
-on one core while everything else runs on the other; both fits of the speed ratio then ran on one thread.
+on machines with two or more cores) a second process, on one core, fits ICIS with the paper's settings (the one
+slow fit) and then runs the ``models`` stage, while this one runs the rest on the other core; both fits of the
+speed ratio then ran on one thread.
 Outputs: ``benchmarks/results/<name>.json``,
 ``<name>.md`` and ``<name>_*.png``.
 """
@@ -115,9 +116,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-#: Cache keys of the results computed by this run (or its paper job): ``--fresh`` reuses these, not older ones.
+#: Cache keys of the results computed by this run (or its second job): ``--fresh`` reuses these, not older ones.
 _COMPUTED_THIS_RUN: set[str] = set()
 PAPER_JOB = ("tf_efficientnet_lite0", "minilm-name", "icis-paper", 0)
+SECOND_MODELS = ("tf_efficientnet_lite1", "tf_efficientnet_lite2")
+MODEL_METHODS = ("ridge", "icis")
 
 
 def _key(model: str, source: str, method: str, fold: int) -> str:
@@ -129,7 +132,7 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
 
     With ``fresh``, only results computed by this run are reused (the speed stage reuses the main stage's fits).
     """
-    _wait_for_paper_job((model, source, method.name, fold))
+    _wait_for_second_job((model, source, method.name, fold))
     injector = method.build()
     hparams = injector.hparams()
     key = _key(model, source, method.name, fold)
@@ -173,48 +176,59 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper-settings fit in a second process
+# The second process: the paper-settings fit (~15 min on one core), then the `models` stage
 
-_paper_job: subprocess.Popen | None = None
+_second_job: subprocess.Popen | None = None
+_second_job_keys: set[str] = set()
+_threads_before_job = 1
 
 
-def start_paper_job(args: argparse.Namespace) -> None:
-    """Start ICIS with the paper's settings (fold 0; ~20 min on one CPU core) in a second process.
+def second_job_plan(folds: list[int], stages: list[str], methods: list[str]) -> list[tuple[str, str, str, int]]:
+    """The (model, source, method, fold) results the second process computes, in order."""
+    plan = [PAPER_JOB] if "icis-paper" in methods and ({"main", "speed"} & set(stages)) else []
+    if "models" in stages:
+        plan += [(model, "minilm-name", m, k) for model in SECOND_MODELS for m in MODEL_METHODS for k in folds]
+    return plan
 
-    This process then uses one thread too, so the two share the cores without contention; the result is
-    picked up from the per-fold cache when a stage first needs it (:func:`_wait_for_paper_job`).
+
+def start_second_job(args: argparse.Namespace) -> None:
+    """Start a second process for the slowest independent work when ``--jobs 2`` (see :func:`second_job_plan`).
+
+    Both processes then use one thread, so they share the two cores without contention; results travel through
+    the per-fold cache and are picked up when a stage first needs them (:func:`_wait_for_second_job`).
     """
-    global _paper_job, _threads_before_job
-    needs = "icis-paper" in args.methods and ("main" in args.stages or "speed" in args.stages)
-    if args.jobs < 2 or not needs:
+    global _second_job, _second_job_keys, _threads_before_job
+    folds = list(range(args.folds))
+    plan = second_job_plan(folds, args.stages, args.methods)
+    if args.jobs < 2 or not plan:
         return
-    command = [sys.executable, "-m", "benchmarks.run", "--paper-job"] + (["--fresh"] if args.fresh else [])
-    _log("starting the paper-settings ICIS fit in a second process (one thread each)")
-    _paper_job = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    head_data(PAPER_JOB[0])  # extract (or load) the features here first: both processes need them
+    command = [sys.executable, "-m", "benchmarks.run", "--second-job", "--stages", *args.stages, "--folds"]
+    command += [str(args.folds), "--methods", *args.methods] + (["--fresh"] if args.fresh else [])
+    _log(f"second process: {len(plan)} results (the paper-settings fit and the models stage), one thread each")
+    _second_job = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _second_job_keys = {_key(*job) for job in plan}
     _threads_before_job = torch.get_num_threads()
     torch.set_num_threads(1)
 
 
-_threads_before_job = 1
-
-
-def _wait_for_paper_job(job: tuple[str, str, str, int]) -> None:
-    """Before ``job`` runs: if it is the paper job's, wait for it; once the job is over, use every thread again."""
-    global _paper_job
-    if _paper_job is None or (job != PAPER_JOB and _paper_job.poll() is None):
+def _wait_for_second_job(job: tuple[str, str, str, int]) -> None:
+    """Before ``job`` runs: wait if the second process computes it; once that process is over, use every thread."""
+    global _second_job
+    if _second_job is None or (_key(*job) not in _second_job_keys and _second_job.poll() is None):
         return
-    _log("waiting for the paper-settings ICIS fit")
-    if _paper_job.wait() != 0:
-        raise RuntimeError(f"the paper-settings ICIS job failed with exit code {_paper_job.returncode}")
-    _paper_job = None
-    _COMPUTED_THIS_RUN.add(_key(*PAPER_JOB))
+    _log("waiting for the second process")
+    if _second_job.wait() != 0:
+        raise RuntimeError(f"the second benchmark process failed with exit code {_second_job.returncode}")
+    _second_job = None
+    _COMPUTED_THIS_RUN.update(_second_job_keys)
     torch.set_num_threads(_threads_before_job)
 
 
-def _run_paper_job(fresh: bool) -> None:
+def _run_second_job(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    model, source, method, fold = PAPER_JOB
-    run_one(model, source, METHODS[method], fold, fresh=fresh)
+    for model, source, method, fold in second_job_plan(list(range(args.folds)), args.stages, args.methods):
+        run_one(model, source, METHODS[method], fold, fresh=args.fresh)
 
 
 def oracle_result(model: str, fold: int) -> dict:
@@ -398,7 +412,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     stages = args.stages
     folds = list(range(args.folds))
-    start_paper_job(args)
+    start_second_job(args)
 
     def save() -> None:
         report["total_seconds"] = time.perf_counter() - start
@@ -414,8 +428,9 @@ def run(args: argparse.Namespace) -> dict:
             run_grid("tf_efficientnet_lite0", source, ["ridge", "icis"], folds, args.fresh, report["results"], save)
             save()
     if "models" in stages:
-        for model in ("tf_efficientnet_lite1", "tf_efficientnet_lite2"):
-            run_grid(model, "minilm-name", ["ridge", "icis"], folds, args.fresh, report["results"], save)
+        _wait_for_second_job((SECOND_MODELS[0], "minilm-name", MODEL_METHODS[0], folds[0]))  # it extracts features
+        for model in SECOND_MODELS:
+            run_grid(model, "minilm-name", list(MODEL_METHODS), folds, args.fresh, report["results"], save)
             save()
     if "speed" in stages:
         report["speed"] = speed(args.fresh)
@@ -442,9 +457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=min(2, os.cpu_count() or 1),
         choices=(1, 2),
-        help="2: fit ICIS with the paper's settings in a second process (default on 2+ cores)",
+        help="2: the paper-settings fit and the models stage run in a second process (default on 2+ cores)",
     )
-    parser.add_argument("--paper-job", action="store_true", help=argparse.SUPPRESS)  # internal: see start_paper_job
+    parser.add_argument("--second-job", action="store_true", help=argparse.SUPPRESS)  # internal: start_second_job
     args = parser.parse_args(argv)
     if args.quick:
         args.stages, args.methods, args.folds = ["main"], ["ridge", "conse", "icis"], 1
@@ -454,8 +469,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.paper_job:
-        _run_paper_job(args.fresh)
+    if args.second_job:
+        _run_second_job(args)
         return
     report = run(args)
     print(markdown(report))
