@@ -26,16 +26,24 @@ Rules:
 The trade-off between old-class accuracy and new-class recall is set by ``inject(new_class_scale=...)``
 (:func:`apply_new_class_scale`): a factor on the new classes' logits after calibration.
 
-Measured (``benchmarks/results/calibration.md``; lite0/1/2, 5 folds, ridge and ICIS rows): ``logit-match``
-reaches 96-100 % of the H of the best norm factor picked on test photos on every model, with the margin
-chosen once on lite0's seen classes; ``simulate`` keeps more old-class accuracy but reaches only 63-86 %
-(lite2-lite0) of that H. Both pay for H with old-class accuracy (the best-H point itself loses 35-47
-points of S with MiniLM name descriptors): ``new_class_scale=0.8`` keeps more of the old classes.
+Measured with the library defaults (ICIS with the mixture decoder, "{name}: {definition}" MiniLM descriptors;
+``benchmarks/results/calibration_icis_default_lite0.md`` and ``..._lite12.md``, 5 folds of 200 new classes):
 
-Default: ``simulate``. The old classes are what the user already relies on: across lite0/1/2 it loses 9-20
-points of old-class accuracy where ``logit-match`` loses 32-39 (200 classes injected at once), for 63-94 % of
-the test-picked H instead of 96-99 %. It costs one more injector fit; ``calibration="logit-match"`` favours
-the new classes.
+=========  =========================  ===========================  ==========================
+model      ``simulate`` H (S drop)    ``logit-match`` H (S drop)   norm factor picked on test
+=========  =========================  ===========================  ==========================
+lite0      31.3 (12.7), 81 %          37.3 (23.0), 97 %            H 38.5 (S drop 30.6)
+lite1      31.6 (9.8), 77 %           37.2 (18.6), 91 %            H 41.1 (S drop 32.7)
+lite2      26.0 (5.0), 62 %           40.0 (22.8), 96 %            H 41.8 (S drop 32.3)
+=========  =========================  ===========================  ==========================
+
+(percentages: share of the H of the norm factor picked on test photos, an upper bound no rule may use).
+
+Default: ``simulate``. The old classes are what the user already relies on: it keeps old-class accuracy within
+5-13 points of the original on every model, where ``logit-match`` loses 19-23 for ~6-14 more points of H. No
+single norm factor gives both H >= 35 and an S drop <= 15 on lite0 (the ``new_class_scale`` curve passes S 76 /
+H 31 and S 69 / H 35): that needs better rows, not another rule. ``calibration="logit-match"`` or
+``new_class_scale=1.1`` favour the new classes.
 """
 
 from __future__ import annotations
