@@ -13,10 +13,10 @@ A new class gets the row ``dec_W(enc_A(a))``. The cosine loss leaves the norm of
 :mod:`classifier_injection.calibration` sets it afterwards.
 
 ``dec_W`` is a linear layer in the paper. The library default (``ICISConfig.row_decoder="mixture"``) decodes a
-latent into softmax weights over the seen rows and returns their weighted sum: a predicted row then lies in
-the span the head itself learned (a new cat is a blend of lynx, tiger cat's siblings...), the way VGSE-SMO
-builds rows, but with the mixture learned by the two autoencoders. On held-out *seen* classes of a real
-ImageNet head it doubles the row cosine of the linear decoder (``benchmarks/results/icis_defaults.md``).
+latent into softmax weights over the seen rows and returns their weighted sum: a predicted row is a blend of
+rows the head itself learned (a new breed of cat mixes the rows of the cats it knows), as VGSE-SMO builds rows,
+but with the mixture learned by the two autoencoders. On held-out *seen* classes of a real ImageNet head it
+doubles the row cosine of the linear decoder (``benchmarks/results/icis_defaults_decoder.md``).
 """
 
 from __future__ import annotations
