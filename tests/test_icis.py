@@ -114,6 +114,24 @@ def test_load_rejects_basis_that_does_not_match_the_decoder(tmp_path):
             ICISInjector.load(str(bad))
 
 
+def test_files_from_before_the_row_decoder_option_load_as_linear(tmp_path):
+    import json
+
+    from classifier_injection.io import atomic_save_safetensors, read_safetensors
+
+    a_seen, r_seen, a_new, _ = _synthetic()
+    path = tmp_path / "icis.safetensors"
+    injector = ICISInjector(ICISConfig(latent_dim=8, max_epochs=2, row_decoder="linear", dropout=0.0))
+    injector.fit(a_seen, r_seen, a_new).save(str(path))
+    tensors, metadata = read_safetensors(str(path))
+    config = {k: v for k, v in json.loads(metadata["config"]).items() if k not in ("row_decoder", "dropout")}
+    old = {k: v for k, v in metadata.items() if k != "basis_rows"} | {"config": json.dumps(config)}
+    atomic_save_safetensors(tensors, str(tmp_path / "old.safetensors"), old)
+    loaded = ICISInjector.load(str(tmp_path / "old.safetensors"))
+    assert loaded.config.row_decoder == "linear" and loaded.config.dropout == 0.0
+    assert torch.equal(loaded.predict(a_new), injector.predict(a_new))
+
+
 def test_predict_rejects_wrong_descriptor_width():
     a_seen, r_seen, _, _ = _synthetic()
     injector = ICISInjector(ICISConfig(latent_dim=16, max_epochs=2)).fit(a_seen, r_seen)
