@@ -421,7 +421,7 @@ def run(args: argparse.Namespace) -> dict:
         (RESULTS / f"{args.name}.md").write_text(markdown(report))
 
     # While the second process fits the paper settings, its result is collected last: sources run meanwhile.
-    deferred = [m for m in args.methods if _second_job is not None and _key(*PAPER_JOB[:2], m, 0) in _second_job_keys]
+    deferred = [PAPER_JOB[2]] if _key(*PAPER_JOB) in _second_job_keys else []
     if "main" in stages:
         methods = [m for m in args.methods if m not in deferred]
         run_grid("tf_efficientnet_lite0", "minilm-name", methods, folds, args.fresh, report["results"], save)
