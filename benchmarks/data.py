@@ -7,6 +7,7 @@ pre-hook), cached per model in ``benchmarks/.cache/`` (outside git).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class HeadData:
     rows: torch.Tensor  # [1000, D + 1] = [W | b]
     features: torch.Tensor  # [1000, D], input of the classifier layer for photo i
     labels: torch.Tensor  # [1000], photo i is of class i
+    feature_mean: torch.Tensor | None = None  # image-free estimate from the model (classifier_injection.features)
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         return self.features @ rows[:, :-1].T + rows[:, -1]
@@ -65,6 +67,17 @@ def load_model(model_name: str) -> torch.nn.Module:
     return efficientnet_lite(int(model_name[-1]))
 
 
+@functools.cache
+def estimated_feature_mean(model_name: str) -> torch.Tensor | None:
+    """The library's image-free estimate of the mean feature (what ``inject()`` gives the calibration)."""
+    from classifier_injection.features import feature_statistics
+    from classifier_injection.heads import find_head
+
+    model = load_model(model_name)
+    stats = feature_statistics(model, find_head(model))
+    return stats.mean if stats is not None else None
+
+
 @torch.no_grad()
 def head_data(model_name: str, batch_size: int = 50) -> HeadData:
     """Head rows and photo features of ``model_name``, extracted once and cached."""
@@ -73,7 +86,7 @@ def head_data(model_name: str, batch_size: int = 50) -> HeadData:
     cache = CACHE / f"{model_name}.safetensors"
     if cache.is_file():
         t = load_file(str(cache))
-        return HeadData(model_name, t["rows"], t["features"], t["labels"])
+        return HeadData(model_name, t["rows"], t["features"], t["labels"], estimated_feature_mean(model_name))
 
     import timm
     from PIL import Image
@@ -92,7 +105,8 @@ def head_data(model_name: str, batch_size: int = 50) -> HeadData:
             model(batch)
     finally:
         hook.remove()
-    data = HeadData(model_name, head.rows(model), torch.cat(captured).float(), torch.arange(len(paths)))
+    rows, features = head.rows(model), torch.cat(captured).float()
+    data = HeadData(model_name, rows, features, torch.arange(len(paths)), estimated_feature_mean(model_name))
     CACHE.mkdir(parents=True, exist_ok=True)
     # Atomic: the benchmark's second process may read this cache while it is written.
     partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")

@@ -252,6 +252,8 @@ def run_method(
         new_descriptors=new_a,
         injector_factory=factory,
         seed=seed,
+        feature_mean=data.feature_mean,
+        feature_source="benchmarks.data.estimated_feature_mean",
     )
     rows = fit_calibration(rule, context)(predicted, seen_rows)
     calibration_seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ from .calibration import (
 )
 from .descriptors import DescriptorConfig, default_config_for, describe_injection, embed_classes, seen_class_names
 from .embedders import Embedder, default_embedder
+from .features import feature_statistics
 from .heads import find_head, head_segments
 from .icis import ICISConfig, ICISInjector
 from .injector import Injector
@@ -218,6 +219,7 @@ def inject(
     if needs_context:
         if seen_descriptors is None:
             seen_descriptors = embed_classes(embedder, seen_names, descriptor_config, described.seen, cache=cache)
+        stats = feature_statistics(model, head)
         context = CalibrationContext(
             seen_rows=seen_rows,
             new_rows=predicted,
@@ -225,6 +227,8 @@ def inject(
             new_descriptors=new_descriptors,
             injector_factory=injector_factory,
             seed=seed,
+            feature_mean=stats.mean if stats is not None else None,
+            feature_source=stats.source if stats is not None else None,
         )
         calibrate = fit_calibration(calibrate, context)
     new_rows = apply_new_class_scale(calibrate(predicted, seen_rows), new_class_scale)

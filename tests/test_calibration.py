@@ -246,6 +246,8 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
         inject(tiny_model, ["capybara"], new_class_scale=-1.0, **kwargs)
     default = inject(tiny_model, ["capybara"], **kwargs).classifier_injection["injections"][-1]["calibration"]
     assert default["name"] == "simulate" and default["factor"] > 0
+    # resnets add the shortcut after their last BatchNorm: no feature mean, the mean old bias is used.
+    assert default["diagnostics"]["bias_rule"] == "mean" and default["biases"] is None
 
 
 def test_real_head_one_fold_image_free_rules_are_close_to_the_test_picked_scale():
@@ -281,3 +283,61 @@ def test_real_head_one_fold_image_free_rules_are_close_to_the_test_picked_scale(
     matched = LogitMatchCalibration().fit(context)  # the library default
     default = evaluate_rows(data, held, matched(predicted, seen_rows))
     assert default["h"] >= 0.8 * bound, (matched, default, bound)
+
+
+def test_feature_mean_biases_give_new_rows_the_old_rows_mean_logit_on_the_mean_feature():
+    from classifier_injection.calibration import feature_mean_biases
+
+    _, rows = _head()
+    mu = torch.rand(rows.shape[1] - 1)
+    new_w = torch.randn(3, rows.shape[1] - 1)
+    biases = feature_mean_biases(new_w, rows, mu)
+    old_mean_logit = (rows[:, :-1] @ mu + rows[:, -1]).mean()
+    torch.testing.assert_close(new_w @ mu + biases, old_mean_logit.expand(3), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="feature_mean must be"):
+        feature_mean_biases(new_w, rows, torch.rand(3))
+
+
+@pytest.mark.parametrize("rule", [SimulatedCalibration(), LogitMatchCalibration()])
+def test_rules_set_biases_against_the_feature_mean_when_they_have_it(rule):
+    descriptors, rows = _head(num=60)
+    new = rows[:3] + 0.1
+    mu = torch.rand(rows.shape[1] - 1)
+    common = dict(seen_descriptors=descriptors, injector_factory=LeastSquares, seed=0)
+    with_mean = rule.fit(CalibrationContext(rows, new, feature_mean=mu, feature_source="test", **common))
+    without = rule.fit(CalibrationContext(rows, new, **common))
+    assert with_mean.factor == without.factor, "the bias rule must not change the chosen scale"
+    assert with_mean.diagnostics["bias_rule"] == "feature-mean" and with_mean.diagnostics["feature_source"] == "test"
+    assert without.diagnostics["bias_rule"] == "mean" and without.biases is None
+    out = with_mean(new, rows)
+    torch.testing.assert_close(out[:, -1], torch.tensor(with_mean.biases))
+    torch.testing.assert_close(
+        out[:, :-1] @ mu + out[:, -1], (rows[:, :-1] @ mu + rows[:, -1]).mean().expand(3), rtol=1e-4, atol=1e-4
+    )
+    assert with_mean.to_dict()["biases"] == list(with_mean.biases)
+    forced = type(rule)(bias="mean").fit(CalibrationContext(rows, new, feature_mean=mu, **common))
+    assert forced.biases is None and forced.diagnostics["bias_rule"] == "mean"
+    with pytest.raises(ValueError, match="fitted for 3"):
+        with_mean(torch.randn(2, rows.shape[1]), rows)
+    with pytest.raises(ValueError, match="bias must be one of"):
+        type(rule)(bias="median")
+
+
+def test_inject_estimates_the_feature_mean_of_models_that_show_it():
+    import timm
+
+    from classifier_injection import ICISConfig, inject
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=12).eval()
+    names = [f"class {i}" for i in range(12)]
+    out = inject(
+        model,
+        ["capybara"],
+        embedder=_HashEmbedder(),
+        class_names=names,
+        icis_config=ICISConfig(latent_dim=16, max_epochs=3),
+    )
+    calibration = out.classifier_injection["injections"][-1]["calibration"]
+    assert calibration["diagnostics"]["bias_rule"] == "feature-mean"
+    assert calibration["diagnostics"]["feature_source"].startswith("bn2 (BatchNormAct2d")
+    assert len(calibration["biases"]) == 1
