@@ -39,6 +39,7 @@ from .embedders import (
     WordVectorEmbedder,
     default_embedder,
 )
+from .features import FeatureStatistics, feature_statistics
 from .heads import ClassifierHead, UnsupportedHeadError, find_head
 from .icis import ICISConfig, ICISInjector, ICISModel
 from .injector import Injector
@@ -54,6 +55,7 @@ __all__ = [
     "ConSE",
     "DescriptorConfig",
     "Embedder",
+    "FeatureStatistics",
     "ICISConfig",
     "ICISInjector",
     "ICISModel",
@@ -75,6 +77,7 @@ __all__ = [
     "__version__",
     "default_embedder",
     "embed_classes",
+    "feature_statistics",
     "find_head",
     "get_calibration",
     "head_fingerprint",
