@@ -205,6 +205,14 @@ def evaluate_fold(
     return out
 
 
+def _seen_only(data, seen_idx: torch.Tensor):
+    """The head data restricted to the seen classes (their rows and photos), for choices made on them alone."""
+    num = len(seen_idx)
+    return type(data)(
+        data.model_name, data.rows[seen_idx], data.features[seen_idx], torch.arange(num), data.feature_mean
+    )
+
+
 def tune_margin(data, descriptors: torch.Tensor, folds: Sequence[int], injectors: Sequence[str]) -> dict:
     """Choose logit-match's margin on seen classes only (their photos; never a held-out class's)."""
     scores = {m: [] for m in MARGINS}
@@ -222,10 +230,10 @@ def tune_margin(data, descriptors: torch.Tensor, folds: Sequence[int], injectors
             predicted = injector.predict(seen_a[inner_held]).detach().float()
             # Evaluate on the seen classes' photos only: features and rows restricted to the 800 seen classes.
             seen_idx = torch.nonzero(seen).squeeze(1)
-            sub = type(data)(data.model_name, data.rows[seen_idx], data.features[seen_idx], torch.arange(num))
+            sub = _seen_only(data, seen_idx)
+            context = CalibrationContext(seen_rows[inner_kept], predicted, feature_mean=data.feature_mean)
             for margin in MARGINS:
-                rule = LogitMatchCalibration(margin=margin)
-                rows = rule.fit(CalibrationContext(seen_rows[inner_kept], predicted))(predicted, seen_rows[inner_kept])
+                rows = LogitMatchCalibration(margin=margin).fit(context)(predicted, seen_rows[inner_kept])
                 scores[margin].append(evaluate_rows(sub, inner_held.numpy(), rows)["h"])
     means = {m: float(np.mean(v)) for m, v in scores.items()}
     best = max(means, key=means.get)
@@ -253,10 +261,12 @@ def tune_tolerance(data, descriptors: torch.Tensor, folds: Sequence[int]) -> dic
         perm = torch.randperm(num, generator=torch.Generator().manual_seed(1000 + fold))
         inner_held, inner_kept = perm[:160].sort().values, perm[160:].sort().values
         seen_idx = torch.nonzero(seen).squeeze(1)
-        sub = type(data)(data.model_name, data.rows[seen_idx], data.features[seen_idx], torch.arange(num))
+        sub = _seen_only(data, seen_idx)
         kept_rows, held_np = seen_rows[inner_kept], inner_held.numpy()
         predicted = RidgeInjector().fit(seen_a[inner_kept], kept_rows, seen_a[inner_held]).predict(seen_a[inner_held])
-        context = CalibrationContext(kept_rows, predicted, seen_a[inner_kept], seen_a[inner_held], RidgeInjector, 0)
+        context = CalibrationContext(
+            kept_rows, predicted, seen_a[inner_kept], seen_a[inner_held], RidgeInjector, 0, data.feature_mean
+        )
         for tolerance in TOLERANCES:
             rows = SimulatedCalibration(tolerance=tolerance).fit(context)(predicted, kept_rows)
             table[tolerance].append(evaluate_rows(sub, held_np, rows))
