@@ -19,6 +19,7 @@ LayerNorm heads, ...) it returns ``None`` and calibration falls back to the old 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ from torch import nn
 from .heads import ClassifierHead
 
 __all__ = ["FeatureStatistics", "feature_statistics"]
+
+_logger = logging.getLogger(__name__)
 
 #: Gauss-Hermite nodes for E[f(z)], z ~ N(0, 1) (probabilists' weights, normalised).
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
@@ -84,6 +87,10 @@ def _reads_pooled_output(model: nn.Module, head: ClassifierHead, norm: nn.Module
     try:
         model.eval()
         model(image)
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+        # Inputs of another size or kind (set by the user, not in pretrained_cfg): no estimate, no failure.
+        _logger.info("no feature statistics: the check forward pass on a %s input failed (%s)", tuple(size), err)
+        return False
     finally:
         for module, training in modes.items():
             module.training = training

@@ -83,3 +83,10 @@ def test_efficientnet_lite_is_supported_and_its_outputs_are_untouched():
     assert bool((stats.mean >= 0).all() and (stats.mean <= 6).all()), "ReLU6 outputs lie in [0, 6]"
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+def test_a_model_that_rejects_the_check_input_gets_none_instead_of_an_error():
+    net = _calibrated(_TinyNet(), torch.randn(32, 3, 16, 16))
+    net.pretrained_cfg = {"input_size": (5, 16, 16)}  # wrong channel count: the conv raises
+    assert feature_statistics(net, find_head(net)) is None
+    assert not net.training
