@@ -141,7 +141,9 @@ def inject(
             ``"simulate"`` (default: re-runs the injection on held-out old classes to pick the scale; one more
             injector fit; keeps the most old-class accuracy), ``"logit-match"`` (no refit; favours the new
             classes), ``"norm"``, ``"none"``, or an instance from :mod:`classifier_injection.calibration`.
-            The chosen scale and bias go into the provenance.
+            New biases are set against the model's mean feature when it can be estimated from the BatchNorm
+            before the pool (:func:`~classifier_injection.features.feature_statistics`; one forward pass on a
+            random input), else to the old rows' mean bias. The chosen scale and biases go into the provenance.
         new_class_scale: trade-off knob, multiplies the new classes' logits after calibration: > 1 raises
             recall on the new classes at the cost of accuracy on the old ones, < 1 the reverse, 1 keeps the
             calibration's balance (S/U curve: ``benchmarks/results/calibration_tradeoff.png``).
