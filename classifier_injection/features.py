@@ -71,22 +71,19 @@ def _reads_pooled_output(model: nn.Module, head: ClassifierHead, norm: nn.Module
     size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(1, *size, generator=generator).to(param.device, param.dtype)
-    seen: dict[str, torch.Tensor] = {}
+    seen: list[torch.Tensor] = []
 
-    # Hooks return None (a returned value would replace the module's output or input) and keep clones (timm
+    # The hook returns None (a returned value would replace the module's output) and keeps a clone (timm
     # blocks add the shortcut to a norm's output in place, as resnet does, which would fake a match).
     def keep_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        seen.setdefault("norm", output.detach().clone())
+        if not seen:
+            seen.append(output.detach().clone())
 
-    def keep_input(_module: nn.Module, inputs: tuple) -> None:
-        seen.setdefault("head", inputs[0].detach().clone())
-
-    entry = model.get_submodule(head.layers[0].entry_path)
-    handles = [norm.register_forward_hook(keep_output), entry.register_forward_pre_hook(keep_input)]
+    handle = norm.register_forward_hook(keep_output)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        model(image)
+        features = head.capture(model, image)[0].float()
     except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
         # Inputs of another size or kind (set by the user, not in pretrained_cfg): no estimate, no failure.
         _logger.info("no feature statistics: the check forward pass on a %s input failed (%s)", tuple(size), err)
@@ -94,11 +91,10 @@ def _reads_pooled_output(model: nn.Module, head: ClassifierHead, norm: nn.Module
     finally:
         for module, training in modes.items():
             module.training = training
-        for handle in handles:
-            handle.remove()
-    if "norm" not in seen or "head" not in seen or seen["norm"].dim() != 4:
+        handle.remove()
+    if not seen or seen[0].dim() != 4:
         return False
-    pooled, features = seen["norm"].float().mean(dim=(2, 3)), seen["head"].float()
+    pooled = seen[0].float().mean(dim=(2, 3))
     if features.dim() == 4:  # 1x1 conv classifier
         features = features.mean(dim=(2, 3))
     if features.shape != pooled.shape:
