@@ -142,6 +142,16 @@ def load_descriptors(source: str) -> torch.Tensor | tuple[torch.Tensor, torch.Te
     return text_matrices(SentenceTransformerEmbedder(device="cpu"), DescriptorConfig())
 
 
+def norm_rows(
+    predicted: torch.Tensor, seen_rows: torch.Tensor, factor: float, feature_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows at ``factor`` x the old mean norm; biases: the old mean, or against ``feature_mean`` when given."""
+    rows = NormCalibration(factor=factor)(predicted, seen_rows)
+    if feature_mean is not None:
+        rows[:, -1] = feature_mean_biases(rows[:, :-1], seen_rows, feature_mean)
+    return rows
+
+
 def _test_picked(data, held, predicted: torch.Tensor, seen_rows: torch.Tensor) -> dict:
     """The norm factor (and bias rule) with the best H on the test photos (upper bound only).
 
@@ -150,11 +160,9 @@ def _test_picked(data, held, predicted: torch.Tensor, seen_rows: torch.Tensor) -
     """
     best = None
     for factor in DEFAULT_FACTORS:
-        candidates = {"mean": NormCalibration(factor=factor)(predicted, seen_rows)}
+        candidates = {"mean": norm_rows(predicted, seen_rows, factor)}
         if data.feature_mean is not None:
-            rows = candidates["mean"].clone()
-            rows[:, -1] = feature_mean_biases(rows[:, :-1], seen_rows, data.feature_mean)
-            candidates["feature-mean"] = rows
+            candidates["feature-mean"] = norm_rows(predicted, seen_rows, factor, data.feature_mean)
         for bias_rule, rows in candidates.items():
             metrics = evaluate_rows(data, held, rows)
             if best is None or metrics["h"] > best["h"]:

@@ -28,9 +28,7 @@ from benchmarks.descriptors import RESULTS
 from classifier_injection.calibration import (
     DEFAULT_FACTORS,
     CalibrationContext,
-    NormCalibration,
     SimulatedCalibration,
-    feature_mean_biases,
 )
 from classifier_injection.icis import ICISInjector
 
@@ -46,7 +44,7 @@ def _scores(features, labels, num_kept, rows) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    from benchmarks.calibration import load_descriptors
+    from benchmarks.calibration import load_descriptors, norm_rows
 
     torch.set_num_threads(1)
     data = head_data(MODEL)
@@ -71,9 +69,7 @@ def main() -> None:
         for rule, mu in means.items():
             curve = {}
             for factor in DEFAULT_FACTORS:
-                rows = NormCalibration(factor=factor)(predicted, kept_rows)
-                if mu is not None:
-                    rows[:, -1] = feature_mean_biases(rows[:, :-1], kept_rows, mu)
+                rows = norm_rows(predicted, kept_rows, factor, mu)
                 curve[factor] = _scores(features, labels, len(kept), torch.cat([kept_rows, rows]))
             allowed = [h for s, _, h in curve.values() if s >= original_s - MAX_S_DROP]
             s, u, h = curve[chosen]
