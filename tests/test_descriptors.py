@@ -74,7 +74,7 @@ def test_lookup_finds_unique_lemmas_case_insensitively():
 
 
 def test_ambiguous_lemmas_follow_the_policy():
-    for policy in ("skip", "headword"):
+    for policy in ("skip", "headword", "average"):
         match = lookup_wordnet("crane", policy)
         assert match.status == "ambiguous" and match.wnid is None
         assert [c[0] for c in match.candidates] == [CRANE_BIRD, CRANE_MACHINE]
@@ -97,9 +97,13 @@ def test_describe_classes_prefers_user_then_wordnet_id_then_lemma():
     )
     assert texts[0] == wordnet_definition(CAPYBARA) and records[0] == {"source": "wordnet-lemma", "wnid": CAPYBARA}
     assert texts[1] == wordnet_definition(CRANE_MACHINE) and records[1]["source"] == "wordnet-id"
-    assert texts[2] is None and records[2] == {"source": "none", "ambiguous": [CRANE_BIRD, CRANE_MACHINE]}
+    # Ambiguous by default: all senses, averaged when embedded.
+    senses = (wordnet_definition(CRANE_BIRD), wordnet_definition(CRANE_MACHINE))
+    assert texts[2] == senses and records[2] == {"source": "wordnet-senses", "ambiguous": [CRANE_BIRD, CRANE_MACHINE]}
     assert texts[3] is None and records[3] == {"source": "none"}
     assert texts[4] == "a made-up animal" and records[4] == {"source": "user"}
+    skipped, records = describe_classes(["crane"], None, DescriptorConfig(ambiguous="headword"))
+    assert skipped == [None] and records == [{"source": "none", "ambiguous": [CRANE_BIRD, CRANE_MACHINE]}]
     off, records = describe_classes(["capybara"], None, DescriptorConfig(use_definitions=False))
     assert off == [None] and records == [{"source": "none"}]
     with pytest.raises(ValueError, match="one entry per name"):
@@ -135,9 +139,9 @@ def test_embed_classes_is_the_mean_of_normalised_text_embeddings():
     config = DescriptorConfig(templates=("{name}", "{name}: {description}"))
     out = embed_classes(emb, ["a", "b"], config, {"a": "first letter"})
     texts = emb.calls[0]
-    assert texts == ["a", "a: first letter", "b", "b"]
+    assert texts == ["a", "a: first letter", "b"]  # "b" (both of b's texts) encoded once
     unit = F.normalize(CountingEmbedder().encode(texts), dim=1)
-    assert torch.allclose(out, torch.stack([unit[:2].mean(0), unit[2:].mean(0)]))
+    assert torch.allclose(out, torch.stack([unit[:2].mean(0), unit[2]]))
     # Descriptions may also be a list aligned with the names (names can repeat, like ImageNet's two cranes).
     aligned = embed_classes(emb, ["crane", "crane"], config, ["a bird", "a machine"])
     assert not torch.allclose(aligned[0], aligned[1])
@@ -157,6 +161,17 @@ def test_embed_classes_uses_each_parts_own_texts_and_the_cache(tmp_path):
     assert torch.allclose(out[:, 8:], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     again = embed_classes(combined, names, None, {"capybara": "a rodent"}, cache=cache)
     assert torch.equal(out, again) and len(sentence.calls) == 1  # served from the cache
+
+
+def test_alternative_descriptions_are_averaged_with_equal_template_weights():
+    emb = CountingEmbedder()
+    config = DescriptorConfig(templates=("{name}", "{name}: {description}"))
+    assert config.texts("crane", ("a bird", "a machine")) == ["crane", "crane", "crane: a bird", "crane: a machine"]
+    both = embed_classes(emb, ["crane"], config, [("a bird", "a machine")])
+    assert emb.calls[-1] == ["crane", "crane: a bird", "crane: a machine"]  # each distinct text encoded once
+    bird, machine = (embed_classes(emb, ["crane"], config, [d]) for d in ("a bird", "a machine"))
+    # The mean of the two single-sense class vectors: the name keeps half the weight, as with one sense.
+    assert torch.allclose(both, (bird + machine) / 2, atol=1e-6)
 
 
 def test_default_config_follows_the_embedder():
@@ -201,10 +216,13 @@ def test_inject_describes_seen_and_new_classes_with_definitions(imagenet_head, t
     texts = [t for call in embedder.calls for t in call]
     assert f"tench: {wordnet_definition('n01440764')}" in texts  # a seen class, by WordNet id
     assert f"capybara: {wordnet_definition(CAPYBARA)}" in texts  # a new class, by lemma
-    assert "zorblax" in texts and "bass" in texts  # unknown / ambiguous: the name alone
+    assert "zorblax" in texts  # unknown: the name alone
     described = record["descriptions"]
     assert described["capybara"] == {"text": wordnet_definition(CAPYBARA), "source": "wordnet-lemma", "wnid": CAPYBARA}
-    assert described["bass"]["source"] == "none" and len(described["bass"]["ambiguous"]) == 3
+    # Ambiguous: described by each of its senses (their embeddings averaged), recorded as such.
+    bass = described["bass"]
+    assert bass["source"] == "wordnet-senses" and len(bass["ambiguous"]) == len(bass["text"]) == 3
+    assert all(f"bass: {gloss}" in texts for gloss in bass["text"])
     assert described["zorblax"] == {"text": None, "source": "none"}
     assert record["descriptors"]["templates"] == ["{name}: {description}"] and out.num_classes == 1003
     # The seen classes were cached: a second injection only encodes the new texts.
