@@ -102,6 +102,11 @@ def test_simulation_picks_a_larger_factor_for_worse_predictions_and_is_determini
     assert isinstance(fitted, ScaledCalibration) and fitted.name == "simulate"
     assert fitted.factor in rule.factors
     assert fitted == rule.fit(context), "same context and seed must give the same calibration"
+    # The simulation can be run once and reused by rules that differ only in how they choose.
+    curve = rule.simulated_curve(context)
+    assert curve.shape == (len(rule.factors), 3) and rule.fit(context, curve) == fitted
+    loose = SimulatedCalibration(repeats=2, tolerance=0.5)
+    assert loose.fit(context, curve).factor == loose.factors[loose.choose(curve)] <= fitted.factor
     assert {"simulated_S", "simulated_U", "simulated_H"} <= set(fitted.diagnostics)
     assert fitted.bias == pytest.approx(rows[:, -1].mean().item())
     # Predictions mixed with noise point worse: they need a larger norm to win their own classes.
@@ -250,8 +255,10 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
     assert default["diagnostics"]["bias_rule"] == "mean" and default["biases"] is None
 
 
-def test_real_head_one_fold_image_free_rules_are_close_to_the_test_picked_scale():
-    """lite0, fold 0, ridge rows: both image-free rules reach >= 80 % of the H of the best test-picked factor."""
+def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
+    """lite0, fold 0, ridge rows (weak: photo-prompt names): ``logit-match`` reaches >= 80 % of the H of the best
+    test-picked factor; ``simulate`` keeps the old classes within 15 points of the model and still lets the new
+    classes win (it gives up H for that: >= 60 % of the bound here)."""
     from benchmarks.data import CACHE, fold_classes, head_data, shared_data_available
 
     features = CACHE / "tf_efficientnet_lite0.safetensors"
@@ -261,7 +268,7 @@ def test_real_head_one_fold_image_free_rules_are_close_to_the_test_picked_scale(
     from safetensors.torch import load_file
 
     from benchmarks.calibration import RidgeInjector
-    from benchmarks.harness import evaluate_rows, seen_mask
+    from benchmarks.harness import evaluate_rows, oracle, seen_mask
 
     data = head_data("tf_efficientnet_lite0")
     descriptors = load_file(str(descriptors_file))["descriptors"]
@@ -278,8 +285,8 @@ def test_real_head_one_fold_image_free_rules_are_close_to_the_test_picked_scale(
         for f in (1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5)
     )
     assert plain["h"] < 5 < chosen["unseen"]
-    assert chosen["h"] >= 0.8 * bound, (fitted, chosen, bound)
-    assert chosen["seen"] >= plain["seen"] - 30
+    assert chosen["seen"] >= oracle(data, held)["seen"] - 15, (fitted, chosen)
+    assert chosen["h"] >= 0.6 * bound, (fitted, chosen, bound)
     matched = LogitMatchCalibration().fit(context)  # the library default
     default = evaluate_rows(data, held, matched(predicted, seen_rows))
     assert default["h"] >= 0.8 * bound, (matched, default, bound)
