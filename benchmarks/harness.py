@@ -32,8 +32,10 @@ from classifier_injection.calibration import CalibrationContext, copying_factory
 __all__ = [
     "DESCRIPTOR_SOURCES",
     "descriptor_matrix",
+    "descriptor_pair",
     "evaluate_conse",
     "evaluate_rows",
+    "fold_descriptors",
     "oracle",
     "run_conse",
     "run_method",
@@ -142,6 +144,19 @@ def _minilm_name() -> torch.Tensor:
     return _minilm(DescriptorConfig.from_preset("photo"))  # "a photo of a {name}."
 
 
+def _minilm_default() -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`~classifier_injection.inject` builds from names: MiniLM over "{name}: {definition}".
+
+    A pair: every class as a *seen* class (definition of its WordNet id) and as a *new* class (WordNet look-up
+    of its name, ambiguous names averaged over their senses), see :func:`fold_descriptors`.
+    """
+    from benchmarks.descriptors import text_matrices
+    from classifier_injection.descriptors import DescriptorConfig
+    from classifier_injection.embedders import SentenceTransformerEmbedder
+
+    return text_matrices(SentenceTransformerEmbedder(device="cpu"), DescriptorConfig())
+
+
 def _minilm_ensemble() -> torch.Tensor:
     from classifier_injection.descriptors import DescriptorConfig
 
@@ -167,8 +182,10 @@ def _shared_vectors(file: str) -> Callable[[], torch.Tensor]:
     return load
 
 
-#: Descriptor source name -> builder of the [1000, d] matrix (ImageNet-1k order).
-DESCRIPTOR_SOURCES: dict[str, Callable[[], torch.Tensor]] = {
+#: Descriptor source name -> builder of the [1000, d] matrix (ImageNet-1k order), or of a pair of them (the
+#: classes described as seen classes, and as new classes): see :func:`fold_descriptors`.
+DESCRIPTOR_SOURCES: dict[str, Callable[[], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]] = {
+    "minilm-default": _minilm_default,
     "minilm-name": _minilm_name,
     "minilm-ensemble": _minilm_ensemble,
     "conceptnet": _shared_vectors("imgnet_cn_list.npy"),
@@ -178,10 +195,12 @@ DESCRIPTOR_SOURCES: dict[str, Callable[[], torch.Tensor]] = {
 
 
 @functools.cache
-def descriptor_matrix(source: str) -> torch.Tensor:
-    """Descriptors ``[1000, d]`` of the ImageNet-1k classes from ``source`` (see :data:`DESCRIPTOR_SOURCES`).
+def descriptor_pair(source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Descriptors ``[1000, d]`` of the ImageNet-1k classes as seen classes and as new classes.
 
-    Built once and cached in ``benchmarks/.cache/descriptors/<source>.safetensors``.
+    The two are the same matrix except for sources that describe a new class differently from a seen one
+    (``minilm-default``: by a look-up of its name instead of its WordNet id). Built once and cached in
+    ``benchmarks/.cache/descriptors/<source>.safetensors``.
     """
     from safetensors.torch import load_file, save_file
 
@@ -189,12 +208,35 @@ def descriptor_matrix(source: str) -> torch.Tensor:
         raise ValueError(f"unknown descriptor source {source!r}; choose one of {sorted(DESCRIPTOR_SOURCES)}")
     path = DESCRIPTOR_CACHE / f"{source}.safetensors"
     if path.is_file():
-        return load_file(str(path))["descriptors"]
-    matrix = DESCRIPTOR_SOURCES[source]().float().contiguous()
-    if matrix.shape[0] != 1000 or not torch.isfinite(matrix).all():
-        raise RuntimeError(f"descriptor source {source!r} gave a {tuple(matrix.shape)} matrix with non-finite values")
+        stored = load_file(str(path))
+        return stored["descriptors"], stored.get("new_descriptors", stored["descriptors"])
+    built = DESCRIPTOR_SOURCES[source]()
+    seen, new = (built, built) if isinstance(built, torch.Tensor) else built
+    tensors = {"descriptors": seen.float().contiguous()}
+    if new is not seen:
+        tensors["new_descriptors"] = new.float().contiguous()
+    for name, matrix in tensors.items():
+        if matrix.shape[0] != 1000 or not torch.isfinite(matrix).all():
+            raise RuntimeError(f"descriptor source {source!r} gave a {tuple(matrix.shape)} {name} matrix")
     DESCRIPTOR_CACHE.mkdir(parents=True, exist_ok=True)
-    save_file({"descriptors": matrix}, str(path))
+    save_file(tensors, str(path))
+    return tensors["descriptors"], tensors.get("new_descriptors", tensors["descriptors"])
+
+
+def descriptor_matrix(source: str) -> torch.Tensor:
+    """The one ``[1000, d]`` matrix of a source that describes seen and new classes alike."""
+    seen, new = descriptor_pair(source)
+    if new is not seen and not torch.equal(new, seen):
+        raise ValueError(f"source {source!r} describes new classes differently: use fold_descriptors(source, held)")
+    return seen
+
+
+def fold_descriptors(source: str, held_out: np.ndarray) -> torch.Tensor:
+    """Descriptors ``[1000, d]`` for one fold: the held-out classes described as new classes, the others as seen."""
+    seen, new = descriptor_pair(source)
+    matrix = seen.clone()
+    index = torch.as_tensor(np.asarray(held_out), dtype=torch.long)
+    matrix[index] = new[index]
     return matrix
 
 
@@ -216,7 +258,7 @@ def run_method(
     Args:
         data: the head and its photo features.
         held_out: the fold's held-out class indices.
-        descriptors: ``[1000, d]`` descriptors of all classes (:func:`descriptor_matrix`).
+        descriptors: ``[1000, d]`` descriptors of all classes (:func:`fold_descriptors`).
         injector: an unfitted :class:`~classifier_injection.injector.Injector`; the held-out descriptors are
             passed as ``new_descriptors`` (no rows for them), as :func:`~classifier_injection.inject` does.
         calibration: anything :func:`~classifier_injection.calibration.get_calibration` accepts;

