@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.data import EMBEDDINGS, ROOT, HeadData, fold_classes, head_data
-from benchmarks.harness import run_conse, run_method
+from benchmarks.harness import fold_matrix, run_conse, run_method
 from classifier_injection.baselines import ConSE
 from classifier_injection.cache import EmbeddingCache
 from classifier_injection.descriptors import DescriptorConfig, describe_classes, embed_classes
@@ -187,8 +187,7 @@ def evaluate(data: HeadData, seen_a: torch.Tensor, new_a: torch.Tensor, method: 
     per_fold = []
     for k in folds:
         held = fold_classes(k)
-        matrix = seen_a.clone()
-        matrix[torch.as_tensor(held)] = new_a[torch.as_tensor(held)]
+        matrix = fold_matrix(seen_a, new_a, held)
         injector = make_injector(method)
         if isinstance(injector, ConSE):  # no rows: its own GZSL rule, as in the main benchmark
             per_fold.append({"cosine": float("nan"), **run_conse(data, held, matrix, injector)})

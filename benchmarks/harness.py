@@ -36,6 +36,7 @@ __all__ = [
     "evaluate_conse",
     "evaluate_rows",
     "fold_descriptors",
+    "fold_matrix",
     "oracle",
     "run_conse",
     "run_method",
@@ -231,13 +232,17 @@ def descriptor_matrix(source: str) -> torch.Tensor:
     return seen
 
 
-def fold_descriptors(source: str, held_out: np.ndarray) -> torch.Tensor:
-    """Descriptors ``[1000, d]`` for one fold: the held-out classes described as new classes, the others as seen."""
-    seen, new = descriptor_pair(source)
+def fold_matrix(seen: torch.Tensor, new: torch.Tensor, held_out: np.ndarray) -> torch.Tensor:
+    """``seen`` with the rows of the held-out classes taken from ``new`` (both ``[num_classes, d]``)."""
     matrix = seen.clone()
     index = torch.as_tensor(np.asarray(held_out), dtype=torch.long)
     matrix[index] = new[index]
     return matrix
+
+
+def fold_descriptors(source: str, held_out: np.ndarray) -> torch.Tensor:
+    """Descriptors ``[1000, d]`` for one fold: the held-out classes described as new classes, the others as seen."""
+    return fold_matrix(*descriptor_pair(source), held_out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
