@@ -38,6 +38,7 @@ from benchmarks.data import CACHE, MODELS, fold_classes, head_data
 from benchmarks.harness import descriptor_matrix, evaluate_rows, oracle, seen_mask
 from classifier_injection.calibration import (
     DEFAULT_FACTORS,
+    BudgetCalibration,
     CalibrationContext,
     LogitMatchCalibration,
     NormCalibration,
@@ -199,6 +200,7 @@ def evaluate_fold(
         ("logit-match", LogitMatchCalibration(margin=margin)),
         ("simulate, mean bias", SimulatedCalibration(tolerance=tolerance, bias="mean")),
         ("logit-match, mean bias", LogitMatchCalibration(margin=margin, bias="mean")),
+        ("budget (opt-in)", BudgetCalibration()),
     ):
         start = time.perf_counter()
         fitted = fit_calibration(rule, context)
@@ -305,7 +307,15 @@ def tune_tolerance(data, descriptors: torch.Tensor, folds: Sequence[int], inject
     }
 
 
-RULES = ("norm x1", "logit-match", "simulate", "logit-match, mean bias", "simulate, mean bias", "test-picked")
+RULES = (
+    "norm x1",
+    "logit-match",
+    "simulate",
+    "logit-match, mean bias",
+    "simulate, mean bias",
+    "budget (opt-in)",
+    "test-picked",
+)
 
 
 def _mean(rows: list[dict], key: str) -> float:

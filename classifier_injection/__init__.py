@@ -20,6 +20,7 @@ from .baselines import (
     VGSEWAvgInjector,
 )
 from .calibration import (
+    BudgetCalibration,
     Calibration,
     CalibrationContext,
     LogitMatchCalibration,
@@ -47,6 +48,7 @@ from .io import load_injected, save_injected
 
 __all__ = [
     "DEFAULT_SENTENCE_MODEL",
+    "BudgetCalibration",
     "COSTAInjector",
     "Calibration",
     "CalibrationContext",

@@ -348,3 +348,32 @@ def test_inject_estimates_the_feature_mean_of_models_that_show_it():
     assert calibration["diagnostics"]["bias_rule"] == "feature-mean"
     assert calibration["diagnostics"]["feature_source"].startswith("bn2 (BatchNormAct2d")
     assert len(calibration["biases"]) == 1
+
+
+def test_budget_rule_keeps_the_largest_factor_within_its_old_class_budget():
+    from classifier_injection.calibration import BudgetCalibration, noisy_prototype_gzsl_curve, proxy_noise
+
+    descriptors, rows = _head(num=60)
+    context = CalibrationContext(
+        seen_rows=rows, new_rows=rows[:2], seen_descriptors=descriptors, injector_factory=LeastSquares, seed=3
+    )
+    # Without noise it is the clean prototype curve; with it, the head is imperfect on its own prototypes and
+    # old-class accuracy falls as the new rows grow.
+    held, factors = torch.arange(5), [0.01, 1.0, 100.0]
+    clean = noisy_prototype_gzsl_curve(rows, held, rows[:5], factors, noise=0.0, samples=1)
+    torch.testing.assert_close(clean, prototype_gzsl_curve(rows, held, rows[:5], factors))
+    noise = proxy_noise(rows, 0.5)
+    noisy = noisy_prototype_gzsl_curve(rows, held, rows[:5], factors, noise=noise)
+    assert noise > 0 and noisy[0, 0] < clean[0, 0] and noisy[2, 0] < noisy[0, 0]
+    tight, loose = BudgetCalibration(max_seen_drop=1.0), BudgetCalibration(max_seen_drop=30.0)
+    fitted_tight, fitted_loose = tight.fit(context), loose.fit(context)
+    assert fitted_tight.name == "budget" and fitted_tight.factor in tight.factors
+    assert fitted_tight.factor < fitted_loose.factor, "a larger budget allows a larger scale"
+    assert fitted_tight == tight.fit(context), "deterministic given the context's seed"
+    assert {"proxy_noise", "simulated_S", "bias_rule"} <= set(fitted_tight.diagnostics)
+    assert get_calibration("budget") == BudgetCalibration()
+    with pytest.raises(RuntimeError, match="fitted first"):
+        tight(rows[:1], rows)
+    for bad in (dict(proxy_accuracy=1.0), dict(max_seen_drop=-1.0), dict(samples=0), dict(factors=())):
+        with pytest.raises(ValueError):
+            BudgetCalibration(**bad)
