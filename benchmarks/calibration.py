@@ -200,7 +200,7 @@ def evaluate_fold(
         ("logit-match", LogitMatchCalibration(margin=margin)),
         ("simulate, mean bias", SimulatedCalibration(tolerance=tolerance, bias="mean")),
         ("logit-match, mean bias", LogitMatchCalibration(margin=margin, bias="mean")),
-        ("budget (default)", BudgetCalibration()),
+        ("budget (opt-in)", BudgetCalibration()),
     ):
         start = time.perf_counter()
         fitted = fit_calibration(rule, context)
@@ -208,7 +208,7 @@ def evaluate_fold(
         rows = fitted(predicted, seen_rows)
         factor = getattr(fitted, "factor", None)
         out[label] = {**evaluate_rows(data, held, rows), "factor": factor, "seconds": seconds}
-        if label == DEFAULT_RULE:
+        if label == "simulate":
             out[label]["knob"] = {str(k): evaluate_rows(data, held, apply_new_class_scale(rows, k)) for k in KNOB}
     out["test-picked"] = _test_picked(data, held, predicted, seen_rows)
     out["original"] = oracle(data, held)
@@ -307,22 +307,13 @@ def tune_tolerance(data, descriptors: torch.Tensor, folds: Sequence[int], inject
     }
 
 
-#: The library default's label: the knob curve is measured on its rows.
-DEFAULT_RULE = "budget (default)"
-
-
-def _knob_rule(fold: dict) -> str:
-    """The rule whose rows carry the knob curve (``simulate`` in results written before the default changed)."""
-    return DEFAULT_RULE if "knob" in fold.get(DEFAULT_RULE, {}) else "simulate"
-
-
 RULES = (
     "norm x1",
     "logit-match",
     "simulate",
     "logit-match, mean bias",
     "simulate, mean bias",
-    "budget (default)",
+    "budget (opt-in)",
     "test-picked",
 )
 
@@ -372,7 +363,7 @@ def summarise(results: dict) -> str:
         for injector, folds in by_injector.items():
             cells = []
             for k in KNOB:
-                rows = [f[_knob_rule(f)]["knob"][str(k)] for f in folds]
+                rows = [f["simulate"]["knob"][str(k)] for f in folds]
                 cells.append(f"{k}: {_mean(rows, 'seen'):.0f}/{_mean(rows, 'unseen'):.0f}/{_mean(rows, 'h'):.0f}")
             lines.append(f"- {model}, {injector}: " + ", ".join(cells))
     return "\n".join(lines) + "\n"
@@ -387,15 +378,15 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for model, by_injector in results["runs"].items():
         for injector, folds in by_injector.items():
-            s = [_mean([f[_knob_rule(f)]["knob"][str(k)] for f in folds], "seen") for k in KNOB]
-            u = [_mean([f[_knob_rule(f)]["knob"][str(k)] for f in folds], "unseen") for k in KNOB]
+            s = [_mean([f["simulate"]["knob"][str(k)] for f in folds], "seen") for k in KNOB]
+            u = [_mean([f["simulate"]["knob"][str(k)] for f in folds], "unseen") for k in KNOB]
             ax.plot(u, s, marker="o", label=f"{model} / {injector}")
             default = KNOB.index(1.0)
             ax.annotate("1.0", (u[default], s[default]), textcoords="offset points", xytext=(4, 4), fontsize=7)
             ax.annotate(str(KNOB[-1]), (u[-1], s[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("U: accuracy on new classes (%)")
     ax.set_ylabel("S: accuracy on old classes (%)")
-    ax.set_title("new_class_scale trade-off (default calibration)")
+    ax.set_title("new_class_scale trade-off (simulate calibration)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -138,10 +138,10 @@ def inject(
             checking it was trained on this head.
         icis_config: hyper-parameters of the default ICIS injector.
         calibration: how the predicted rows get their scale and bias, from the model alone (no photo):
-            ``"budget"`` (default: re-runs the injection on held-out old classes and takes the largest scale whose
-            simulated old-class accuracy stays within a budget; one more injector fit), ``"simulate"`` (same
-            simulation, smallest scale within 10 % of the best simulated H), ``"logit-match"`` (no refit;
-            favours the new classes), ``"norm"``, ``"none"``, or an instance from
+            ``"simulate"`` (default: re-runs the injection on held-out old classes to pick the scale; one more
+            injector fit; keeps the most old-class accuracy), ``"logit-match"`` (no refit; favours the new
+            classes), ``"budget"`` (like ``"simulate"``, but the largest scale that keeps a budget of simulated
+            old-class accuracy; being measured), ``"norm"``, ``"none"``, or an instance from
             :mod:`classifier_injection.calibration`.
             New biases are set against the model's mean feature when it can be estimated from the BatchNorm
             before the pool (:func:`~classifier_injection.features.feature_statistics`; one forward pass on a

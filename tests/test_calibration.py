@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from classifier_injection.calibration import (
-    BudgetCalibration,
     CalibrationContext,
     LogitMatchCalibration,
     NoCalibration,
@@ -181,7 +180,7 @@ def test_scaled_calibration_checks_row_count_and_serialises():
 
 
 def test_get_calibration_and_fit_calibration():
-    assert isinstance(get_calibration(None), BudgetCalibration)
+    assert isinstance(get_calibration(None), SimulatedCalibration)
     assert isinstance(get_calibration("simulate"), SimulatedCalibration)
     assert isinstance(get_calibration("logit-match"), LogitMatchCalibration)
     assert isinstance(get_calibration("norm"), NormCalibration)
@@ -251,7 +250,7 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
     with pytest.raises(ValueError, match="new_class_scale"):
         inject(tiny_model, ["capybara"], new_class_scale=-1.0, **kwargs)
     default = inject(tiny_model, ["capybara"], **kwargs).classifier_injection["injections"][-1]["calibration"]
-    assert default["name"] == "budget" and default["factor"] > 0
+    assert default["name"] == "simulate" and default["factor"] > 0
     # resnets add the shortcut after their last BatchNorm: no feature mean, the mean old bias is used.
     assert default["diagnostics"]["bias_rule"] == "mean" and default["biases"] is None
 
@@ -352,7 +351,7 @@ def test_inject_estimates_the_feature_mean_of_models_that_show_it():
 
 
 def test_budget_rule_keeps_the_largest_factor_within_its_old_class_budget():
-    from classifier_injection.calibration import noisy_prototype_gzsl_curve, proxy_noise
+    from classifier_injection.calibration import BudgetCalibration, noisy_prototype_gzsl_curve, proxy_noise
 
     descriptors, rows = _head(num=60)
     context = CalibrationContext(
