@@ -128,6 +128,13 @@ MODEL_METHODS = ("ridge", "icis")
 SOURCE_METHODS = ("ridge", "icis", "vgse-smo")
 
 
+def _calibration_id(method: Method) -> str:
+    """The calibration a result was computed with; the library default is spelled out, so a cached result
+    computed under an older default is not reused."""
+    rule = get_calibration(method.calibration)
+    return f"{method.calibration}: {rule!r}"
+
+
 def _key(model: str, source: str, method: str, fold: int) -> str:
     return f"{model}__{source}__{method}__fold{fold}"
 
@@ -144,8 +151,8 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
     path = RESULT_CACHE / f"{key}.json"
     if (not fresh or key in _COMPUTED_THIS_RUN) and path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("hparams") == json.loads(json.dumps(hparams)) and cached.get("calibration") == str(
-            method.calibration
+        if cached.get("hparams") == json.loads(json.dumps(hparams)) and cached.get("calibration") == _calibration_id(
+            method
         ):
             return cached
     data = head_data(model)
@@ -169,7 +176,7 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
         method=method.name,
         fold=fold,
         hparams=json.loads(json.dumps(hparams)),
-        calibration=str(method.calibration),
+        calibration=_calibration_id(method),
         seconds=time.perf_counter() - start,
         peak_rss_mb=_peak_rss_mb(),
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
