@@ -429,6 +429,39 @@ def simulate_injections(
     return out
 
 
+def _check_simulation_rule(rule) -> None:
+    """Checks shared by the rules that simulate an injection (:func:`simulate_injections`)."""
+    if not 0 < rule.holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {rule.holdout_fraction}")
+    if rule.repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {rule.repeats}")
+    if not rule.factors or any(not (math.isfinite(f) and f > 0) for f in rule.factors):
+        raise ValueError(f"factors must be a non-empty sequence of finite numbers > 0, got {rule.factors}")
+    _check_bias_rule(rule.bias)
+
+
+def _raise_unfitted(rule) -> None:
+    raise RuntimeError(
+        f"{type(rule).__name__} must be fitted first: call .fit(CalibrationContext(...)) and use the result "
+        "(inject() does this for you)"
+    )
+
+
+def _simulation_diagnostics(rule, context: CalibrationContext, chosen: torch.Tensor, **extra) -> dict:
+    """Provenance of a simulation rule's choice: the simulated S, U, H (%) at the chosen factor, and ``extra``."""
+    seen_rows = context.seen_rows.detach().float()
+    s, u, h = (round(float(v), 2) for v in chosen)
+    return {
+        "old_mean_norm": round(float(_mean_norm(seen_rows)), 6),
+        "held_out_classes": _num_held(rule.holdout_fraction, len(seen_rows)),
+        "repeats": rule.repeats,
+        **extra,
+        "simulated_S": s,
+        "simulated_U": u,
+        "simulated_H": h,
+    }
+
+
 @dataclass(frozen=True)
 class SimulatedCalibration:
     """Leave-classes-out simulation: pick the norm factor that works for the model's own classes.
@@ -463,21 +496,12 @@ class SimulatedCalibration:
     name: str = "simulate"
 
     def __post_init__(self) -> None:
-        if not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        _check_simulation_rule(self)
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
-        if not self.factors or any(not (math.isfinite(f) and f > 0) for f in self.factors):
-            raise ValueError(f"factors must be a non-empty sequence of finite numbers > 0, got {self.factors}")
-        _check_bias_rule(self.bias)
 
     def __call__(self, new_rows: torch.Tensor, seen_rows: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(
-            "SimulatedCalibration must be fitted first: call .fit(CalibrationContext(...)) and use the result "
-            "(inject() does this for you)"
-        )
+        _raise_unfitted(self)
 
     def simulated_curve(self, context: CalibrationContext) -> torch.Tensor:
         """Mean simulated ``[len(factors), 3]`` (S, U, H in %) over the repeats: the expensive part of :meth:`fit`."""
@@ -496,17 +520,8 @@ class SimulatedCalibration:
         curve = self.simulated_curve(context) if curve is None else curve
         best = self.choose(curve)
         factor = float(self.factors[best])
-        s, u, h = (round(float(v), 2) for v in curve[best])
-        _logger.info("simulate calibration: factor %.3f (simulated S %.1f, U %.1f, H %.1f)", factor, s, u, h)
-        seen_rows = context.seen_rows.detach().float().cpu()
-        diagnostics = {
-            "old_mean_norm": round(float(_mean_norm(seen_rows)), 6),
-            "held_out_classes": _num_held(self.holdout_fraction, len(seen_rows)),
-            "repeats": self.repeats,
-            "simulated_S": s,
-            "simulated_U": u,
-            "simulated_H": h,
-        }
+        diagnostics = _simulation_diagnostics(self, context, curve[best])
+        _logger.info("simulate calibration: factor %.3f (%s)", factor, diagnostics)
         return _fitted(self.name, factor, self.bias, context, diagnostics)
 
     def to_dict(self) -> dict:
@@ -548,23 +563,16 @@ class BudgetCalibration:
     name: str = "budget"
 
     def __post_init__(self) -> None:
-        if not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        if self.repeats < 1 or self.samples < 1:
-            raise ValueError(f"repeats and samples must be >= 1, got {self.repeats} and {self.samples}")
+        _check_simulation_rule(self)
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
         if not 0 < self.proxy_accuracy < 1:
             raise ValueError(f"proxy_accuracy must be in (0, 1), got {self.proxy_accuracy}")
         if not (math.isfinite(self.max_seen_drop) and self.max_seen_drop >= 0):
             raise ValueError(f"max_seen_drop must be a finite number >= 0, got {self.max_seen_drop}")
-        if not self.factors or any(not (math.isfinite(f) and f > 0) for f in self.factors):
-            raise ValueError(f"factors must be a non-empty sequence of finite numbers > 0, got {self.factors}")
-        _check_bias_rule(self.bias)
 
     def __call__(self, new_rows: torch.Tensor, seen_rows: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(
-            "BudgetCalibration must be fitted first: call .fit(CalibrationContext(...)) and use the result "
-            "(inject() does this for you)"
-        )
+        _raise_unfitted(self)
 
     def fit(self, context: CalibrationContext) -> ScaledCalibration:
         seen_rows = context.seen_rows.detach().float().cpu()
@@ -579,16 +587,7 @@ class BudgetCalibration:
         order = sorted(range(len(self.factors)), key=lambda i: self.factors[i])
         floor = float(curve[order[0], 0]) - self.max_seen_drop
         best = max((i for i in order if curve[i, 0] >= floor), key=lambda i: self.factors[i], default=order[0])
-        s, u, h = (round(float(v), 2) for v in curve[best])
-        diagnostics = {
-            "old_mean_norm": round(float(_mean_norm(seen_rows)), 6),
-            "held_out_classes": _num_held(self.holdout_fraction, len(seen_rows)),
-            "repeats": self.repeats,
-            "proxy_noise": round(noise, 6),
-            "simulated_S": s,
-            "simulated_U": u,
-            "simulated_H": h,
-        }
+        diagnostics = _simulation_diagnostics(self, context, curve[best], proxy_noise=round(noise, 6))
         return _fitted(self.name, float(self.factors[best]), self.bias, context, diagnostics)
 
     def to_dict(self) -> dict:
