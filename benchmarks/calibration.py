@@ -43,10 +43,12 @@ from classifier_injection.calibration import (
     LogitMatchCalibration,
     NormCalibration,
     SimulatedCalibration,
+    SynthesizedCalibration,
     apply_new_class_scale,
     copying_factory,
     feature_mean_biases,
     fit_calibration,
+    simulate_injections,
 )
 from classifier_injection.icis import ICISInjector
 from classifier_injection.injector import check_fit_inputs
@@ -191,7 +193,8 @@ def evaluate_fold(
         injector_factory=factory,
         seed=0,
         feature_mean=data.feature_mean,
-        feature_source="benchmarks.data.estimated_feature_mean",
+        feature_source="benchmarks.data.estimated_feature_statistics",
+        feature_std=data.feature_std,
     )
     out = {}
     for label, rule in (
@@ -201,6 +204,7 @@ def evaluate_fold(
         ("simulate, mean bias", SimulatedCalibration(tolerance=tolerance, bias="mean")),
         ("logit-match, mean bias", LogitMatchCalibration(margin=margin, bias="mean")),
         ("budget (opt-in)", BudgetCalibration()),
+        ("synthesize", SynthesizedCalibration()),
     ):
         start = time.perf_counter()
         fitted = fit_calibration(rule, context)
@@ -208,7 +212,7 @@ def evaluate_fold(
         rows = fitted(predicted, seen_rows)
         factor = getattr(fitted, "factor", None)
         out[label] = {**evaluate_rows(data, held, rows), "factor": factor, "seconds": seconds}
-        if label == "simulate":
+        if label == KNOB_RULE:
             out[label]["knob"] = {str(k): evaluate_rows(data, held, apply_new_class_scale(rows, k)) for k in KNOB}
     out["test-picked"] = _test_picked(data, held, predicted, seen_rows)
     out["original"] = oracle(data, held)
@@ -219,7 +223,12 @@ def _seen_only(data, seen_idx: torch.Tensor):
     """The head data restricted to the seen classes (their rows and photos), for choices made on them alone."""
     num = len(seen_idx)
     return type(data)(
-        data.model_name, data.rows[seen_idx], data.features[seen_idx], torch.arange(num), data.feature_mean
+        data.model_name,
+        data.rows[seen_idx],
+        data.features[seen_idx],
+        torch.arange(num),
+        data.feature_mean,
+        data.feature_std,
     )
 
 
@@ -307,6 +316,121 @@ def tune_tolerance(data, descriptors: torch.Tensor, folds: Sequence[int], inject
     }
 
 
+SYNTHESIZE_SPREADS = (3.0, 3.8, 5.0)
+SYNTHESIZE_CONFIDENCES = (0.3, 0.5)
+SYNTHESIZE_DROPS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+
+
+def photo_spread(data, seen_idx: torch.Tensor) -> float:
+    """The seen photos' total spread around the estimated mean over the independent-positions estimate."""
+    deviations = data.features[seen_idx] - data.feature_mean
+    return float(deviations.norm(dim=1).pow(2).mean().sqrt() / data.feature_std.norm())
+
+
+def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence[str] = ("icis", "ridge")) -> dict:
+    """Choose ``synthesize``'s confidence and budget on seen classes of lite0 (same inner split as the tolerance).
+
+    Per fold, 160 of the 800 seen classes play the new classes; the rule runs on the 640-class head that remains
+    (one simulated injection per fold and injector, shared by every setting) and its choice is scored on the seen
+    classes' photos. ``spread`` is measured, not tuned: :func:`photo_spread` on the seen photos (the sweep shows
+    its neighbours). Per confidence, the budget is the largest whose mean inner S drop with the default injector
+    (ICIS) stays within 15 points; the confidence kept is the one whose ridge drop at its budget is closest to
+    ICIS's (the proxy that charges both kinds of rows alike).
+    """
+    seen_sets = [torch.nonzero(_fold_inputs(data, descriptors, fold)[1]).squeeze(1) for fold in folds]
+    spread = round(float(np.mean([photo_spread(data, seen_idx) for seen_idx in seen_sets])), 1)
+    table: dict[tuple, list] = {}
+    for injector_name in injectors:
+        for fold in folds:
+            _, seen, seen_a, _, seen_rows = _fold_inputs(data, descriptors, fold)
+            perm = torch.randperm(len(seen_rows), generator=torch.Generator().manual_seed(1000 + fold))
+            inner_held, inner_kept = perm[:160].sort().values, perm[160:].sort().values
+            sub = _seen_only(data, torch.nonzero(seen).squeeze(1))
+            kept_rows, held_np = seen_rows[inner_kept], inner_held.numpy()
+            injector = INJECTORS[injector_name]()
+            factory = copying_factory(injector)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                injector.fit(seen_a[inner_kept], kept_rows, seen_a[inner_held])
+            predicted = injector.predict(seen_a[inner_held]).detach().float()
+            context = CalibrationContext(
+                kept_rows,
+                predicted,
+                seen_a[inner_kept],
+                seen_a[inner_held],
+                factory,
+                0,
+                data.feature_mean,
+                "benchmarks.data.estimated_feature_statistics",
+                data.feature_std,
+            )
+            true_s = evaluate_rows(sub, held_np, seen_rows[inner_held])["seen"]
+            injections = simulate_injections(context, 0.2, 1)
+            for sp in sorted({spread, *SYNTHESIZE_SPREADS}):
+                for confidence in SYNTHESIZE_CONFIDENCES:
+                    curve = SynthesizedCalibration(spread=sp, confidence=confidence).simulated_curve(
+                        context, injections
+                    )
+                    for drop in SYNTHESIZE_DROPS:
+                        rule = SynthesizedCalibration(spread=sp, confidence=confidence, max_seen_drop=drop)
+                        fitted = rule.fit(context, curve)
+                        real = evaluate_rows(sub, held_np, fitted(predicted, kept_rows))
+                        key = (injector_name, sp, confidence, drop)
+                        table.setdefault(key, []).append(
+                            {**real, "s_drop": true_s - real["seen"], "factor": fitted.factor}
+                        )
+            print(f"  synthesize tuning, {injector_name} fold {fold} done", flush=True)
+    summary = {k: {m: _mean(v, m) for m in ("h", "s_drop", "factor")} for k, v in table.items()}
+    choices = {}
+    for confidence in SYNTHESIZE_CONFIDENCES:
+        within = [d for d in SYNTHESIZE_DROPS if summary[("icis", spread, confidence, d)]["s_drop"] <= 15]
+        drop = max(within, default=SYNTHESIZE_DROPS[0])
+        gap = (
+            abs(
+                summary[("ridge", spread, confidence, drop)]["s_drop"]
+                - summary[("icis", spread, confidence, drop)]["s_drop"]
+            )
+            if "ridge" in injectors
+            else 0.0
+        )
+        choices[confidence] = (gap, drop)
+    confidence = min(choices, key=lambda c: choices[c][0])
+    chosen = {"spread": spread, "confidence": confidence, "max_seen_drop": choices[confidence][1]}
+    print(f"synthesize on seen classes: {chosen}", flush=True)
+    return {
+        "chosen": chosen,
+        "inner": [
+            {"injector": k[0], "spread": k[1], "confidence": k[2], "max_seen_drop": k[3], **v}
+            for k, v in summary.items()
+        ],
+    }
+
+
+def summarise_synthesize(tuning: dict) -> str:
+    """Markdown table of :func:`tune_synthesize`."""
+    lines = [
+        "# `synthesize` calibration: constants chosen on seen classes of lite0",
+        "",
+        "Inner split: per fold, 160 of the 800 seen classes play the new classes; real S drop and H on the seen",
+        "classes' photos (mean over folds). Produced by `python -m benchmarks.calibration --tune-synthesize`.",
+        f"Chosen: {tuning['chosen']}.",
+        "",
+        "| spread | confidence | max_seen_drop | ICIS H | ICIS S drop | ICIS factor | ridge H | ridge S drop "
+        "| ridge factor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {(r["injector"], r["spread"], r["confidence"], r["max_seen_drop"]): r for r in tuning["inner"]}
+    for (injector, sp, confidence, drop), r in rows.items():
+        if injector != "icis":
+            continue
+        other = rows.get(("ridge", sp, confidence, drop))
+        cells = f"{other['h']:.1f} | {other['s_drop']:.1f} | {other['factor']:.3f}" if other else "- | - | -"
+        lines.append(
+            f"| {sp} | {confidence} | {drop} | {r['h']:.1f} | {r['s_drop']:.1f} | {r['factor']:.3f} | {cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 RULES = (
     "norm x1",
     "logit-match",
@@ -314,8 +438,16 @@ RULES = (
     "logit-match, mean bias",
     "simulate, mean bias",
     "budget (opt-in)",
+    "synthesize",
     "test-picked",
 )
+#: The rule whose rows the trade-off knob is measured on: the library default.
+KNOB_RULE = "synthesize"
+
+
+def _knob_rule(folds: list[dict]) -> str:
+    """The rule the knob was measured on (``simulate`` in results written while it was the default)."""
+    return KNOB_RULE if "knob" in folds[0].get(KNOB_RULE, {}) else "simulate"
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -361,11 +493,11 @@ def summarise(results: dict) -> str:
     lines += ["", "Trade-off knob `new_class_scale` on the default rule (mean over folds, S / U / H):", ""]
     for model, by_injector in results["runs"].items():
         for injector, folds in by_injector.items():
-            cells = []
+            cells, rule = [], _knob_rule(folds)
             for k in KNOB:
-                rows = [f["simulate"]["knob"][str(k)] for f in folds]
+                rows = [f[rule]["knob"][str(k)] for f in folds]
                 cells.append(f"{k}: {_mean(rows, 'seen'):.0f}/{_mean(rows, 'unseen'):.0f}/{_mean(rows, 'h'):.0f}")
-            lines.append(f"- {model}, {injector}: " + ", ".join(cells))
+            lines.append(f"- {model}, {injector} ({rule}): " + ", ".join(cells))
     return "\n".join(lines) + "\n"
 
 
@@ -378,15 +510,16 @@ def plot_tradeoff(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for model, by_injector in results["runs"].items():
         for injector, folds in by_injector.items():
-            s = [_mean([f["simulate"]["knob"][str(k)] for f in folds], "seen") for k in KNOB]
-            u = [_mean([f["simulate"]["knob"][str(k)] for f in folds], "unseen") for k in KNOB]
-            ax.plot(u, s, marker="o", label=f"{model} / {injector}")
+            rule = _knob_rule(folds)
+            s = [_mean([f[rule]["knob"][str(k)] for f in folds], "seen") for k in KNOB]
+            u = [_mean([f[rule]["knob"][str(k)] for f in folds], "unseen") for k in KNOB]
+            ax.plot(u, s, marker="o", label=f"{model} / {injector} ({rule})")
             default = KNOB.index(1.0)
             ax.annotate("1.0", (u[default], s[default]), textcoords="offset points", xytext=(4, 4), fontsize=7)
             ax.annotate(str(KNOB[-1]), (u[-1], s[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("U: accuracy on new classes (%)")
     ax.set_ylabel("S: accuracy on old classes (%)")
-    ax.set_title("new_class_scale trade-off (simulate calibration)")
+    ax.set_title("new_class_scale trade-off (default calibration)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -403,7 +536,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--descriptors", default=DESCRIPTORS, help="a benchmark source, or 'default' (library's)")
     parser.add_argument("--out", default="calibration")
     parser.add_argument("--merge", nargs="+", default=None, help="merge result JSONs of partial runs into --out")
+    parser.add_argument(
+        "--tune-synthesize", action="store_true", help="only choose synthesize's constants on lite0's seen classes"
+    )
     args = parser.parse_args(argv)
+    if args.tune_synthesize:
+        tuning = tune_synthesize(head_data("tf_efficientnet_lite0"), load_descriptors(args.descriptors), args.folds)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "calibration_synthesize_tuning.json").write_text(json.dumps(tuning, indent=1))
+        (RESULTS / "calibration_synthesize_tuning.md").write_text(summarise_synthesize(tuning))
+        print(summarise_synthesize(tuning))
+        return
     if args.merge:
         write(merge([json.loads(Path(p).read_text()) for p in args.merge]), args.out)
         return

@@ -54,6 +54,7 @@ class HeadData:
     features: torch.Tensor  # [1000, D], input of the classifier layer for photo i
     labels: torch.Tensor  # [1000], photo i is of class i
     feature_mean: torch.Tensor | None = None  # image-free estimate from the model (classifier_injection.features)
+    feature_std: torch.Tensor | None = None  # image-free spread estimate, same source
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         return self.features @ rows[:, :-1].T + rows[:, -1]
@@ -68,14 +69,26 @@ def load_model(model_name: str) -> torch.nn.Module:
 
 
 @functools.cache
-def estimated_feature_mean(model_name: str) -> torch.Tensor | None:
-    """The library's image-free estimate of the mean feature (what ``inject()`` gives the calibration)."""
+def estimated_feature_statistics(model_name: str):
+    """The library's image-free feature statistics (what ``inject()`` gives the calibration), or ``None``."""
     from classifier_injection.features import feature_statistics
     from classifier_injection.heads import find_head
 
     model = load_model(model_name)
-    stats = feature_statistics(model, find_head(model))
+    return feature_statistics(model, find_head(model))
+
+
+def estimated_feature_mean(model_name: str) -> torch.Tensor | None:
+    """The library's image-free estimate of the mean feature."""
+    stats = estimated_feature_statistics(model_name)
     return stats.mean if stats is not None else None
+
+
+def _with_statistics(model_name: str, rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> HeadData:
+    stats = estimated_feature_statistics(model_name)
+    if stats is None:
+        return HeadData(model_name, rows, features, labels)
+    return HeadData(model_name, rows, features, labels, stats.mean, stats.std)
 
 
 @torch.no_grad()
@@ -86,7 +99,7 @@ def head_data(model_name: str, batch_size: int = 50) -> HeadData:
     cache = CACHE / f"{model_name}.safetensors"
     if cache.is_file():
         t = load_file(str(cache))
-        return HeadData(model_name, t["rows"], t["features"], t["labels"], estimated_feature_mean(model_name))
+        return _with_statistics(model_name, t["rows"], t["features"], t["labels"])
 
     import timm
     from PIL import Image
@@ -106,7 +119,7 @@ def head_data(model_name: str, batch_size: int = 50) -> HeadData:
     finally:
         hook.remove()
     rows, features = head.rows(model), torch.cat(captured).float()
-    data = HeadData(model_name, rows, features, torch.arange(len(paths)), estimated_feature_mean(model_name))
+    data = _with_statistics(model_name, rows, features, torch.arange(len(paths)))
     CACHE.mkdir(parents=True, exist_ok=True)
     # Atomic: the benchmark's second process may read this cache while it is written.
     partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")

@@ -300,7 +300,8 @@ def run_method(
         injector_factory=factory,
         seed=seed,
         feature_mean=data.feature_mean,
-        feature_source="benchmarks.data.estimated_feature_mean",
+        feature_source="benchmarks.data.estimated_feature_statistics",
+        feature_std=data.feature_std,
     )
     rows = fit_calibration(rule, context)(predicted, seen_rows)
     calibration_seconds = time.perf_counter() - start

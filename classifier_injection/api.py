@@ -233,6 +233,7 @@ def inject(
             seed=seed,
             feature_mean=stats.mean if stats is not None else None,
             feature_source=stats.source if stats is not None else None,
+            feature_std=stats.std if stats is not None else None,
         )
         calibrate = fit_calibration(calibrate, context)
     new_rows = apply_new_class_scale(calibrate(predicted, seen_rows), new_class_scale)

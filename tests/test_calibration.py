@@ -180,7 +180,9 @@ def test_scaled_calibration_checks_row_count_and_serialises():
 
 
 def test_get_calibration_and_fit_calibration():
-    assert isinstance(get_calibration(None), SimulatedCalibration)
+    from classifier_injection.calibration import SynthesizedCalibration
+
+    assert isinstance(get_calibration(None), SynthesizedCalibration)
     assert isinstance(get_calibration("simulate"), SimulatedCalibration)
     assert isinstance(get_calibration("logit-match"), LogitMatchCalibration)
     assert isinstance(get_calibration("norm"), NormCalibration)
@@ -250,8 +252,10 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
     with pytest.raises(ValueError, match="new_class_scale"):
         inject(tiny_model, ["capybara"], new_class_scale=-1.0, **kwargs)
     default = inject(tiny_model, ["capybara"], **kwargs).classifier_injection["injections"][-1]["calibration"]
+    # resnets add the shortcut after their last BatchNorm: no feature statistics, so the default rule falls back to
+    # the row-prototype simulation and the mean old bias.
     assert default["name"] == "simulate" and default["factor"] > 0
-    # resnets add the shortcut after their last BatchNorm: no feature mean, the mean old bias is used.
+    assert default["diagnostics"]["fallback_from"] == "synthesize"
     assert default["diagnostics"]["bias_rule"] == "mean" and default["biases"] is None
 
 
@@ -345,6 +349,7 @@ def test_inject_estimates_the_feature_mean_of_models_that_show_it():
         icis_config=ICISConfig(latent_dim=16, max_epochs=3),
     )
     calibration = out.classifier_injection["injections"][-1]["calibration"]
+    assert calibration["name"] == "synthesize", "the default rule runs on models that show their statistics"
     assert calibration["diagnostics"]["bias_rule"] == "feature-mean"
     assert calibration["diagnostics"]["feature_source"].startswith("bn2 (BatchNormAct2d")
     assert len(calibration["biases"]) == 1
@@ -377,3 +382,75 @@ def test_budget_rule_keeps_the_largest_factor_within_its_old_class_budget():
     for bad in (dict(proxy_accuracy=1.0), dict(max_seen_drop=-1.0), dict(samples=0), dict(factors=())):
         with pytest.raises(ValueError):
             BudgetCalibration(**bad)
+
+
+def _context_with_statistics(num: int = 60, seed: int = 3, **extra) -> CalibrationContext:
+    descriptors, rows = _head(num=num)
+    dim = rows.shape[1] - 1
+    return CalibrationContext(
+        seen_rows=rows,
+        new_rows=rows[:2] + 0.1,
+        seen_descriptors=descriptors,
+        injector_factory=LeastSquares,
+        seed=seed,
+        feature_mean=torch.rand(dim, generator=torch.Generator().manual_seed(1)),
+        feature_source="test",
+        feature_std=torch.full((dim,), 0.1),
+        **extra,
+    )
+
+
+def test_synthesized_features_climb_to_the_requested_confidence_and_are_deterministic():
+    from classifier_injection.calibration import synthesize_features
+
+    context = _context_with_statistics()
+    rows, mean, spread = context.seen_rows, context.feature_mean, 3.8 * context.feature_std
+    features, labels = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, seed=0)
+    assert features.shape == (3 * len(rows), rows.shape[1] - 1) and labels.tolist()[:4] == [0, 0, 0, 1]
+    probs = torch.softmax(features @ rows[:, :-1].T + rows[:, -1], dim=1)
+    assert (probs[torch.arange(len(labels)), labels] >= 0.5).all()
+    again, _ = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, seed=0)
+    torch.testing.assert_close(features, again, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="feature_mean and feature_spread"):
+        synthesize_features(rows, mean[:3], spread, confidence=0.5)
+
+
+def test_synthetic_curve_scores_perfect_rows_and_old_classes_fall_as_new_rows_grow():
+    from classifier_injection.calibration import synthesize_features, synthetic_gzsl_curve
+
+    context = _context_with_statistics()
+    rows, mean = context.seen_rows, context.feature_mean
+    features, labels = synthesize_features(rows, mean, 3.8 * context.feature_std, confidence=0.3, samples=4)
+    held, factors = torch.arange(10), [0.01, 1.0, 100.0]
+    # The held-out classes' true rows, with the kept rows' mean norm and feature-mean biases.
+    curve = synthetic_gzsl_curve(rows, held, rows[:10], factors, features, labels, mean)
+    assert curve.shape == (3, 3)
+    assert curve[0, 1] == 0 and curve[2, 0] < curve[0, 0], "tiny rows never win, huge rows steal old classes"
+    assert curve[1, 2] > 0
+    blurred = synthetic_gzsl_curve(
+        rows, held, rows[:10].mean(0, keepdim=True).expand(10, -1), factors, features, labels, mean
+    )
+    assert blurred[1, 1] < curve[1, 1], "identical rows cannot tell the new classes apart"
+
+
+def test_synthesize_rule_keeps_the_largest_factor_within_its_budget_and_falls_back_without_statistics():
+    from classifier_injection.calibration import SynthesizedCalibration, default_calibration
+
+    context = _context_with_statistics()
+    tight, loose = SynthesizedCalibration(max_seen_drop=0.5), SynthesizedCalibration(max_seen_drop=30.0)
+    fitted_tight, fitted_loose = tight.fit(context), loose.fit(context)
+    assert fitted_tight.name == "synthesize" and fitted_tight.factor in tight.factors
+    assert fitted_tight.factor < fitted_loose.factor, "a larger budget allows a larger scale"
+    assert fitted_tight == tight.fit(context), "deterministic given the context's seed"
+    assert {"synthesized_features", "simulated_S", "bias_rule", "feature_source"} <= set(fitted_tight.diagnostics)
+    assert fitted_tight.diagnostics["bias_rule"] == "feature-mean" and len(fitted_tight.biases) == 2
+    without = dict(context.__dict__, feature_mean=None, feature_std=None)
+    fallback = tight.fit(CalibrationContext(**without))
+    assert fallback.name == "simulate" and fallback.diagnostics["fallback_from"] == "synthesize"
+    assert fallback.factor == SimulatedCalibration().fit(CalibrationContext(**without)).factor
+    assert get_calibration("synthesize") == SynthesizedCalibration() == default_calibration()
+    with pytest.raises(RuntimeError, match="fitted first"):
+        tight(context.seen_rows[:1], context.seen_rows)
+    for bad in (dict(confidence=1.0), dict(spread=0.0), dict(max_seen_drop=-1.0), dict(samples=0), dict(repeats=0)):
+        with pytest.raises(ValueError):
+            SynthesizedCalibration(**bad)

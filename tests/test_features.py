@@ -90,3 +90,14 @@ def test_a_model_that_rejects_the_check_input_gets_none_instead_of_an_error():
     net.pretrained_cfg = {"input_size": (5, 16, 16)}  # wrong channel count: the conv raises
     assert feature_statistics(net, find_head(net)) is None
     assert not net.training
+
+
+def test_spread_is_the_per_position_spread_over_the_square_root_of_the_positions():
+    torch.manual_seed(0)
+    data = torch.randn(256, 3, 16, 16)
+    net = _calibrated(_TinyNet(nn.ReLU6), data)
+    stats = feature_statistics(net, find_head(net))
+    assert stats is not None and stats.positions == 16 * 16 and stats.std.shape == (12,)
+    with torch.no_grad():
+        per_position = net.bn(net.conv(data)).std(dim=(0, 2, 3))
+    torch.testing.assert_close(stats.std * 16, per_position, atol=0.03, rtol=0.05)
