@@ -138,11 +138,12 @@ def inject(
             checking it was trained on this head.
         icis_config: hyper-parameters of the default ICIS injector.
         calibration: how the predicted rows get their scale and bias, from the model alone (no photo):
-            ``"simulate"`` (default: re-runs the injection on held-out old classes to pick the scale; one more
-            injector fit; keeps the most old-class accuracy), ``"logit-match"`` (no refit; favours the new
-            classes), ``"budget"`` (like ``"simulate"``, but the largest scale that keeps a budget of simulated
-            old-class accuracy; being measured), ``"norm"``, ``"none"``, or an instance from
-            :mod:`classifier_injection.calibration`.
+            ``"synthesize"`` (default: re-runs the injection on held-out old classes, one more injector fit, and
+            keeps the largest scale whose simulated cost to the old classes stays within a budget, scored on
+            features synthesised from the BatchNorm statistics before the pool; models without them fall back
+            to ``"simulate"``), ``"simulate"`` (the same re-run scored on the rows' own directions),
+            ``"logit-match"`` (no refit; favours the new classes), ``"budget"``, ``"norm"``, ``"none"``, or an
+            instance from :mod:`classifier_injection.calibration`.
             New biases are set against the model's mean feature when it can be estimated from the BatchNorm
             before the pool (:func:`~classifier_injection.features.feature_statistics`; one forward pass on a
             random input), else to the old rows' mean bias. The chosen scale and biases go into the provenance.
@@ -199,7 +200,7 @@ def inject(
 
     if injector is None:
         injector = ICISInjector(icis_config, seed=seed, progress=progress)
-    # Rules like "simulate" re-run the injection on held-out old classes with fresh copies of the injector.
+    # Rules like "synthesize" re-run the injection on held-out old classes with fresh copies of the injector.
     needs_context = isinstance(calibrate, FittableCalibration)
     injector_factory = copying_factory(injector) if needs_context else None
     seen_descriptors = None

@@ -15,6 +15,7 @@ from classifier_injection.calibration import (
     NormCalibration,
     ScaledCalibration,
     SimulatedCalibration,
+    SynthesizedCalibration,
     apply_new_class_scale,
     copying_factory,
     fit_calibration,
@@ -180,8 +181,6 @@ def test_scaled_calibration_checks_row_count_and_serialises():
 
 
 def test_get_calibration_and_fit_calibration():
-    from classifier_injection.calibration import SynthesizedCalibration
-
     assert isinstance(get_calibration(None), SynthesizedCalibration)
     assert isinstance(get_calibration("simulate"), SimulatedCalibration)
     assert isinstance(get_calibration("logit-match"), LogitMatchCalibration)
@@ -262,7 +261,8 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
 def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     """lite0, fold 0, ridge rows (weak: photo-prompt names): ``logit-match`` reaches >= 80 % of the H of the best
     test-picked factor; ``simulate`` keeps the old classes within 15 points of the model and still lets the new
-    classes win (it gives up H for that: >= 60 % of the bound here)."""
+    classes win (it gives up H for that: >= 60 % of the bound here); ``synthesize`` (the default) reaches 80 % of
+    the bound at about the same old-class cost."""
     from benchmarks.data import CACHE, fold_classes, head_data, shared_data_available
 
     features = CACHE / "tf_efficientnet_lite0.safetensors"
@@ -291,9 +291,17 @@ def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     assert plain["h"] < 5 < chosen["unseen"]
     assert chosen["seen"] >= oracle(data, held)["seen"] - 15, (fitted, chosen)
     assert chosen["h"] >= 0.6 * bound, (fitted, chosen, bound)
-    matched = LogitMatchCalibration().fit(context)  # the library default
-    default = evaluate_rows(data, held, matched(predicted, seen_rows))
-    assert default["h"] >= 0.8 * bound, (matched, default, bound)
+    matched = LogitMatchCalibration().fit(context)
+    favoured = evaluate_rows(data, held, matched(predicted, seen_rows))
+    assert favoured["h"] >= 0.8 * bound, (matched, favoured, bound)
+    # The default rule, with the model's feature statistics: measured S drop 14.9, H 83 % of the bound.
+    with_stats = CalibrationContext(
+        seen_rows, predicted, seen_a, new_a, RidgeInjector, 0, data.feature_mean, "test", data.feature_std
+    )
+    synthesized = SynthesizedCalibration().fit(with_stats)
+    default = evaluate_rows(data, held, synthesized(predicted, seen_rows))
+    assert default["unseen"] > 5 and default["h"] >= 0.8 * bound, (synthesized, default, bound)
+    assert default["seen"] >= oracle(data, held)["seen"] - 16, (synthesized, default)
 
 
 def test_feature_mean_biases_give_new_rows_the_old_rows_mean_logit_on_the_mean_feature():
@@ -434,7 +442,7 @@ def test_synthetic_curve_scores_perfect_rows_and_old_classes_fall_as_new_rows_gr
 
 
 def test_synthesize_rule_keeps_the_largest_factor_within_its_budget_and_falls_back_without_statistics():
-    from classifier_injection.calibration import SynthesizedCalibration, default_calibration
+    from classifier_injection.calibration import default_calibration
 
     context = _context_with_statistics()
     tight, loose = SynthesizedCalibration(max_seen_drop=0.5), SynthesizedCalibration(max_seen_drop=30.0)
