@@ -294,14 +294,17 @@ def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     matched = LogitMatchCalibration().fit(context)
     favoured = evaluate_rows(data, held, matched(predicted, seen_rows))
     assert favoured["h"] >= 0.8 * bound, (matched, favoured, bound)
-    # The default rule, with the model's feature statistics: measured S drop 14.9, H 83 % of the bound.
+    # The default rule, with the model's feature statistics: H >= 80 % of the bound; its synthetic budget alone
+    # keeps the old classes within 16 points (measured 14.9), and the floor never scales below `simulate`.
     with_stats = CalibrationContext(
         seen_rows, predicted, seen_a, new_a, RidgeInjector, 0, data.feature_mean, "test", data.feature_std
     )
     synthesized = SynthesizedCalibration().fit(with_stats)
     default = evaluate_rows(data, held, synthesized(predicted, seen_rows))
     assert default["unseen"] > 5 and default["h"] >= 0.8 * bound, (synthesized, default, bound)
-    assert default["seen"] >= oracle(data, held)["seen"] - 16, (synthesized, default)
+    assert synthesized.factor >= SimulatedCalibration().fit(with_stats).factor
+    budget_only = SynthesizedCalibration(floor_tolerance=None).fit(with_stats)
+    assert evaluate_rows(data, held, budget_only(predicted, seen_rows))["seen"] >= oracle(data, held)["seen"] - 16
 
 
 def test_feature_mean_biases_give_new_rows_the_old_rows_mean_logit_on_the_mean_feature():
@@ -445,12 +448,19 @@ def test_synthesize_rule_keeps_the_largest_factor_within_its_budget_and_falls_ba
     from classifier_injection.calibration import default_calibration
 
     context = _context_with_statistics()
-    tight, loose = SynthesizedCalibration(max_seen_drop=0.5), SynthesizedCalibration(max_seen_drop=30.0)
+    tight = SynthesizedCalibration(max_seen_drop=0.5, floor_tolerance=None)
+    loose = SynthesizedCalibration(max_seen_drop=30.0, floor_tolerance=None)
     fitted_tight, fitted_loose = tight.fit(context), loose.fit(context)
     assert fitted_tight.name == "synthesize" and fitted_tight.factor in tight.factors
     assert fitted_tight.factor < fitted_loose.factor, "a larger budget allows a larger scale"
     assert fitted_tight == tight.fit(context), "deterministic given the context's seed"
     assert {"synthesized_features", "simulated_S", "bias_rule", "feature_source"} <= set(fitted_tight.diagnostics)
+    # The floor: never below what `simulate` picks from the same simulated injection.
+    floored = SynthesizedCalibration(max_seen_drop=0.5).fit(context)
+    simulated = SimulatedCalibration().fit(context)
+    assert floored.factor == max(fitted_tight.factor, simulated.factor)
+    assert floored.diagnostics["floor_factor"] == simulated.factor
+    assert floored.diagnostics["budget_factor"] == fitted_tight.factor
     assert fitted_tight.diagnostics["bias_rule"] == "feature-mean" and len(fitted_tight.biases) == 2
     without = dict(context.__dict__, feature_mean=None, feature_std=None)
     fallback = tight.fit(CalibrationContext(**without))
@@ -459,6 +469,7 @@ def test_synthesize_rule_keeps_the_largest_factor_within_its_budget_and_falls_ba
     assert get_calibration("synthesize") == SynthesizedCalibration() == default_calibration()
     with pytest.raises(RuntimeError, match="fitted first"):
         tight(context.seen_rows[:1], context.seen_rows)
-    for bad in (dict(confidence=1.0), dict(spread=0.0), dict(max_seen_drop=-1.0), dict(samples=0), dict(repeats=0)):
+    bad_values = (dict(confidence=1.0), dict(spread=0.0), dict(max_seen_drop=-1.0), dict(samples=0), dict(repeats=0))
+    for bad in (*bad_values, dict(floor_tolerance=1.0)):
         with pytest.raises(ValueError):
             SynthesizedCalibration(**bad)
