@@ -19,8 +19,9 @@ Rules:
   the model's own classes, inject them with a fresh copy of the same injector and the same descriptors, and
   score them against the remaining rows on features *synthesised from the model's statistics* (the BatchNorm
   before the pool gives their mean and spread; each is pushed up the head's log-softmax to a fixed confidence);
-  keep the largest norm factor whose simulated old-class accuracy falls at most 2.5 points. Models that hide
-  those statistics get ``simulate``.
+  keep the largest norm factor whose simulated old-class accuracy falls at most 2.5 points, but never less than
+  the factor ``simulate`` picks from the same simulated injection. Models that hide those statistics get
+  ``simulate``.
 * ``"simulate"`` (:class:`SimulatedCalibration`): the same simulation scored on the rows' own directions as
   proxy features, taking the smallest factor whose simulated H is within 10 % of the best.
 * ``"budget"`` (:class:`BudgetCalibration`, opt-in): the same simulation on *noisy* row directions (noise set so
@@ -703,7 +704,9 @@ class SynthesizedCalibration:
     estimated spread (``spread`` x :attr:`CalibrationContext.feature_std`) and pushed up the head's log-softmax
     until it gives the class probability ``confidence`` (:func:`synthesize_features`). Kept rows keep their
     biases and new rows get the feature-mean biases they will really get (:func:`synthetic_gzsl_curve`). The rule
-    takes the largest factor whose simulated old-class accuracy falls at most ``max_seen_drop`` points.
+    takes the largest factor whose simulated old-class accuracy falls at most ``max_seen_drop`` points, or the
+    factor :class:`SimulatedCalibration` picks from the same simulated injection when that is larger
+    (``floor_tolerance``).
 
     Why: the row-direction proxy of ``simulate`` is won by its own row at every factor that matters, so it cannot
     see what a factor costs the old classes; isotropic noise (``budget``) sees it, but charges blurry rows
