@@ -30,6 +30,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +263,46 @@ def tune_margin(data, descriptors: torch.Tensor, folds: Sequence[int], injectors
     return {"margin": best, "inner_h": means}
 
 
+@dataclass
+class InnerSplit:
+    """One fold's seen-class validation split: 160 of the 800 seen classes play the new classes."""
+
+    sub: object  # the head data restricted to the 800 seen classes
+    held: np.ndarray  # indices (among the seen classes) of the 160 inner held-out classes
+    kept_rows: torch.Tensor  # [640, D + 1]
+    predicted: torch.Tensor  # [160, D + 1]: the injector's rows for the inner held-out classes
+    context: CalibrationContext  # what a rule sees on the 640-class head
+    true_s: float  # the model's own accuracy on the seen photos
+
+
+def inner_split(data, descriptors, fold: int, injector_name: str) -> InnerSplit:
+    """The inner split of ``fold`` (seeded ``1000 + fold``), ``injector_name`` refitted on its 640 kept classes."""
+    _, seen, seen_a, _, seen_rows = _fold_inputs(data, descriptors, fold)
+    perm = torch.randperm(len(seen_rows), generator=torch.Generator().manual_seed(1000 + fold))
+    inner_held, inner_kept = perm[:160].sort().values, perm[160:].sort().values
+    sub = _seen_only(data, torch.nonzero(seen).squeeze(1))
+    kept_rows, held_np = seen_rows[inner_kept], inner_held.numpy()
+    injector = INJECTORS[injector_name]()
+    factory = copying_factory(injector)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        injector.fit(seen_a[inner_kept], kept_rows, seen_a[inner_held])
+    predicted = injector.predict(seen_a[inner_held]).detach().float()
+    context = CalibrationContext(
+        kept_rows,
+        predicted,
+        seen_a[inner_kept],
+        seen_a[inner_held],
+        factory,
+        0,
+        data.feature_mean,
+        "benchmarks.data.estimated_feature_statistics",
+        data.feature_std,
+    )
+    true_s = evaluate_rows(sub, held_np, seen_rows[inner_held])["seen"]
+    return InnerSplit(sub, held_np, kept_rows, predicted, context, true_s)
+
+
 TOLERANCES = (0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2)
 
 
@@ -279,24 +320,16 @@ def tune_tolerance(data, descriptors: torch.Tensor, folds: Sequence[int], inject
     table = {t: [] for t in TOLERANCES}
     bound, drops = [], {t: [] for t in TOLERANCES}
     for fold in folds:
-        _, seen, seen_a, _, seen_rows = _fold_inputs(data, descriptors, fold)
-        num = len(seen_rows)
-        perm = torch.randperm(num, generator=torch.Generator().manual_seed(1000 + fold))
-        inner_held, inner_kept = perm[:160].sort().values, perm[160:].sort().values
-        seen_idx = torch.nonzero(seen).squeeze(1)
-        sub = _seen_only(data, seen_idx)
-        kept_rows, held_np = seen_rows[inner_kept], inner_held.numpy()
-        injector = INJECTORS[injector_name]()
-        factory = copying_factory(injector)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            injector.fit(seen_a[inner_kept], kept_rows, seen_a[inner_held])
-        predicted = injector.predict(seen_a[inner_held]).detach().float()
-        context = CalibrationContext(
-            kept_rows, predicted, seen_a[inner_kept], seen_a[inner_held], factory, 0, data.feature_mean
+        split = inner_split(data, descriptors, fold, injector_name)
+        sub, held_np, kept_rows, predicted, context = (
+            split.sub,
+            split.held,
+            split.kept_rows,
+            split.predicted,
+            split.context,
         )
         curve = SimulatedCalibration().simulated_curve(context)  # the same for every tolerance
-        true_s = evaluate_rows(sub, held_np, seen_rows[inner_held])["seen"]
+        true_s = split.true_s
         for tolerance in TOLERANCES:
             rows = SimulatedCalibration(tolerance=tolerance).fit(context, curve)(predicted, kept_rows)
             table[tolerance].append(evaluate_rows(sub, held_np, rows))
@@ -345,29 +378,9 @@ def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence
     table: dict[tuple, list] = {}
     for injector_name in injectors:
         for fold in folds:
-            _, seen, seen_a, _, seen_rows = _fold_inputs(data, descriptors, fold)
-            perm = torch.randperm(len(seen_rows), generator=torch.Generator().manual_seed(1000 + fold))
-            inner_held, inner_kept = perm[:160].sort().values, perm[160:].sort().values
-            sub = _seen_only(data, torch.nonzero(seen).squeeze(1))
-            kept_rows, held_np = seen_rows[inner_kept], inner_held.numpy()
-            injector = INJECTORS[injector_name]()
-            factory = copying_factory(injector)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                injector.fit(seen_a[inner_kept], kept_rows, seen_a[inner_held])
-            predicted = injector.predict(seen_a[inner_held]).detach().float()
-            context = CalibrationContext(
-                kept_rows,
-                predicted,
-                seen_a[inner_kept],
-                seen_a[inner_held],
-                factory,
-                0,
-                data.feature_mean,
-                "benchmarks.data.estimated_feature_statistics",
-                data.feature_std,
-            )
-            true_s = evaluate_rows(sub, held_np, seen_rows[inner_held])["seen"]
+            split = inner_split(data, descriptors, fold, injector_name)
+            sub, held_np, kept_rows, predicted = split.sub, split.held, split.kept_rows, split.predicted
+            context, true_s = split.context, split.true_s
             injections = simulate_injections(context, 0.2, 1)
             for sp in sorted({spread, *SYNTHESIZE_SPREADS}):
                 for confidence in SYNTHESIZE_CONFIDENCES:
