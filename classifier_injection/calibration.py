@@ -604,10 +604,16 @@ class SimulatedCalibration:
     def __call__(self, new_rows: torch.Tensor, seen_rows: torch.Tensor) -> torch.Tensor:
         _raise_unfitted(self)
 
-    def simulated_curve(self, context: CalibrationContext) -> torch.Tensor:
-        """Mean simulated ``[len(factors), 3]`` (S, U, H in %) over the repeats: the expensive part of :meth:`fit`."""
+    def simulated_curve(
+        self, context: CalibrationContext, injections: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """Mean simulated ``[len(factors), 3]`` (S, U, H in %) over the repeats: the expensive part of :meth:`fit`.
+
+        ``injections`` (from :func:`simulate_injections` on the same context) skips the injector refits.
+        """
         seen_rows = context.seen_rows.detach().float().cpu()
-        injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
+        if injections is None:
+            injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
         return torch.stack([prototype_gzsl_curve(seen_rows, h, p, self.factors) for h, p in injections]).mean(0)
 
     def choose(self, curve: torch.Tensor) -> int:
@@ -805,13 +811,10 @@ class SynthesizedCalibration:
             return dataclasses.replace(fitted, diagnostics={**fitted.diagnostics, "fallback_from": self.name})
         if curve is None or (floor is not None and floor_curve is None):
             injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
-            seen_rows = context.seen_rows.detach().float().cpu()
             if curve is None:
                 curve = self.simulated_curve(context, injections)
             if floor is not None and floor_curve is None:
-                floor_curve = torch.stack(
-                    [prototype_gzsl_curve(seen_rows, h, p, self.factors) for h, p in injections]
-                ).mean(0)
+                floor_curve = floor.simulated_curve(context, injections)
         best = _largest_within_budget(curve, self.factors, self.max_seen_drop)
         extra = {"synthesized_features": self.samples * len(context.seen_rows), "budget_factor": self.factors[best]}
         if floor is not None:
