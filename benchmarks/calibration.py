@@ -51,6 +51,8 @@ from classifier_injection.calibration import (
     feature_mean_biases,
     fit_calibration,
     simulate_injections,
+    synthesize_features,
+    synthetic_gzsl_curve,
 )
 from classifier_injection.icis import ICISInjector
 from classifier_injection.injector import check_fit_inputs
@@ -393,6 +395,24 @@ def photo_spread(data, seen_idx: torch.Tensor) -> float:
     return float(deviations.norm(dim=1).pow(2).mean().sqrt() / data.feature_std.norm())
 
 
+def _synthetic_curves(context, injections, spread: float):
+    """``(spread, confidence, offset, curve)`` for the tuning grid: every spread and confidence without offset, and
+    the offsets at the measured ``spread``; features are synthesised once per (spread, confidence), exactly as
+    :meth:`SynthesizedCalibration.simulated_curve` would."""
+    seen_rows, mean = context.seen_rows.float(), context.feature_mean.float()
+    for sp in sorted({spread, *SYNTHESIZE_SPREADS}):
+        for confidence in SYNTHESIZE_CONFIDENCES:
+            features, labels = synthesize_features(
+                seen_rows, mean, sp * context.feature_std.float(), confidence, 4, context.seed
+            )
+            for offset in SYNTHESIZE_OFFSETS if sp == spread else (0.0,):
+                curves = [
+                    synthetic_gzsl_curve(seen_rows, held, rows, DEFAULT_FACTORS, features, labels, mean, offset)
+                    for held, rows in injections
+                ]
+                yield sp, confidence, offset, torch.stack(curves).mean(0)
+
+
 def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence[str] = ("icis", "ridge")) -> dict:
     """Choose ``synthesize``'s confidence and budget on seen classes of lite0 (same inner split as the tolerance).
 
@@ -407,8 +427,6 @@ def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence
     """
     seen_sets = [torch.nonzero(_fold_inputs(data, descriptors, fold)[1]).squeeze(1) for fold in folds]
     spread = round(float(np.mean([photo_spread(data, seen_idx) for seen_idx in seen_sets])), 1)
-    settings = [(sp, c, 0.0) for sp in sorted({spread, *SYNTHESIZE_SPREADS}) for c in SYNTHESIZE_CONFIDENCES]
-    settings += [(spread, c, o) for c in SYNTHESIZE_CONFIDENCES for o in SYNTHESIZE_OFFSETS if o != 0]
     table: dict[tuple, list] = {}
     for injector_name in injectors:
         for fold in folds:
@@ -416,9 +434,8 @@ def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence
             sub, held_np, kept_rows, predicted = split.sub, split.held, split.kept_rows, split.predicted
             context, true_s = split.context, split.true_s
             injections = simulate_injections(context, 0.2, 1)
-            for sp, confidence, offset in settings:
+            for sp, confidence, offset, curve in _synthetic_curves(context, injections, spread):
                 budget_only = SynthesizedCalibration(spread=sp, confidence=confidence, offset=offset)
-                curve = budget_only.simulated_curve(context, injections)
                 for drop in SYNTHESIZE_DROPS:
                     rule = dataclasses.replace(budget_only, max_seen_drop=drop)
                     fitted = rule.fit(context, curve)

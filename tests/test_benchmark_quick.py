@@ -133,3 +133,21 @@ def test_metrics_are_consistent(quick):
         s, u, h = result["seen"], result["unseen"], result["h"]
         assert min(s, u, result["zsl"]) >= 0 and max(s, u, result["zsl"]) <= 100, name
         assert h == pytest.approx(2 * s * u / (s + u) if s + u else 0.0), name
+
+
+def test_synthesize_tuning_curves_are_the_rules_own_curves():
+    """The tuning synthesises features once per (spread, confidence) and sweeps offsets on them: the curves must be
+    exactly what :meth:`SynthesizedCalibration.simulated_curve` gives for each setting."""
+    from benchmarks.calibration import RidgeInjector, _synthetic_curves
+    from classifier_injection.calibration import CalibrationContext, SynthesizedCalibration, simulate_injections
+
+    g = torch.Generator().manual_seed(0)
+    rows, descriptors = torch.randn(30, 9, generator=g), torch.randn(30, 5, generator=g)
+    mean, std = torch.rand(8, generator=g), torch.rand(8, generator=g) + 0.1
+    context = CalibrationContext(rows, rows[:3], descriptors, descriptors[:3], RidgeInjector, 0, mean, "t", std)
+    injections = simulate_injections(context, 0.2, 1)
+    settings = list(_synthetic_curves(context, injections, 3.8))
+    assert {offset for _, _, offset, _ in settings} == {0.0, 1.0, 2.0, 3.0}
+    for spread, confidence, offset, curve in settings:
+        rule = SynthesizedCalibration(spread=spread, confidence=confidence, offset=offset)
+        assert torch.equal(curve, rule.simulated_curve(context, injections)), (spread, confidence, offset)
