@@ -6,10 +6,11 @@ each injector (ICIS with the library defaults; a ridge regressor, so the rule is
 and each fold, the held-out rows are predicted once and calibrated by every rule:
 
 * ``norm x1``: rows to the old rows' mean norm (the simple baseline);
-* ``simulate`` (library default) and ``logit-match``: the image-free rules of
-  :mod:`classifier_injection.calibration`; they see the head and the descriptors, never a photo;
-* ``test-picked``: the norm factor with the best H *on the test photos*. An upper bound, reported next to
-  the rules, never used to choose anything.
+* ``synthesize`` (library default, with variants: no offset, offsets 2 and 3), ``simulate``, ``budget`` and
+  ``logit-match``: the image-free rules of :mod:`classifier_injection.calibration`; they see the head, its
+  feature statistics and the descriptors, never a photo;
+* ``test-picked``: the norm factor with the best H *on the test photos*, and ``test-picked, with offset``: the
+  best (factor, bias offset) pair. Upper bounds, reported next to the rules, never used to choose anything.
 
 The one constant of ``logit-match`` (its margin) is chosen here on lite0 with *seen* classes only: per fold,
 160 of the 800 seen classes are held out (the split the simulation uses), the injector is refitted on the
