@@ -141,9 +141,10 @@ def inject(
             ``"synthesize"`` (default: re-runs the injection on held-out old classes, one more injector fit, and
             keeps the largest scale whose simulated cost to the old classes stays within a budget, scored on
             features synthesised from the BatchNorm statistics before the pool, with new biases raised by a
-            constant prior of 1 logit; models without those statistics fall back to ``"simulate"``), ``"simulate"`` (the same re-run scored on the rows' own directions),
-            ``"logit-match"`` (no refit; favours the new classes), ``"budget"``, ``"norm"``, ``"none"``, or an
-            instance from :mod:`classifier_injection.calibration`.
+            constant prior of 1 logit; models without those statistics fall back to ``"simulate"``),
+            ``"simulate"`` (the same re-run scored on the rows' own directions), ``"logit-match"`` (no refit;
+            favours the new classes), ``"budget"``, ``"norm"``, ``"none"``, or an instance from
+            :mod:`classifier_injection.calibration`.
             New biases are set against the model's mean feature when it can be estimated from the BatchNorm
             before the pool (:func:`~classifier_injection.features.feature_statistics`; one forward pass on a
             random input), else to the old rows' mean bias. The chosen scale and biases go into the provenance.
