@@ -52,8 +52,6 @@ from classifier_injection.calibration import (
     feature_mean_biases,
     fit_calibration,
     simulate_injections,
-    synthesize_features,
-    synthetic_gzsl_curve,
 )
 from classifier_injection.icis import ICISInjector
 from classifier_injection.injector import check_fit_inputs
@@ -398,20 +396,14 @@ def photo_spread(data, seen_idx: torch.Tensor) -> float:
 
 def _synthetic_curves(context, injections, spread: float):
     """``(spread, confidence, offset, curve)`` for the tuning grid: every spread and confidence without offset, and
-    the offsets at the measured ``spread``; features are synthesised once per (spread, confidence), exactly as
-    :meth:`SynthesizedCalibration.simulated_curve` would."""
-    seen_rows, mean = context.seen_rows.float(), context.feature_mean.float()
+    the offsets at the measured ``spread``; features are synthesised once per (spread, confidence)."""
     for sp in sorted({spread, *SYNTHESIZE_SPREADS}):
         for confidence in SYNTHESIZE_CONFIDENCES:
-            features, labels = synthesize_features(
-                seen_rows, mean, sp * context.feature_std.float(), confidence, 4, context.seed
-            )
+            rule = SynthesizedCalibration(spread=sp, confidence=confidence)
+            features = rule.synthesized_features(context)
             for offset in SYNTHESIZE_OFFSETS if sp == spread else (0.0,):
-                curves = [
-                    synthetic_gzsl_curve(seen_rows, held, rows, DEFAULT_FACTORS, features, labels, mean, offset)
-                    for held, rows in injections
-                ]
-                yield sp, confidence, offset, torch.stack(curves).mean(0)
+                curve = dataclasses.replace(rule, offset=offset).simulated_curve(context, injections, features)
+                yield sp, confidence, offset, curve
 
 
 def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence[str] = ("icis", "ridge")) -> dict:

@@ -800,21 +800,32 @@ class SynthesizedCalibration:
     def __call__(self, new_rows: torch.Tensor, seen_rows: torch.Tensor) -> torch.Tensor:
         _raise_unfitted(self)
 
-    def simulated_curve(
-        self, context: CalibrationContext, injections: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    ) -> torch.Tensor:
-        """Mean simulated ``[len(factors), 3]`` (S, U, H in %) on synthesised features over the repeats.
-
-        ``injections`` (from :func:`simulate_injections` on the same context) skips the injector refits.
-        """
+    def synthesized_features(self, context: CalibrationContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and labels this rule scores on (:func:`synthesize_features` with its spread and confidence)."""
         if context.feature_mean is None or context.feature_std is None:
             raise ValueError(f"the {self.name!r} calibration needs context.feature_mean and context.feature_std")
         seen_rows = context.seen_rows.detach().float().cpu()
         mean = context.feature_mean.detach().float().cpu()
         spread = self.spread * context.feature_std.detach().float().cpu()
+        return synthesize_features(seen_rows, mean, spread, self.confidence, self.samples, context.seed)
+
+    def simulated_curve(
+        self,
+        context: CalibrationContext,
+        injections: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Mean simulated ``[len(factors), 3]`` (S, U, H in %) on synthesised features over the repeats.
+
+        ``injections`` (from :func:`simulate_injections` on the same context) skips the injector refits;
+        ``features`` (from :meth:`synthesized_features` of a rule with the same spread and confidence) skips the
+        synthesis, e.g. to compare offsets on the same features.
+        """
+        features, labels = self.synthesized_features(context) if features is None else features
+        seen_rows = context.seen_rows.detach().float().cpu()
+        mean = context.feature_mean.detach().float().cpu()
         if injections is None:
             injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
-        features, labels = synthesize_features(seen_rows, mean, spread, self.confidence, self.samples, context.seed)
         return torch.stack(
             [
                 synthetic_gzsl_curve(seen_rows, h, p, self.factors, features, labels, mean, self.offset)
