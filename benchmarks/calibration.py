@@ -158,22 +158,31 @@ def norm_rows(
     return rows
 
 
+def _best_on_test(data, held, candidates) -> dict:
+    """The candidate ``(labels, rows)`` with the best H on the test photos (first one on ties), with its labels."""
+    best = None
+    for labels, rows in candidates:
+        metrics = evaluate_rows(data, held, rows)
+        if best is None or metrics["h"] > best["h"]:
+            best = {**metrics, **labels}
+    return best
+
+
 def _test_picked(data, held, predicted: torch.Tensor, seen_rows: torch.Tensor) -> dict:
     """The norm factor (and bias rule) with the best H on the test photos (upper bound only).
 
     Both bias rules are searched: the mean old bias, and the feature-mean biases when the model has a
     feature-mean estimate, so the bound is at least as high as either rule family can reach.
     """
-    best = None
-    for factor in DEFAULT_FACTORS:
-        candidates = {"mean": norm_rows(predicted, seen_rows, factor)}
-        if data.feature_mean is not None:
-            candidates["feature-mean"] = norm_rows(predicted, seen_rows, factor, data.feature_mean)
-        for bias_rule, rows in candidates.items():
-            metrics = evaluate_rows(data, held, rows)
-            if best is None or metrics["h"] > best["h"]:
-                best = {**metrics, "factor": factor, "bias_rule": bias_rule}
-    return best
+
+    def candidates():
+        for factor in DEFAULT_FACTORS:
+            yield {"factor": factor, "bias_rule": "mean"}, norm_rows(predicted, seen_rows, factor)
+            if data.feature_mean is not None:
+                rows = norm_rows(predicted, seen_rows, factor, data.feature_mean)
+                yield {"factor": factor, "bias_rule": "feature-mean"}, rows
+
+    return _best_on_test(data, held, candidates())
 
 
 #: Offsets (logits) searched by the second upper bound, ``test-picked, with offset``.
@@ -189,16 +198,16 @@ def _test_picked_with_offset(data, held, predicted: torch.Tensor, seen_rows: tor
     """
     if data.feature_mean is None:
         return None
-    best = None
-    for factor in BOUND_FACTORS:
-        rows = norm_rows(predicted, seen_rows, factor, data.feature_mean)
-        for offset in BOUND_OFFSETS:
-            shifted = rows.clone()
-            shifted[:, -1] += offset
-            metrics = evaluate_rows(data, held, shifted)
-            if best is None or metrics["h"] > best["h"]:
-                best = {**metrics, "factor": factor, "offset": offset}
-    return best
+
+    def candidates():
+        for factor in BOUND_FACTORS:
+            rows = norm_rows(predicted, seen_rows, factor, data.feature_mean)
+            for offset in BOUND_OFFSETS:
+                shifted = rows.clone()
+                shifted[:, -1] += offset
+                yield {"factor": factor, "offset": offset}, shifted
+
+    return _best_on_test(data, held, candidates())
 
 
 def evaluate_fold(
