@@ -750,7 +750,9 @@ class SynthesizedCalibration:
             :class:`SimulatedCalibration` with this tolerance picks from the same simulated injections (no extra
             fit). Without an offset, the synthetic budget over-charges rows predicted from weak descriptors
             (lite0, bare "a photo of a {name}." prompts, 5 folds: H 16.6 at S drop 5.9, against 24.6 at 19.3
-            for ``simulate``); the larger of the two factors avoids that. ``None``: the budget alone.
+            for ``simulate``); the larger of the two factors avoids that. ``None``: the budget alone. The
+            offset rule over-charges such rows too (same prompts: H 18.7 at S drop ~6) and has no floor yet: the
+            no-offset floor factor would overshoot once the offset is added.
         offset: logits added to every new row's feature-mean bias (a prior for the new classes); ``0`` gives
             the previous default (with ``max_seen_drop=2.5, floor_tolerance=0.1``).
 
