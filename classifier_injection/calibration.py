@@ -20,7 +20,9 @@ Rules:
   score them against the remaining rows on features *synthesised from the model's statistics* (the BatchNorm
   before the pool gives their mean and spread; each is pushed up the head's log-softmax to a fixed confidence),
   with the new rows' biases raised by a constant prior of 1 logit; keep the largest norm factor whose simulated
-  old-class accuracy falls at most 4 points. Models that hide those statistics get ``simulate``.
+  old-class accuracy falls at most 4 points, but no less than the factor ``simulate`` picks (carried over the
+  offset: the one that costs the simulated old classes as much). Models that hide those statistics get
+  ``simulate``.
 * ``"simulate"`` (:class:`SimulatedCalibration`): the same simulation scored on the rows' own directions as
   proxy features, taking the smallest factor whose simulated H is within 10 % of the best.
 * ``"budget"`` (:class:`BudgetCalibration`, opt-in): the same simulation on *noisy* row directions (noise set so
@@ -550,6 +552,18 @@ def _largest_within_budget(curve: torch.Tensor, factors: Sequence[float], max_se
     return max((i for i in order if curve[i, 0] >= floor), key=lambda i: factors[i], default=order[0])
 
 
+def _same_simulated_cost(curve: torch.Tensor, reference: torch.Tensor, index: int, factors: Sequence[float]) -> int:
+    """Index of the largest factor whose simulated S on ``curve`` is at least ``reference``'s S at ``index``.
+
+    Carries a factor chosen on one simulated curve (``reference``, e.g. without the offset) over to another on the
+    same features and injections: the factor that costs the old classes as much there. The smallest factor when
+    none does.
+    """
+    target = float(reference[index, 0])
+    order = sorted(range(len(factors)), key=lambda i: factors[i])
+    return max((i for i in order if curve[i, 0] >= target), key=lambda i: factors[i], default=order[0])
+
+
 def _raise_unfitted(rule) -> None:
     raise RuntimeError(
         f"{type(rule).__name__} must be fitted first: call .fit(CalibrationContext(...)) and use the result "
@@ -719,8 +733,7 @@ class SynthesizedCalibration:
     until it gives the class probability ``confidence`` (:func:`synthesize_features`). Kept rows keep their
     biases and new rows get the feature-mean biases they will really get, plus ``offset`` logits
     (:func:`synthetic_gzsl_curve`). The rule takes the largest factor whose simulated old-class accuracy falls at
-    most ``max_seen_drop`` points (or, with ``floor_tolerance``, the factor :class:`SimulatedCalibration` picks from
-    the same simulated injection when that is larger).
+    most ``max_seen_drop`` points, or the floor set by ``floor_tolerance`` when that is larger.
 
     The offset is a prior for the new classes, as in calibrated stacking: a photo of a new class leaves the
     old head unsure, and a constant boost lets a new row win exactly there, while a smaller norm factor keeps
@@ -746,15 +759,15 @@ class SynthesizedCalibration:
         confidence: class probability at which a synthesised feature stops climbing.
         max_seen_drop: allowed fall of simulated old-class accuracy, in points.
         samples: synthesised features per old class.
-        floor_tolerance: only with ``offset=0``: when set, the factor is at least the one
-            :class:`SimulatedCalibration` with this tolerance picks from the same simulated injections (no extra
-            fit). Without an offset, the synthetic budget over-charges rows predicted from weak descriptors
-            (lite0, bare "a photo of a {name}." prompts, 5 folds: H 16.6 at S drop 5.9, against 24.6 at 19.3
-            for ``simulate``); the larger of the two factors avoids that. ``None``: the budget alone. The
-            offset rule over-charges such rows too (same prompts: H 18.7 at S drop ~6) and has no floor yet: the
-            no-offset floor factor would overshoot once the offset is added.
+        floor_tolerance: when set, the factor is at least the one :class:`SimulatedCalibration` with this
+            tolerance picks from the same simulated injections (no extra fit); with an offset, that floor factor is
+            first carried over to the factor whose simulated old-class accuracy *with* the offset equals the
+            floor's *without* it (same features, same injections). The synthetic budget over-charges rows
+            predicted from weak descriptors (lite0, bare "a photo of a {name}." prompts, ICIS, 5 folds: budget
+            alone H 18.7 at S drop 6.1; with the floor 24.2 at 14.9); with the default descriptors the floor
+            never binds on lite0/1/2 (ICIS and ridge rows). ``None``: the budget alone.
         offset: logits added to every new row's feature-mean bias (a prior for the new classes); ``0`` gives
-            the previous default (with ``max_seen_drop=2.5, floor_tolerance=0.1``).
+            the previous default (with ``max_seen_drop=2.5``).
 
     ``spread``, ``confidence`` and ``max_seen_drop`` were chosen on held-out *seen* classes of lite0 with the
     default injector (``python -m benchmarks.calibration --tune-synthesize``): the largest budget whose real
@@ -771,7 +784,7 @@ class SynthesizedCalibration:
     confidence: float = 0.3
     max_seen_drop: float = 4.0
     samples: int = 4
-    floor_tolerance: float | None = None
+    floor_tolerance: float | None = 0.1
     offset: float = 1.0
     name: str = "synthesize"
 
@@ -789,11 +802,6 @@ class SynthesizedCalibration:
             raise ValueError(f"floor_tolerance must be None or in [0, 1), got {self.floor_tolerance}")
         if not math.isfinite(self.offset):
             raise ValueError(f"offset must be a finite number (logits), got {self.offset}")
-        if self.floor_tolerance is not None and self.offset != 0:
-            raise ValueError(
-                f"floor_tolerance applies to offset=0 only (its floor comes from a rule without offset), got "
-                f"offset={self.offset}: pass floor_tolerance=None, or offset=0"
-            )
 
     @property
     def bias(self) -> BiasRule:
@@ -853,17 +861,27 @@ class SynthesizedCalibration:
             fitted = SimulatedCalibration(self.holdout_fraction, self.repeats, self.factors).fit(context)
             _logger.info("synthesize calibration: no feature statistics, fell back to simulate")
             return dataclasses.replace(fitted, diagnostics={**fitted.diagnostics, "fallback_from": self.name})
-        if curve is None or (floor is not None and floor_curve is None):
+        # With an offset the floor is carried over through a curve without it, on the same features and injections.
+        translate_floor = floor is not None and self.offset != 0
+        injections = features = None
+        if curve is None or (floor is not None and floor_curve is None) or translate_floor:
             injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
-            if curve is None:
-                curve = self.simulated_curve(context, injections)
-            if floor is not None and floor_curve is None:
-                floor_curve = floor.simulated_curve(context, injections)
+        if curve is None or translate_floor:
+            features = self.synthesized_features(context)
+        if curve is None:
+            curve = self.simulated_curve(context, injections, features)
         best = _largest_within_budget(curve, self.factors, self.max_seen_drop)
         extra = {"synthesized_features": self.samples * len(context.seen_rows), "budget_factor": self.factors[best]}
         if floor is not None:
+            if floor_curve is None:
+                floor_curve = floor.simulated_curve(context, injections)
             floor_index = floor.choose(floor_curve)
             extra["floor_factor"] = self.factors[floor_index]
+            if translate_floor:
+                without_offset = dataclasses.replace(self, offset=0.0, floor_tolerance=None)
+                reference = without_offset.simulated_curve(context, injections, features)
+                floor_index = _same_simulated_cost(curve, reference, floor_index, self.factors)
+                extra["floor_factor_with_offset"] = self.factors[floor_index]
             if self.factors[floor_index] > self.factors[best]:
                 best = floor_index
         diagnostics = _simulation_diagnostics(self, context, curve[best], offset=self.offset, **extra)

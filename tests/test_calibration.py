@@ -308,7 +308,7 @@ def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     no_offset = SynthesizedCalibration(max_seen_drop=2.5, floor_tolerance=0.1, offset=0.0).fit(with_stats)
     assert evaluate_rows(data, held, no_offset(predicted, seen_rows))["h"] >= 0.8 * bound
     assert no_offset.factor >= SimulatedCalibration().fit(with_stats).factor
-    budget_only = SynthesizedCalibration(max_seen_drop=2.5, offset=0.0).fit(with_stats)
+    budget_only = SynthesizedCalibration(max_seen_drop=2.5, offset=0.0, floor_tolerance=None).fit(with_stats)
     assert evaluate_rows(data, held, budget_only(predicted, seen_rows))["seen"] >= oracle(data, held)["seen"] - 16
 
 
@@ -461,7 +461,7 @@ def test_synthesize_rule_keeps_the_largest_factor_within_its_budget_and_falls_ba
     assert fitted_tight == tight.fit(context), "deterministic given the context's seed"
     assert {"synthesized_features", "simulated_S", "bias_rule", "feature_source"} <= set(fitted_tight.diagnostics)
     # The floor: never below what `simulate` picks from the same simulated injection.
-    tight_no_offset = SynthesizedCalibration(max_seen_drop=0.5, offset=0.0).fit(context)
+    tight_no_offset = SynthesizedCalibration(max_seen_drop=0.5, offset=0.0, floor_tolerance=None).fit(context)
     floored = SynthesizedCalibration(max_seen_drop=0.5, floor_tolerance=0.1, offset=0.0).fit(context)
     simulated = SimulatedCalibration().fit(context)
     assert floored.factor == max(tight_no_offset.factor, simulated.factor)
@@ -476,9 +476,32 @@ def test_synthesize_rule_keeps_the_largest_factor_within_its_budget_and_falls_ba
     with pytest.raises(RuntimeError, match="fitted first"):
         tight(context.seen_rows[:1], context.seen_rows)
     bad_values = (dict(confidence=1.0), dict(spread=0.0), dict(max_seen_drop=-1.0), dict(samples=0), dict(repeats=0))
-    for bad in (*bad_values, dict(floor_tolerance=1.0, offset=0.0), dict(offset=math.inf), dict(floor_tolerance=0.1)):
+    for bad in (*bad_values, dict(floor_tolerance=1.0, offset=0.0), dict(offset=math.inf)):
         with pytest.raises(ValueError):
             SynthesizedCalibration(**bad)
+
+
+def test_synthesize_floor_is_carried_over_an_offset_at_the_same_simulated_cost():
+    """With an offset, the floor factor (chosen without one) becomes the largest factor whose simulated old-class
+    accuracy *with* the offset is still that of the floor without it, on the same features and injections."""
+    from classifier_injection.calibration import simulate_injections
+
+    context = _context_with_statistics()
+    rule = SynthesizedCalibration(max_seen_drop=0.5, floor_tolerance=0.1, offset=2.0)
+    fitted = rule.fit(context)
+    diagnostics = fitted.diagnostics
+    injections = simulate_injections(context, rule.holdout_fraction, rule.repeats)
+    features = rule.synthesized_features(context)
+    with_offset = rule.simulated_curve(context, injections, features)
+    without = dataclasses.replace(rule, offset=0.0, floor_tolerance=None).simulated_curve(context, injections, features)
+    target = without[rule.factors.index(diagnostics["floor_factor"]), 0]
+    carried = rule.factors.index(diagnostics["floor_factor_with_offset"])
+    assert with_offset[carried, 0] >= target or carried == 0
+    assert (with_offset[carried + 1 :, 0] < target).all(), "no larger factor keeps that accuracy"
+    assert diagnostics["floor_factor"] == SimulatedCalibration().fit(context).factor
+    assert fitted.factor == max(diagnostics["budget_factor"], diagnostics["floor_factor_with_offset"])
+    assert fitted == rule.fit(context), "deterministic given the context's seed"
+    assert "floor_factor_with_offset" not in SynthesizedCalibration(floor_tolerance=0.1, offset=0.0).fit(context).diagnostics
 
 
 def test_synthesize_offset_is_simulated_and_added_to_the_new_rows_biases():
