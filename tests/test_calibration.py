@@ -501,7 +501,8 @@ def test_synthesize_floor_is_carried_over_an_offset_at_the_same_simulated_cost()
     assert diagnostics["floor_factor"] == SimulatedCalibration().fit(context).factor
     assert fitted.factor == max(diagnostics["budget_factor"], diagnostics["floor_factor_with_offset"])
     assert fitted == rule.fit(context), "deterministic given the context's seed"
-    assert "floor_factor_with_offset" not in SynthesizedCalibration(floor_tolerance=0.1, offset=0.0).fit(context).diagnostics
+    no_offset = SynthesizedCalibration(floor_tolerance=0.1, offset=0.0).fit(context)
+    assert "floor_factor_with_offset" not in no_offset.diagnostics
 
 
 def test_synthesize_offset_is_simulated_and_added_to_the_new_rows_biases():
