@@ -141,7 +141,8 @@ def inject(
             ``"synthesize"`` (default: re-runs the injection on held-out old classes, one more injector fit, and
             keeps the largest scale whose simulated cost to the old classes stays within a budget, scored on
             features synthesised from the BatchNorm statistics before the pool, with new biases raised by a
-            constant prior of 1 logit; models without those statistics fall back to ``"simulate"``),
+            constant prior of 1 logit, and never below ``"simulate"``'s scale carried over that prior; models
+            without those statistics fall back to ``"simulate"``),
             ``"simulate"`` (the same re-run scored on the rows' own directions), ``"logit-match"`` (no refit;
             favours the new classes), ``"budget"``, ``"norm"``, ``"none"``, or an instance from
             :mod:`classifier_injection.calibration`.
