@@ -545,23 +545,16 @@ def _check_simulation_rule(rule) -> None:
     _check_bias_rule(rule.bias)
 
 
+def _largest_keeping(curve: torch.Tensor, factors: Sequence[float], min_seen: float) -> int:
+    """Index of the largest factor whose simulated S is at least ``min_seen`` (the smallest factor when none is)."""
+    order = sorted(range(len(factors)), key=lambda i: factors[i])
+    return max((i for i in order if curve[i, 0] >= min_seen), key=lambda i: factors[i], default=order[0])
+
+
 def _largest_within_budget(curve: torch.Tensor, factors: Sequence[float], max_seen_drop: float) -> int:
     """Index of the largest factor whose simulated S is at most ``max_seen_drop`` below S at the smallest factor."""
-    order = sorted(range(len(factors)), key=lambda i: factors[i])
-    floor = float(curve[order[0], 0]) - max_seen_drop
-    return max((i for i in order if curve[i, 0] >= floor), key=lambda i: factors[i], default=order[0])
-
-
-def _same_simulated_cost(curve: torch.Tensor, reference: torch.Tensor, index: int, factors: Sequence[float]) -> int:
-    """Index of the largest factor whose simulated S on ``curve`` is at least ``reference``'s S at ``index``.
-
-    Carries a factor chosen on one simulated curve (``reference``, e.g. without the offset) over to another on the
-    same features and injections: the factor that costs the old classes as much there. The smallest factor when
-    none does.
-    """
-    target = float(reference[index, 0])
-    order = sorted(range(len(factors)), key=lambda i: factors[i])
-    return max((i for i in order if curve[i, 0] >= target), key=lambda i: factors[i], default=order[0])
+    smallest = min(range(len(factors)), key=lambda i: factors[i])
+    return _largest_keeping(curve, factors, float(curve[smallest, 0]) - max_seen_drop)
 
 
 def _raise_unfitted(rule) -> None:
@@ -880,7 +873,8 @@ class SynthesizedCalibration:
             if translate_floor:
                 without_offset = dataclasses.replace(self, offset=0.0, floor_tolerance=None)
                 reference = without_offset.simulated_curve(context, injections, features)
-                floor_index = _same_simulated_cost(curve, reference, floor_index, self.factors)
+                # The factor that costs the simulated old classes as much with the offset as the floor does without.
+                floor_index = _largest_keeping(curve, self.factors, float(reference[floor_index, 0]))
                 extra["floor_factor_with_offset"] = self.factors[floor_index]
             if self.factors[floor_index] > self.factors[best]:
                 best = floor_index
