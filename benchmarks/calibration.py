@@ -438,7 +438,10 @@ def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence
             context, true_s = split.context, split.true_s
             injections = simulate_injections(context, 0.2, 1)
             for sp, confidence, offset, curve in _synthetic_curves(context, injections, spread):
-                budget_only = SynthesizedCalibration(spread=sp, confidence=confidence, offset=offset)
+                # The budget alone (no floor): the tuning measures what each budget costs by itself.
+                budget_only = SynthesizedCalibration(
+                    spread=sp, confidence=confidence, offset=offset, floor_tolerance=None
+                )
                 for drop in SYNTHESIZE_DROPS:
                     rule = dataclasses.replace(budget_only, max_seen_drop=drop)
                     fitted = rule.fit(context, curve)
