@@ -210,10 +210,22 @@ def _test_picked_with_offset(data, held, predicted: torch.Tensor, seen_rows: tor
     return _best_on_test(data, held, candidates())
 
 
-def evaluate_fold(
-    data, descriptors: torch.Tensor, fold: int, injector_name: str, margin: float, tolerance: float
-) -> dict:
-    """All rules on one fold: ``{rule: metrics + chosen factor + seconds}``."""
+#: The default rule and its offset variants, each with the budget chosen for its offset on lite0's seen classes
+#: (``calibration_synthesize_tuning.md``).
+OFFSET_VARIANTS = {
+    "synthesize": SynthesizedCalibration(),
+    "synthesize, no offset": SynthesizedCalibration(max_seen_drop=2.5, floor_tolerance=0.1, offset=0.0),
+    "synthesize, offset 2": SynthesizedCalibration(max_seen_drop=6.0, offset=2.0),
+    "synthesize, offset 3": SynthesizedCalibration(max_seen_drop=12.0, offset=3.0),
+}
+
+
+def fold_context(data, descriptors: torch.Tensor, fold: int, injector_name: str):
+    """One fold's injection, as ``inject()`` does it: ``(held-out classes, predicted rows, calibration context)``.
+
+    The context holds what a rule may see (the seen rows and descriptors, the image-free feature statistics, a
+    factory of fresh injectors); never a photo.
+    """
     held, _, seen_a, new_a, seen_rows = _fold_inputs(data, descriptors, fold)
     injector = INJECTORS[injector_name]()
     factory = copying_factory(injector)
@@ -233,6 +245,15 @@ def evaluate_fold(
         feature_source="benchmarks.data.estimated_feature_statistics",
         feature_std=data.feature_std,
     )
+    return held, predicted, context
+
+
+def evaluate_fold(
+    data, descriptors: torch.Tensor, fold: int, injector_name: str, margin: float, tolerance: float
+) -> dict:
+    """All rules on one fold: ``{rule: metrics + chosen factor + seconds}``."""
+    held, predicted, context = fold_context(data, descriptors, fold, injector_name)
+    seen_rows = context.seen_rows
     out = {}
     for label, rule in (
         ("norm x1", NormCalibration()),
@@ -241,11 +262,8 @@ def evaluate_fold(
         ("simulate, mean bias", SimulatedCalibration(tolerance=tolerance, bias="mean")),
         ("logit-match, mean bias", LogitMatchCalibration(margin=margin, bias="mean")),
         ("budget (opt-in)", BudgetCalibration()),
-        ("synthesize", SynthesizedCalibration()),
         ("synthesize, no floor", SynthesizedCalibration(floor_tolerance=None)),
-        ("synthesize, no offset", SynthesizedCalibration(max_seen_drop=2.5, floor_tolerance=0.1, offset=0.0)),
-        ("synthesize, offset 2", SynthesizedCalibration(max_seen_drop=6.0, offset=2.0)),
-        ("synthesize, offset 3", SynthesizedCalibration(max_seen_drop=12.0, offset=3.0)),
+        *OFFSET_VARIANTS.items(),
     ):
         start = time.perf_counter()
         fitted = fit_calibration(rule, context)

@@ -92,11 +92,16 @@ def _with_statistics(model_name: str, rows: torch.Tensor, features: torch.Tensor
 
 
 @torch.no_grad()
-def head_data(model_name: str, batch_size: int = 50) -> HeadData:
-    """Head rows and photo features of ``model_name``, extracted once and cached."""
+def head_data(model_name: str, batch_size: int = 50, image_size: int | None = None) -> HeadData:
+    """Head rows and photo features of ``model_name``, extracted once and cached.
+
+    ``image_size``: photos resized to this many pixels instead of the model's own test size (a shift of the
+    photos' distribution the head never sees; ``benchmarks.calibration_shift``).
+    """
     from safetensors.torch import load_file, save_file
 
-    cache = CACHE / f"{model_name}.safetensors"
+    suffix = "" if image_size is None else f"@{image_size}px"
+    cache = CACHE / f"{model_name}{suffix}.safetensors"
     if cache.is_file():
         t = load_file(str(cache))
         return _with_statistics(model_name, t["rows"], t["features"], t["labels"])
@@ -108,7 +113,8 @@ def head_data(model_name: str, batch_size: int = 50) -> HeadData:
 
     model = load_model(model_name)
     head = find_head(model)
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    overrides = {} if image_size is None else {"input_size": (3, image_size, image_size)}
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(overrides, model=model))
     captured: list[torch.Tensor] = []
     hook = head.layer(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].flatten(1)))
     paths = photo_paths()

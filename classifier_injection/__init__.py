@@ -23,12 +23,15 @@ from .calibration import (
     BudgetCalibration,
     Calibration,
     CalibrationContext,
+    FactorChoice,
     LogitMatchCalibration,
     NoCalibration,
     NormCalibration,
     SimulatedCalibration,
+    SynthesizedCalibration,
     get_calibration,
 )
+from .calibration_cache import CalibrationCache
 from .descriptors import DescriptorConfig, embed_classes, seen_class_names
 from .embedders import (
     DEFAULT_SENTENCE_MODEL,
@@ -51,12 +54,14 @@ __all__ = [
     "BudgetCalibration",
     "COSTAInjector",
     "Calibration",
+    "CalibrationCache",
     "CalibrationContext",
     "ClassifierHead",
     "CombinedEmbedder",
     "ConSE",
     "DescriptorConfig",
     "Embedder",
+    "FactorChoice",
     "FeatureStatistics",
     "ICISConfig",
     "ICISInjector",
@@ -72,6 +77,7 @@ __all__ = [
     "SentenceTransformerEmbedder",
     "SimulatedCalibration",
     "SubRegInjector",
+    "SynthesizedCalibration",
     "UnsupportedHeadError",
     "VGSESMOInjector",
     "VGSEWAvgInjector",

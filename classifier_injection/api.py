@@ -25,6 +25,7 @@ from .calibration import (
     fit_calibration,
     get_calibration,
 )
+from .calibration_cache import CalibrationCache
 from .descriptors import DescriptorConfig, default_config_for, describe_injection, embed_classes, seen_class_names
 from .embedders import Embedder, default_embedder
 from .features import feature_statistics
@@ -130,9 +131,12 @@ def inject(
             (seen classes of ImageNet heads: by WordNet id); see the ``"descriptions"`` provenance entry.
         descriptor_config: how classes become texts (templates, WordNet look-up and its ambiguity policy,
             ``use_definitions=False`` to turn definitions off); see :class:`DescriptorConfig`.
-        embedding_cache: on-disk cache of text embeddings (the seen classes are embedded once per embedder):
-            ``True`` (``$CLASSIFIER_INJECTION_CACHE`` or ``~/.cache/classifier_injection``), ``False``, a
-            directory or an :class:`~classifier_injection.cache.EmbeddingCache`.
+        embedding_cache: on-disk cache of text embeddings (the seen classes are embedded once per embedder)
+            and, in its ``calibration/`` folder, of the calibration's choice per head (a second injection into
+            the same head with the same injector, descriptors and seed skips the simulation, about two thirds of
+            the time; :mod:`~classifier_injection.calibration_cache`): ``True`` (``$CLASSIFIER_INJECTION_CACHE``
+            or ``~/.cache/classifier_injection/embeddings``), ``False``, a directory or an
+            :class:`~classifier_injection.cache.EmbeddingCache`.
         injector: any :class:`~classifier_injection.injector.Injector`; default ICIS. An ICIS injector
             that is already trained (e.g. :meth:`ICISInjector.load`) is reused without refitting, after
             checking it was trained on this head.
@@ -238,7 +242,8 @@ def inject(
             feature_source=stats.source if stats is not None else None,
             feature_std=stats.std if stats is not None else None,
         )
-        calibrate = fit_calibration(calibrate, context)
+        choices = CalibrationCache(cache.directory / "calibration") if cache is not None else None
+        calibrate = fit_calibration(calibrate, context, choices)
     new_rows = apply_new_class_scale(calibrate(predicted, seen_rows), new_class_scale)
     if not torch.isfinite(new_rows).all():
         raise RuntimeError("the injector produced non-finite rows; try another seed or injector")

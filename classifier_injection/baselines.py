@@ -67,6 +67,8 @@ class _SeenMemory:
     """Base of the non-parametric baselines: they keep the seen descriptors and rows and combine rows."""
 
     name = "seen-memory"
+    #: Its fit is fixed by its class, ``hparams()`` and the seed: calibration choices may be cached.
+    cacheable = True
 
     def __init__(self) -> None:
         self.seen_descriptors: torch.Tensor | None = None
@@ -107,6 +109,8 @@ class RidgeInjector:
     """
 
     name = "ridge"
+    #: Its fit is fixed by its class, ``hparams()`` and the seed: calibration choices may be cached.
+    cacheable = True
 
     def __init__(self, alpha: float = 1.0) -> None:
         self.alpha = _positive(alpha, "alpha")
@@ -271,6 +275,8 @@ class _TrainedMLP:
     """Base of the MLP baselines: descriptor -> row, Adam, fixed number of epochs, seeded."""
 
     name = "mlp-base"
+    #: Its fit is fixed by its class, ``hparams()`` and the seed: calibration choices may be cached.
+    cacheable = True
 
     def __init__(
         self,

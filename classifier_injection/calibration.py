@@ -84,6 +84,7 @@ __all__ = [
     "BudgetCalibration",
     "Calibration",
     "CalibrationContext",
+    "FactorChoice",
     "FittableCalibration",
     "LogitMatchCalibration",
     "NoCalibration",
@@ -332,6 +333,58 @@ def _fitted(
     if used == "feature-mean":
         diagnostics["feature_source"] = context.feature_source
     return ScaledCalibration(name=name, factor=factor, bias=bias, biases=biases, diagnostics=diagnostics)
+
+
+@dataclass(frozen=True)
+class FactorChoice:
+    """What a simulation rule chose for a head before it looks at the new rows; JSON-able, so it can be cached.
+
+    The simulation rules (``simulate``, ``budget``, ``synthesize``) look at the old classes only (their rows and
+    descriptors, the feature statistics, a fresh injector), so their choice holds for any classes injected into
+    the same head with the same injector, descriptors and seed (:class:`~classifier_injection.calibration_cache.
+    CalibrationCache` keeps it). :meth:`apply` turns it into the fitted calibration of one injection: the per-row
+    biases need the new rows.
+
+    Attributes:
+        name: the rule that chose (``"synthesize"``, or ``"simulate"`` when it fell back).
+        factor: norm factor (x the old rows' mean norm).
+        bias_rule: how the new rows' biases are set (see :func:`_fitted`).
+        offset: logits added to every new bias.
+        diagnostics: JSON-able provenance of the choice (simulated S/U/H, ...).
+    """
+
+    name: str
+    factor: float
+    bias_rule: BiasRule
+    offset: float = 0.0
+    diagnostics: dict = field(default_factory=dict)
+
+    def apply(self, context: CalibrationContext) -> ScaledCalibration:
+        """The fitted calibration for the new rows of ``context``."""
+        return _fitted(self.name, self.factor, self.bias_rule, context, self.diagnostics, self.offset)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FactorChoice:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` on anything else (e.g. a damaged cache file)."""
+        if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError(f"not a FactorChoice: {data!r:.200}")
+        choice = cls(**data)
+        valid = (
+            isinstance(choice.name, str)
+            and isinstance(choice.factor, float)
+            and math.isfinite(choice.factor)
+            and choice.factor > 0
+            and choice.bias_rule in _BIAS_RULES
+            and isinstance(choice.offset, int | float)
+            and math.isfinite(choice.offset)
+            and isinstance(choice.diagnostics, dict)
+        )
+        if not valid:
+            raise ValueError(f"not a valid FactorChoice: {data!r:.200}")
+        return choice
 
 
 def prototype_gzsl_curve(
@@ -638,14 +691,18 @@ class SimulatedCalibration:
         order = sorted(range(len(self.factors)), key=lambda i: self.factors[i])
         return next(i for i in order if curve[i, 2] >= (1 - self.tolerance) * top)
 
-    def fit(self, context: CalibrationContext, curve: torch.Tensor | None = None) -> ScaledCalibration:
-        """Fit on ``context``; ``curve`` (from :meth:`simulated_curve` on the same context) skips the simulation."""
+    def select(self, context: CalibrationContext, curve: torch.Tensor | None = None) -> FactorChoice:
+        """The choice on ``context``'s old classes; ``curve`` (from :meth:`simulated_curve`) skips the simulation."""
         curve = self.simulated_curve(context) if curve is None else curve
         best = self.choose(curve)
         factor = float(self.factors[best])
         diagnostics = _simulation_diagnostics(self, context, curve[best])
         _logger.info("simulate calibration: factor %.3f (%s)", factor, diagnostics)
-        return _fitted(self.name, factor, self.bias, context, diagnostics)
+        return FactorChoice(self.name, factor, self.bias, 0.0, diagnostics)
+
+    def fit(self, context: CalibrationContext, curve: torch.Tensor | None = None) -> ScaledCalibration:
+        """Fit on ``context``; ``curve`` (from :meth:`simulated_curve` on the same context) skips the simulation."""
+        return self.select(context, curve).apply(context)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -698,6 +755,10 @@ class BudgetCalibration:
         _raise_unfitted(self)
 
     def fit(self, context: CalibrationContext) -> ScaledCalibration:
+        return self.select(context).apply(context)
+
+    def select(self, context: CalibrationContext) -> FactorChoice:
+        """The choice on ``context``'s old classes (see :class:`FactorChoice`)."""
         seen_rows = context.seen_rows.detach().float().cpu()
         injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
         noise = proxy_noise(seen_rows, self.proxy_accuracy, self.samples, context.seed)
@@ -709,7 +770,7 @@ class BudgetCalibration:
         ).mean(0)
         best = _largest_within_budget(curve, self.factors, self.max_seen_drop)
         diagnostics = _simulation_diagnostics(self, context, curve[best], proxy_noise=round(noise, 6))
-        return _fitted(self.name, float(self.factors[best]), self.bias, context, diagnostics)
+        return FactorChoice(self.name, float(self.factors[best]), self.bias, 0.0, diagnostics)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -849,11 +910,20 @@ class SynthesizedCalibration:
     ) -> ScaledCalibration:
         """Fit on ``context``. ``curve`` (from :meth:`simulated_curve`) and ``floor_curve`` (the prototype curve of
         :meth:`SimulatedCalibration.simulated_curve`, needed when ``floor_tolerance`` is set) skip the simulation."""
+        return self.select(context, curve, floor_curve).apply(context)
+
+    def select(
+        self,
+        context: CalibrationContext,
+        curve: torch.Tensor | None = None,
+        floor_curve: torch.Tensor | None = None,
+    ) -> FactorChoice:
+        """The choice on ``context``'s old classes (see :class:`FactorChoice`); arguments as for :meth:`fit`."""
         floor = self._floor()
         if curve is None and (context.feature_mean is None or context.feature_std is None):
-            fitted = SimulatedCalibration(self.holdout_fraction, self.repeats, self.factors).fit(context)
+            choice = SimulatedCalibration(self.holdout_fraction, self.repeats, self.factors).select(context)
             _logger.info("synthesize calibration: no feature statistics, fell back to simulate")
-            return dataclasses.replace(fitted, diagnostics={**fitted.diagnostics, "fallback_from": self.name})
+            return dataclasses.replace(choice, diagnostics={**choice.diagnostics, "fallback_from": self.name})
         # With an offset the floor is carried over through a curve without it, on the same features and injections.
         translate_floor = floor is not None and self.offset != 0
         injections = features = None
@@ -880,7 +950,7 @@ class SynthesizedCalibration:
                 best = floor_index
         diagnostics = _simulation_diagnostics(self, context, curve[best], offset=self.offset, **extra)
         _logger.info("synthesize calibration: factor %.3f (%s)", self.factors[best], diagnostics)
-        return _fitted(self.name, float(self.factors[best]), "feature-mean", context, diagnostics, self.offset)
+        return FactorChoice(self.name, float(self.factors[best]), "feature-mean", self.offset, diagnostics)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1006,10 +1076,26 @@ def get_calibration(calibration: str | Calibration | FittableCalibration | None)
     return calibration
 
 
-def fit_calibration(calibration: Calibration | FittableCalibration, context: CalibrationContext) -> Calibration:
-    """``calibration.fit(context)`` for rules that need fitting, the calibration itself otherwise."""
+def fit_calibration(
+    calibration: Calibration | FittableCalibration, context: CalibrationContext, cache: ChoiceStore | None = None
+) -> Calibration:
+    """``calibration.fit(context)`` for rules that need fitting, the calibration itself otherwise.
+
+    ``cache`` (a :class:`~classifier_injection.calibration_cache.CalibrationCache`) keeps the choice of the rules
+    that make it from the old classes alone (those with a ``select`` method, see :class:`FactorChoice`).
+    """
     fit = getattr(calibration, "fit", None)
-    return fit(context) if callable(fit) else calibration
+    if not callable(fit):
+        return calibration
+    if cache is not None and callable(getattr(calibration, "select", None)):
+        return cache.select(calibration, context).apply(context)
+    return fit(context)
+
+
+class ChoiceStore(Protocol):
+    """Where :func:`fit_calibration` keeps the choices of the simulation rules (``CalibrationCache``)."""
+
+    def select(self, rule: object, context: CalibrationContext) -> FactorChoice: ...
 
 
 def copying_factory(injector: object) -> Callable[[], object]:

@@ -222,6 +222,8 @@ class ICISInjector:
     """
 
     name = "icis"
+    #: Its fit is fixed by ``hparams()`` (config and seed): calibration choices may be cached.
+    cacheable = True
 
     def __init__(self, config: ICISConfig | None = None, *, seed: int = 0, progress: bool = False) -> None:
         self.config = config or ICISConfig()

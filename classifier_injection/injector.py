@@ -41,6 +41,10 @@ class Injector(Protocol):
         ...
 
 
+# Optional: ``cacheable = True`` on an injector whose fit is fixed by its class, ``hparams()`` and the seed lets
+# ``inject()`` reuse the calibration's simulation for the same head (classifier_injection.calibration_cache).
+
+
 def check_fit_inputs(
     seen_descriptors: torch.Tensor, seen_rows: torch.Tensor, new_descriptors: torch.Tensor | None = None
 ) -> None:

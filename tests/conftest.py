@@ -36,6 +36,18 @@ class CountingEmbedder:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    # inject() caches embeddings and calibration choices on disk: the suite uses its own folder, never the user's.
+    previous = os.environ.get("CLASSIFIER_INJECTION_CACHE")
+    os.environ["CLASSIFIER_INJECTION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CLASSIFIER_INJECTION_CACHE", None)
+    else:
+        os.environ["CLASSIFIER_INJECTION_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # The test models are tiny: intra-op threads only add overhead, and on a shared 2-core machine contention.
     threads = torch.get_num_threads()

@@ -1,0 +1,121 @@
+"""On-disk cache of the calibration's choice per head, so repeated injections skip the simulation.
+
+The default calibration (``synthesize``) re-runs the injection on held-out old classes (one more injector fit)
+and synthesises features for every old class: about two thirds of an ``inject()`` call on a 1000-class head. Its
+choice, a :class:`~classifier_injection.calibration.FactorChoice`, depends on the old classes only: their rows
+and descriptors, the model's feature statistics, the injector's configuration, the rule and the seed. Injecting
+other classes into the same head later reuses it; only the per-row biases, which need the new rows, are
+recomputed. A cached choice is exactly the one a fresh simulation would make: the key covers every input of the
+rule, the library version and the source of the modules the simulation runs.
+
+Only injectors that declare ``cacheable = True`` (ICIS and the library's baselines: their fit is fixed by their
+class, ``hparams()`` and the seed) are cached; a user's own injector is simulated every time. One JSON file per
+key; nothing is unpickled; a damaged file is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibration import CalibrationContext, FactorChoice
+
+__all__ = ["CalibrationCache"]
+
+_logger = logging.getLogger(__name__)
+
+#: Modules whose code decides a simulation rule's choice; a change to any of them invalidates the cache.
+_SIMULATION_MODULES = ("calibration", "icis", "baselines", "injector")
+
+
+@functools.cache
+def _code_digest() -> str:
+    h = hashlib.sha256(__version__.encode())
+    for module in _SIMULATION_MODULES:
+        h.update((Path(__file__).parent / f"{module}.py").read_bytes())
+    return h.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor | None) -> bytes:
+    if tensor is None:
+        return b"none"
+    data = tensor.detach().float().cpu().contiguous()
+    return str(tuple(data.shape)).encode() + data.numpy().tobytes()
+
+
+def choice_key(rule: object, context: CalibrationContext) -> str | None:
+    """The cache key of ``rule``'s choice on ``context``, or ``None`` when it cannot be cached safely."""
+    if context.injector_factory is None or not callable(getattr(rule, "to_dict", None)):
+        return None
+    injector = context.injector_factory()
+    if getattr(injector, "cacheable", False) is not True or not callable(getattr(injector, "hparams", None)):
+        return None
+    description = {
+        "rule": [type(rule).__module__, type(rule).__qualname__, rule.to_dict()],
+        "injector": [type(injector).__module__, type(injector).__qualname__, injector.hparams()],
+        "seed": context.seed,
+        "feature_source": context.feature_source,
+    }
+    h = hashlib.sha256(_code_digest().encode())
+    h.update(json.dumps(description, sort_keys=True, default=str).encode())
+    for tensor in (context.seen_rows, context.seen_descriptors, context.feature_mean, context.feature_std):
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()[:32]
+
+
+class CalibrationCache:
+    """Calibration choices on disk, one JSON file per (head, descriptors, injector, rule, seed).
+
+    Args:
+        directory: where the files live; created on first write.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory).expanduser()
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def get(self, key: str) -> FactorChoice | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return FactorChoice.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as err:  # damaged or foreign: recompute, the put rewrites it
+            _logger.warning("ignoring unreadable calibration cache %s (%s)", path, err)
+            return None
+
+    def put(self, key: str, choice: FactorChoice) -> None:
+        """Store ``choice`` atomically (readers never see a half-written file)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(choice.to_dict(), f, sort_keys=True)
+            os.replace(tmp, self.path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def select(self, rule: object, context: CalibrationContext) -> FactorChoice:
+        """``rule.select(context)``, read from the cache when this choice was made before."""
+        key = choice_key(rule, context)
+        if key is not None and (choice := self.get(key)) is not None:
+            _logger.info("calibration: reusing the cached choice %s (factor %.3f)", key, choice.factor)
+            return choice
+        choice = rule.select(context)
+        if key is not None:
+            self.put(key, choice)
+        return choice
+
+    def __repr__(self) -> str:
+        return f"CalibrationCache({str(self.directory)!r})"

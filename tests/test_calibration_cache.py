@@ -1,0 +1,120 @@
+"""The on-disk cache of calibration choices: reused exactly for the same head, never for another."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import timm
+import torch
+
+import classifier_injection.calibration as calibration
+from classifier_injection import ICISConfig, ICISInjector, find_head, inject
+from classifier_injection.calibration import FactorChoice
+
+NAMES = [f"class {i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def lite0() -> torch.nn.Module:
+    # Has a BatchNorm before the pool, so the default rule (synthesize) runs rather than its fallback.
+    torch.manual_seed(0)
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=12).eval()
+
+
+@pytest.fixture
+def simulations(monkeypatch) -> list[int]:
+    """Counts the simulated injections (the expensive step the cache skips)."""
+    calls: list[int] = []
+    original = calibration.simulate_injections
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "simulate_injections", counting)
+    return calls
+
+
+def _inject(model, names, embedder, cache, class_names=NAMES, **kwargs):
+    config = ICISConfig(latent_dim=16, max_epochs=3)
+    kwargs.setdefault("icis_config", None if "injector" in kwargs else config)
+    return inject(model, names, embedder=embedder, class_names=class_names, embedding_cache=cache, **kwargs)
+
+
+def _new_rows(model) -> torch.Tensor:
+    return find_head(model).rows(model)[12:]
+
+
+def test_second_injection_into_the_same_head_reuses_the_choice_exactly(lite0, embedder, tmp_path, simulations):
+    first = _inject(lite0, ["capybara"], embedder, tmp_path)
+    assert len(simulations) == 1
+    files = list((tmp_path / "calibration").glob("*.json"))
+    assert len(files) == 1, "one choice stored, as JSON"
+    assert json.loads(files[0].read_text())["name"] == "synthesize"
+
+    cached = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
+    assert len(simulations) == 1, "the second injection skipped the simulation"
+    fresh = _inject(lite0, ["red panda", "okapi"], embedder, False)
+    assert len(simulations) == 2
+    torch.testing.assert_close(_new_rows(cached), _new_rows(fresh), rtol=0, atol=0)
+    record = cached.classifier_injection["injections"][-1]["calibration"]
+    assert record == fresh.classifier_injection["injections"][-1]["calibration"]
+    assert record["factor"] == first.classifier_injection["injections"][-1]["calibration"]["factor"]
+    assert len(record["biases"]) == 2, "per-row biases are computed for the new rows, not cached"
+
+
+def test_another_seed_rule_or_head_is_not_served_from_the_cache(lite0, embedder, tmp_path, simulations):
+    _inject(lite0, ["capybara"], embedder, tmp_path)
+    _inject(lite0, ["capybara"], embedder, tmp_path, seed=1)
+    _inject(lite0, ["capybara"], embedder, tmp_path, calibration=calibration.SynthesizedCalibration(offset=0.5))
+    other_head = _inject(lite0, ["capybara"], embedder, tmp_path)  # a grown head (13 classes) is another head
+    _inject(other_head, ["okapi"], embedder, tmp_path, class_names=None)
+    assert len(simulations) == 4
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 4
+
+
+def test_damaged_or_foreign_cache_files_are_ignored_and_rewritten(lite0, embedder, tmp_path, simulations, caplog):
+    reference = _inject(lite0, ["capybara"], embedder, tmp_path)
+    (path,) = (tmp_path / "calibration").glob("*.json")
+    for damage in ("{not json", json.dumps({"name": "synthesize"}), "[]"):
+        path.write_text(damage)
+        with caplog.at_level(logging.WARNING, logger="classifier_injection.calibration_cache"):
+            again = _inject(lite0, ["capybara"], embedder, tmp_path)
+        assert "ignoring unreadable calibration cache" in caplog.text
+        caplog.clear()
+        torch.testing.assert_close(_new_rows(again), _new_rows(reference), rtol=0, atol=0)
+        assert FactorChoice.from_dict(json.loads(path.read_text())).name == "synthesize", "rewritten"
+    assert len(simulations) == 4
+
+
+def test_only_injectors_that_declare_a_reproducible_fit_are_cached(lite0, embedder, tmp_path, simulations):
+    class OwnICIS(ICISInjector):
+        cacheable = False  # e.g. a user's subclass whose fit depends on more than hparams()
+
+    config = ICISConfig(latent_dim=16, max_epochs=3)
+    for _ in range(2):
+        _inject(lite0, ["capybara"], embedder, tmp_path, injector=OwnICIS(config))
+    assert len(simulations) == 2
+    assert not (tmp_path / "calibration").exists()
+    _inject(lite0, ["capybara"], embedder, False)
+    assert not (tmp_path / "calibration").exists(), "embedding_cache=False writes nothing"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"name": "synthesize", "factor": 1.0, "bias_rule": "feature-mean", "offset": 1.0},
+        {"name": "s", "factor": -1.0, "bias_rule": "feature-mean", "offset": 1.0, "diagnostics": {}},
+        {"name": "s", "factor": 1.0, "bias_rule": "median", "offset": 1.0, "diagnostics": {}},
+        {"name": "s", "factor": 1.0, "bias_rule": "mean", "offset": float("nan"), "diagnostics": {}},
+        {"name": "s", "factor": 1.0, "bias_rule": "mean", "offset": 0.0, "diagnostics": {}, "extra": 1},
+    ],
+)
+def test_factor_choice_from_dict_rejects_anything_else(data):
+    with pytest.raises(ValueError):
+        FactorChoice.from_dict(data)
+    choice = FactorChoice("synthesize", 1.1, "feature-mean", 1.0, {"simulated_S": 90.0})
+    assert FactorChoice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
