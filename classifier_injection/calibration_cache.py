@@ -32,6 +32,9 @@ __all__ = ["CalibrationCache"]
 
 _logger = logging.getLogger(__name__)
 
+#: ``hparams()`` entries that report a fit's outcome rather than a setting.
+_FIT_RESULTS = frozenset({"epochs_trained"})
+
 #: Modules whose code decides a simulation rule's choice; a change to any of them invalidates the cache.
 _SIMULATION_MODULES = ("calibration", "icis", "baselines", "injector")
 
@@ -58,9 +61,12 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
     injector = context.injector_factory()
     if getattr(injector, "cacheable", False) is not True or not callable(getattr(injector, "hparams", None)):
         return None
+    # The simulation refits fresh copies, so a trained injector simulates as an untrained one: what its last fit
+    # gave (ICIS's ``epochs_trained``) is not part of the key.
+    settings = {k: v for k, v in injector.hparams().items() if k not in _FIT_RESULTS}
     description = {
         "rule": [type(rule).__module__, type(rule).__qualname__, rule.to_dict()],
-        "injector": [type(injector).__module__, type(injector).__qualname__, injector.hparams()],
+        "injector": [type(injector).__module__, type(injector).__qualname__, settings],
         "seed": context.seed,
         "feature_source": context.feature_source,
     }

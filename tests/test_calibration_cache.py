@@ -65,6 +65,16 @@ def test_second_injection_into_the_same_head_reuses_the_choice_exactly(lite0, em
     assert len(record["biases"]) == 2, "per-row biases are computed for the new rows, not cached"
 
 
+def test_a_trained_injector_reused_for_the_same_head_also_reuses_the_choice(lite0, embedder, tmp_path, simulations):
+    trained = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3))
+    first = _inject(lite0, ["capybara"], embedder, tmp_path, injector=trained)
+    assert trained.is_fitted and len(simulations) == 1
+    batch = _inject(lite0, ["okapi"], embedder, tmp_path, injector=trained)
+    assert len(simulations) == 1, "no refit and no simulation: the batch path"
+    factor = first.classifier_injection["injections"][-1]["calibration"]["factor"]
+    assert batch.classifier_injection["injections"][-1]["calibration"]["factor"] == factor
+
+
 def test_another_seed_rule_or_head_is_not_served_from_the_cache(lite0, embedder, tmp_path, simulations):
     _inject(lite0, ["capybara"], embedder, tmp_path)
     _inject(lite0, ["capybara"], embedder, tmp_path, seed=1)
