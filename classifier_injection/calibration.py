@@ -8,7 +8,9 @@ the head, so no constant factor fits every case.
 
 A calibration maps predicted rows ``[K, D + 1]`` to final rows. Rules that need more than the rows (to
 simulate an injection on the model's own classes) first get a :class:`CalibrationContext` through
-``fit(context)``, which returns a fitted calibration. No rule ever sees a photo.
+``fit(context)``, which returns a fitted calibration. No rule ever sees a photo. The simulation rules choose
+from the old classes alone (``select(context)`` -> :class:`FactorChoice`), so ``inject()`` keeps their choice
+per head (:mod:`classifier_injection.calibration_cache`) and a later injection into the same head reuses it.
 
 Rules:
 
