@@ -6,7 +6,7 @@ choice, a :class:`~classifier_injection.calibration.FactorChoice`, depends on th
 and descriptors, the model's feature statistics, the injector's configuration, the rule and the seed. Injecting
 other classes into the same head later reuses it; only the per-row biases, which need the new rows, are
 recomputed. A cached choice is exactly the one a fresh simulation would make: the key covers every input of the
-rule, the library version and the source of the modules the simulation runs.
+rule, the library version and the source of the modules the simulation runs (the injector's own included).
 
 Only injectors that declare ``cacheable = True`` (ICIS and the library's baselines: their fit is fixed by their
 class, ``hparams()`` and the seed) are cached; a user's own injector is simulated every time. One JSON file per
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,10 +41,21 @@ _SIMULATION_MODULES = ("calibration", "icis", "baselines", "injector")
 
 
 @functools.cache
-def _code_digest() -> str:
+def _code_digest(injector_type: type) -> str | None:
+    """The library version and the source of the simulation's modules and of ``injector_type``'s classes, or
+    ``None`` when a source cannot be read (e.g. a build that ships bytecode only: then nothing is cached)."""
+    files = {Path(__file__).parent / f"{module}.py" for module in _SIMULATION_MODULES}
+    for cls in injector_type.__mro__:  # a user's subclass that changes the fit changes the key
+        module = sys.modules.get(cls.__module__)
+        source = getattr(module, "__file__", None)
+        if source and source.endswith(".py"):
+            files.add(Path(source))
     h = hashlib.sha256(__version__.encode())
-    for module in _SIMULATION_MODULES:
-        h.update((Path(__file__).parent / f"{module}.py").read_bytes())
+    try:
+        for path in sorted(files):
+            h.update(path.read_bytes())
+    except OSError:
+        return None
     return h.hexdigest()
 
 
@@ -70,7 +82,10 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
         "seed": context.seed,
         "feature_source": context.feature_source,
     }
-    h = hashlib.sha256(_code_digest().encode())
+    code = _code_digest(type(injector))
+    if code is None:
+        return None
+    h = hashlib.sha256(code.encode())
     h.update(json.dumps(description, sort_keys=True, default=str).encode())
     for tensor in (context.seen_rows, context.seen_descriptors, context.feature_mean, context.feature_std):
         h.update(_tensor_bytes(tensor))

@@ -128,3 +128,22 @@ def test_factor_choice_from_dict_rejects_anything_else(data):
         FactorChoice.from_dict(data)
     choice = FactorChoice("synthesize", 1.1, "feature-mean", 1.0, {"simulated_S": 90.0})
     assert FactorChoice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+
+
+def test_the_key_follows_the_code_of_the_injector_class(tmp_path, monkeypatch):
+    import importlib
+
+    from classifier_injection import calibration_cache
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = tmp_path / "own_injector.py"
+    source.write_text("from classifier_injection import ICISInjector\n\nclass Own(ICISInjector):\n    pass\n")
+    own = importlib.import_module("own_injector").Own
+    before = calibration_cache._code_digest(own)
+    assert before is not None and before != calibration_cache._code_digest(ICISInjector)
+    source.write_text(source.read_text() + "\n# the fit changed\n")
+    calibration_cache._code_digest.cache_clear()
+    assert calibration_cache._code_digest(own) != before, "editing the injector's module changes the key"
+    source.unlink()
+    calibration_cache._code_digest.cache_clear()
+    assert calibration_cache._code_digest(own) is None, "no readable source: no caching"
