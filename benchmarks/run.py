@@ -446,7 +446,7 @@ def markdown(report: dict) -> str:
 
 
 _LATER_CALLS = {
-    "same_head": "the same call again (calibration choice cached)",
+    "same_head": "another injection into the same head (calibration choice cached)",
     "trained_injector": "with an ICIS injector trained on this head before (no refit, choice cached)",
 }
 

@@ -138,8 +138,9 @@ def inject(
             or ``~/.cache/classifier_injection/embeddings``), ``False``, a directory or an
             :class:`~classifier_injection.cache.EmbeddingCache`.
         injector: any :class:`~classifier_injection.injector.Injector`; default ICIS. An ICIS injector
-            that is already trained (e.g. :meth:`ICISInjector.load`) is reused without refitting, after
-            checking it was trained on this head.
+            that is already trained (e.g. :meth:`ICISInjector.load`, or one passed to an earlier call) is reused
+            without refitting, after checking it was trained on this head; with the calibration's choice for the
+            head cached too, such a call takes about a second (batches of new classes).
         icis_config: hyper-parameters of the default ICIS injector.
         calibration: how the predicted rows get their scale and bias, from the model alone (no photo):
             ``"synthesize"`` (default: re-runs the injection on held-out old classes, one more injector fit, and
