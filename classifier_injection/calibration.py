@@ -61,6 +61,8 @@ too, the bound is 45.0 / 47.9 / 50.2.) With ridge rows on lite0 ``synthesize`` g
 offset: 30.8 at 20.9; ``simulate`` 29.9 at 19.7). The bias rule was chosen on held-out *seen* classes
 (``benchmarks/results/calibration_bias.md``); the offset of 1 with lite1's test folds in view (offsets 2 and 3
 give more H but lose 16.5 and 22.2 points of lite1's old-class accuracy; ``benchmarks/results/calibration_notes.md``).
+Scored on the photos at other test resolutions, which change the models' confidence more than a change of model
+did, offset 1 is the most robust of offsets 0-3 (``benchmarks/results/calibration_shift.md``).
 
 Default: ``synthesize``. The old classes are what the user already relies on: it keeps old-class accuracy within
 9-15 points of the original with ICIS rows, where ``logit-match`` loses 24-29 for ~1-4 more points of H.
