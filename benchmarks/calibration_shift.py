@@ -63,7 +63,7 @@ def _confidence(data) -> float:
     return float(probs[torch.arange(len(data.labels)), data.labels].median())
 
 
-def run_model(model_name: str, descriptors, folds: Sequence[int]) -> dict:
+def run_model(model_name: str, descriptors, folds: Sequence[int], variants: dict) -> dict:
     photos = _shifted_photos(model_name)
     native = photos[_native_size(model_name)]
     out = {
@@ -76,10 +76,7 @@ def run_model(model_name: str, descriptors, folds: Sequence[int]) -> dict:
     for fold in folds:
         print(f"{model_name} fold {fold}", flush=True)
         held, predicted, context = fold_context(native, descriptors, fold, "icis")
-        rows = {
-            label: fit_calibration(rule, context)(predicted, context.seen_rows)
-            for label, rule in OFFSET_VARIANTS.items()
-        }
+        rows = {label: fit_calibration(rule, context)(predicted, context.seen_rows) for label, rule in variants.items()}
         for s, data in photos.items():
             result = {label: evaluate_rows(data, held, r) for label, r in rows.items()}
             result["test-picked"] = _test_picked(data, held, predicted, context.seen_rows)
@@ -194,7 +191,20 @@ def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
+def _variants(candidate: Sequence[float] | None) -> dict:
+    """The rules scored: the default and its offset variants, or the default and one (offset, budget) candidate."""
+    if candidate is None:
+        return OFFSET_VARIANTS
+    offset, budget = candidate
+    label = f"synthesize, offset {offset:g}, budget {budget:g}"
+    return {
+        "synthesize": OFFSET_VARIANTS["synthesize"],
+        label: SynthesizedCalibration(max_seen_drop=budget, offset=offset),
+    }
+
+
 def summarise(results: dict) -> str:
+    variants = results.get("variants", list(OFFSET_VARIANTS))
     lines = [
         "# Calibration under a shift of the photos (test resolution)",
         "",
@@ -203,8 +213,8 @@ def summarise(results: dict) -> str:
         "(the model's own accuracy on the seen photos minus S). `confidence`: median probability of the true class",
         "under the original head, over all 1000 photos. Produced by `python -m benchmarks.calibration_shift`.",
         "",
-        "| model | test size | top-1 | confidence | " + " | ".join(OFFSET_VARIANTS) + " | test-picked H |",
-        "|---|---|---|---|" + "---|" * (len(OFFSET_VARIANTS) + 1),
+        "| model | test size | top-1 | confidence | " + " | ".join(variants) + " | test-picked H |",
+        "|---|---|---|---|" + "---|" * (len(variants) + 1),
     ]
     for model, by_size in results["runs"].items():
         for size, entry in by_size.items():
@@ -212,7 +222,7 @@ def summarise(results: dict) -> str:
             original = _mean([f["original"] for f in folds], "seen")
             best = _mean([f["test-picked"] for f in folds], "h")
             cells = []
-            for label in OFFSET_VARIANTS:
+            for label in variants:
                 rows = [f[label] for f in folds]
                 h, s = _mean(rows, "h"), _mean(rows, "seen")
                 cells.append(f"{h:.1f} / {100 * h / best:.0f} % / {original - s:.1f}")
@@ -230,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="calibration_shift")
     parser.add_argument("--tune", action="store_true", help="choose offset and budget on lite0's seen classes")
+    parser.add_argument(
+        "--candidate", nargs=2, type=float, metavar=("OFFSET", "BUDGET"), help="score this rule next to the default"
+    )
     args = parser.parse_args(argv)
     descriptors = load_descriptors("default")
     if args.tune:
@@ -239,9 +252,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         (RESULTS / "calibration_shift_tuning.md").write_text(summarise_tuning(tuning))
         print(summarise_tuning(tuning))
         return
-    results = {"descriptors": "default", "shifts_px": list(SHIFTS), "runs": {}}
+    variants = _variants(args.candidate)
+    results = {"descriptors": "default", "shifts_px": list(SHIFTS), "variants": list(variants), "runs": {}}
     for model in args.models:
-        results["runs"][model] = run_model(model, descriptors, args.folds)
+        results["runs"][model] = run_model(model, descriptors, args.folds, variants)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
     (RESULTS / f"{args.out}.md").write_text(summarise(results))
