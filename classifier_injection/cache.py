@@ -159,7 +159,10 @@ class CachedEmbedder:
         # Encode each distinct missing text once, in first-seen order (deterministic batches).
         todo = list(dict.fromkeys(texts[i] for i in missing))
         fresh = self.embedder.encode(todo).detach().float().cpu()
-        self.cache.put(self.id, todo, fresh)
+        try:
+            self.cache.put(self.id, todo, fresh)
+        except OSError as err:  # a read-only or broken cache folder must not stop the injection
+            _logger.warning("could not write the embedding cache %s (%s): continuing without it", self.cache, err)
         if cached is None:
             cached = torch.zeros(len(texts), fresh.shape[1])
         row = {t: i for i, t in enumerate(todo)}

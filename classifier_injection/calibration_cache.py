@@ -135,7 +135,10 @@ class CalibrationCache:
             return choice
         choice = rule.select(context)
         if key is not None:
-            self.put(key, choice)
+            try:
+                self.put(key, choice)
+            except OSError as err:  # a read-only or broken cache folder must not stop the injection
+                _logger.warning("could not write the calibration cache %s (%s): continuing without it", self, err)
         return choice
 
     def __repr__(self) -> str:

@@ -147,3 +147,17 @@ def test_the_key_follows_the_code_of_the_injector_class(tmp_path, monkeypatch):
     source.unlink()
     calibration_cache._code_digest.cache_clear()
     assert calibration_cache._code_digest(own) is None, "no readable source: no caching"
+
+
+def test_a_cache_folder_that_cannot_be_written_only_warns(lite0, tmp_path, caplog):
+    from tests.conftest import CountingEmbedder
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    embedder = CountingEmbedder()  # cacheable: its vectors would be written too
+    with caplog.at_level(logging.WARNING, logger="classifier_injection"):
+        model = _inject(lite0, ["capybara"], embedder, blocked)
+    assert model.num_classes == 13
+    assert "could not write the embedding cache" in caplog.text
+    assert "could not write the calibration cache" in caplog.text
+    assert blocked.read_text() == "a file where the cache folder should be"
