@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inject.add_argument("--injector", type=Path, metavar="FILE", help="reuse a trained ICIS injector (.safetensors)")
     inject.add_argument("--save-injector", type=Path, metavar="FILE", help="also save the trained ICIS injector")
+    inject.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the on-disk cache of embeddings and calibration choices "
+        "($CLASSIFIER_INJECTION_CACHE, default ~/.cache/classifier_injection/embeddings)",
+    )
     inject.add_argument("--device", default="cpu", help="device for the model and embedder (default cpu)")
     inject.add_argument("--progress", action="store_true", help="show progress bars")
     inject.set_defaults(run=run_inject)
@@ -312,6 +318,7 @@ def run_inject(args: argparse.Namespace) -> int:
         injector=injector,
         icis_config=icis_config,
         calibration=args.calibration,
+        embedding_cache=not args.no_cache,
         allow_existing=args.allow_existing,
         seed=args.seed,
         progress=args.progress,

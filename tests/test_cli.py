@@ -353,3 +353,16 @@ def test_row_decoder_option_reaches_the_provenance(files, tmp_path, capsys, deco
     assert record["hparams"]["row_decoder"] == decoder
     code, _, err = _run(capsys, *_inject_args(files, tmp_path / "bad", "--classes", "okapi", "--row-decoder", "mlp"))
     assert code == EXIT_USAGE and "--row-decoder" in err
+
+
+def test_no_cache_reads_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CLASSIFIER_INJECTION_CACHE", str(cache))
+    args = ["inject", "--model", files["base"], "--embedder", files["vectors"], "--epochs", "2", "--latent-dim", "16"]
+    args += ["--calibration", "simulate", "--classes", "capybara"]
+    code, _, err = _run(capsys, *args, "--no-cache", "--out", tmp_path / "a")
+    assert code == EXIT_OK, err
+    assert not cache.exists()
+    code, _, err = _run(capsys, *args, "--out", tmp_path / "b")
+    assert code == EXIT_OK, err
+    assert len(list((cache / "calibration").glob("*.json"))) == 1, "the calibration's choice is cached by default"
