@@ -911,16 +911,24 @@ class SynthesizedCalibration:
         context: CalibrationContext,
         curve: torch.Tensor | None = None,
         floor_curve: torch.Tensor | None = None,
+        *,
+        injections: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ScaledCalibration:
         """Fit on ``context``. ``curve`` (from :meth:`simulated_curve`) and ``floor_curve`` (the prototype curve of
-        :meth:`SimulatedCalibration.simulated_curve`, needed when ``floor_tolerance`` is set) skip the simulation."""
-        return self.select(context, curve, floor_curve).apply(context)
+        :meth:`SimulatedCalibration.simulated_curve`, needed when ``floor_tolerance`` is set) skip the simulation;
+        ``injections`` and ``features`` (as for :meth:`simulated_curve`) skip its two expensive parts, e.g. to fit
+        rules that differ only in offset or budget on one simulation."""
+        return self.select(context, curve, floor_curve, injections=injections, features=features).apply(context)
 
     def select(
         self,
         context: CalibrationContext,
         curve: torch.Tensor | None = None,
         floor_curve: torch.Tensor | None = None,
+        *,
+        injections: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> FactorChoice:
         """The choice on ``context``'s old classes (see :class:`FactorChoice`); arguments as for :meth:`fit`."""
         floor = self._floor()
@@ -930,10 +938,10 @@ class SynthesizedCalibration:
             return dataclasses.replace(choice, diagnostics={**choice.diagnostics, "fallback_from": self.name})
         # With an offset the floor is carried over through a curve without it, on the same features and injections.
         translate_floor = floor is not None and self.offset != 0
-        injections = features = None
-        if curve is None or (floor is not None and floor_curve is None) or translate_floor:
+        needs_injections = curve is None or (floor is not None and floor_curve is None) or translate_floor
+        if injections is None and needs_injections:
             injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
-        if curve is None or translate_floor:
+        if features is None and (curve is None or translate_floor):
             features = self.synthesized_features(context)
         if curve is None:
             curve = self.simulated_curve(context, injections, features)
