@@ -266,7 +266,7 @@ def _shared_simulation_fitter(context: CalibrationContext):
         if isinstance(rule, SimulatedCalibration):
             return rule.fit(context, rule.simulated_curve(context, injections))
         shared = features if same(rule, "spread", "confidence", "samples") else None
-        return rule.fit(context, injections=injections, features=shared)
+        return rule.select(context, injections=injections, features=shared).apply(context)
 
     return fit
 
@@ -487,7 +487,7 @@ def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence
                 )
                 for drop in SYNTHESIZE_DROPS:
                     rule = dataclasses.replace(budget_only, max_seen_drop=drop)
-                    fitted = rule.fit(context, curve)
+                    fitted = rule.select(context, curve).apply(context)
                     real = evaluate_rows(sub, held_np, fitted(predicted, kept_rows))
                     key = (injector_name, sp, confidence, offset, drop)
                     table.setdefault(key, []).append({**real, "s_drop": true_s - real["seen"], "factor": fitted.factor})

@@ -112,9 +112,8 @@ def tune_robust(descriptors, folds: Sequence[int], model_name: str = "tf_efficie
             rule = SynthesizedCalibration(offset=offset, floor_tolerance=None)
             curve = rule.simulated_curve(split.context, injections, features)
             for drop in SYNTHESIZE_DROPS:
-                fitted = SynthesizedCalibration(offset=offset, max_seen_drop=drop, floor_tolerance=None).fit(
-                    split.context, curve
-                )
+                rule = SynthesizedCalibration(offset=offset, max_seen_drop=drop, floor_tolerance=None)
+                fitted = rule.select(split.context, curve).apply(split.context)
                 rows = fitted(split.predicted, split.kept_rows)
                 for size, sub in subs.items():
                     real = evaluate_rows(sub, split.held, rows)

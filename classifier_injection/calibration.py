@@ -906,20 +906,9 @@ class SynthesizedCalibration:
             return None
         return SimulatedCalibration(self.holdout_fraction, self.repeats, self.factors, self.floor_tolerance)
 
-    def fit(
-        self,
-        context: CalibrationContext,
-        curve: torch.Tensor | None = None,
-        floor_curve: torch.Tensor | None = None,
-        *,
-        injections: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        features: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> ScaledCalibration:
-        """Fit on ``context``. ``curve`` (from :meth:`simulated_curve`) and ``floor_curve`` (the prototype curve of
-        :meth:`SimulatedCalibration.simulated_curve`, needed when ``floor_tolerance`` is set) skip the simulation;
-        ``injections`` and ``features`` (as for :meth:`simulated_curve`) skip its two expensive parts, e.g. to fit
-        rules that differ only in offset or budget on one simulation."""
-        return self.select(context, curve, floor_curve, injections=injections, features=features).apply(context)
+    def fit(self, context: CalibrationContext) -> ScaledCalibration:
+        """Fit on ``context`` (``select(context, ...).apply(context)`` reuses a simulation)."""
+        return self.select(context).apply(context)
 
     def select(
         self,
@@ -930,7 +919,13 @@ class SynthesizedCalibration:
         injections: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> FactorChoice:
-        """The choice on ``context``'s old classes (see :class:`FactorChoice`); arguments as for :meth:`fit`."""
+        """The choice on ``context``'s old classes (see :class:`FactorChoice`).
+
+        ``curve`` (from :meth:`simulated_curve`) and ``floor_curve`` (the prototype curve of
+        :meth:`SimulatedCalibration.simulated_curve`, needed when ``floor_tolerance`` is set) skip the simulation;
+        ``injections`` and ``features`` (as for :meth:`simulated_curve`) skip its two expensive parts, e.g. to fit
+        rules that differ only in offset or budget on one simulation.
+        """
         floor = self._floor()
         if curve is None and (context.feature_mean is None or context.feature_std is None):
             choice = SimulatedCalibration(self.holdout_fraction, self.repeats, self.factors).select(context)
