@@ -12,9 +12,9 @@ Stages, in order (each result is written as soon as it exists, so an interrupted
    sources (``minilm-name`` is the bare "a photo of a {name}." prompt).
 3. ``models``: ``tf_efficientnet_lite1/2`` + ``minilm-default``, ICIS and ridge.
 4. ``speed``: training time of the default vs the paper's settings, and ``inject()`` latency for 1, 100 and 1000
-   new classes, embedder loaded: a first injection into the head, then a second one into the same head (the
-   calibration's choice cached). ``latency`` (not in the default list) measures only the latter:
-   ``--stages latency --name latency``.
+   new classes, embedder loaded: a first injection into the head, another into the same head (the calibration's
+   choice cached) and one with an injector trained on the head before. ``latency`` (not in the default list)
+   measures the ``inject()`` latencies alone: ``--stages latency --name latency --no-plots --jobs 1``.
 
 Per-fold results are cached in ``benchmarks/.cache/results`` (keyed by model, descriptors, method, fold and the
 method's hyper-parameters); ``--fresh`` ignores results computed before this run. With ``--jobs 2`` (the default
