@@ -139,8 +139,9 @@ def inject(
             :class:`~classifier_injection.cache.EmbeddingCache`.
         injector: any :class:`~classifier_injection.injector.Injector`; default ICIS. An ICIS injector
             that is already trained (e.g. :meth:`ICISInjector.load`, or one passed to an earlier call) is reused
-            without refitting, after checking it was trained on this head; with the calibration's choice for the
-            head cached too, such a call takes about a second (batches of new classes).
+            without refitting, after checking it was trained on this head (or on the part of it that the earlier
+            injections extended); when the calibration's choice for this very head is cached too (another set of
+            classes for the same base model), such a call takes about a second (``examples/grow.py``).
         icis_config: hyper-parameters of the default ICIS injector.
         calibration: how the predicted rows get their scale and bias, from the model alone (no photo):
             ``"synthesize"`` (default: re-runs the injection on held-out old classes, one more injector fit, and

@@ -74,3 +74,19 @@ def test_inject_with_imagenet_metadata_names():
     names = out.pretrained_cfg["label_names"]
     assert len(names) == 1001 and names[-1] == "capybara"
     assert find_head(out).num_classes == 1001
+
+
+def test_grow_example_reuses_the_injector_and_the_calibration_choice(tmp_path, monkeypatch):
+    import classifier_injection.calibration as calibration
+    from classifier_injection.cache import default_cache_dir
+    from examples import grow
+
+    simulations = []
+    original = calibration.simulate_injections
+    monkeypatch.setattr(calibration, "simulate_injections", lambda *a, **k: simulations.append(1) or original(*a, **k))
+    # The suite's private cache (conftest): the seen classes' embeddings are shared with the demo's test.
+    result = grow.run(cache_dir=default_cache_dir(), out_dir=tmp_path / "grown")
+    assert list(result.num_classes.values()) == [1003, 1003, 1006]
+    assert len(simulations) == 2, "set B into the same base head reused the cached choice; the grown head did not"
+    assert result.old_logits_identical
+    assert result.label_names[-6:] == grow.SET_A + grow.SET_B
