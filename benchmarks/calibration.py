@@ -254,7 +254,9 @@ def _shared_simulation_fitter(context: CalibrationContext):
     deterministic, so this gives the fits each rule would make alone, without refitting or re-synthesising)."""
     default = SynthesizedCalibration()
     injections = simulate_injections(context, default.holdout_fraction, default.repeats)
-    features = default.synthesized_features(context)
+    has_statistics = context.feature_mean is not None and context.feature_std is not None
+    # Without feature statistics `synthesize` falls back to `simulate` and needs no features.
+    features = default.synthesized_features(context) if has_statistics else None
 
     def same(rule, *fields: str) -> bool:
         return all(getattr(rule, f) == getattr(default, f) for f in fields)
@@ -459,6 +461,16 @@ def _synthetic_curves(context, injections, spread: float):
                 yield sp, confidence, offset, curve
 
 
+def inner_summary(table: dict[tuple, list[dict]]) -> dict[tuple, dict]:
+    """Per setting, the mean over folds of the inner split's ``h``, ``s_drop`` and ``factor``, and ``s_drop_se``
+    (the standard error of the S drop over the folds; 0 with one fold)."""
+    summary = {k: {m: _mean(v, m) for m in ("h", "s_drop", "factor")} for k, v in table.items()}
+    for k, v in table.items():
+        drops = [r["s_drop"] for r in v]
+        summary[k]["s_drop_se"] = float(np.std(drops, ddof=1) / np.sqrt(len(drops))) if len(drops) > 1 else 0.0
+    return summary
+
+
 def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence[str] = ("icis", "ridge")) -> dict:
     """Choose ``synthesize``'s confidence and budget on seen classes of lite0 (same inner split as the tolerance).
 
@@ -492,10 +504,7 @@ def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence
                     key = (injector_name, sp, confidence, offset, drop)
                     table.setdefault(key, []).append({**real, "s_drop": true_s - real["seen"], "factor": fitted.factor})
             print(f"  synthesize tuning, {injector_name} fold {fold} done", flush=True)
-    summary = {k: {m: _mean(v, m) for m in ("h", "s_drop", "factor")} for k, v in table.items()}
-    for k, v in table.items():
-        drops = [r["s_drop"] for r in v]
-        summary[k]["s_drop_se"] = float(np.std(drops, ddof=1) / np.sqrt(len(drops))) if len(drops) > 1 else 0.0
+    summary = inner_summary(table)
 
     def budget(confidence: float, offset: float) -> float:
         icis = {d: summary[("icis", spread, confidence, offset, d)] for d in SYNTHESIZE_DROPS}

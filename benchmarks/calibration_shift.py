@@ -38,15 +38,18 @@ from benchmarks.calibration import (
     SYNTHESIZE_DROPS,
     SYNTHESIZE_OFFSETS,
     _fold_inputs,
+    _mean,
     _seen_only,
+    _shared_simulation_fitter,
     _test_picked,
     fold_context,
     inner_split,
+    inner_summary,
     load_descriptors,
 )
 from benchmarks.data import MODELS, head_data, load_model
 from benchmarks.harness import evaluate_rows, oracle
-from classifier_injection.calibration import SynthesizedCalibration, fit_calibration, simulate_injections
+from classifier_injection.calibration import SynthesizedCalibration, simulate_injections
 
 SHIFTS = (-32, 0, 32)
 
@@ -76,7 +79,8 @@ def run_model(model_name: str, descriptors, folds: Sequence[int], variants: dict
     for fold in folds:
         print(f"{model_name} fold {fold}", flush=True)
         held, predicted, context = fold_context(native, descriptors, fold, "icis")
-        rows = {label: fit_calibration(rule, context)(predicted, context.seen_rows) for label, rule in variants.items()}
+        fit = _shared_simulation_fitter(context)
+        rows = {label: fit(rule)(predicted, context.seen_rows) for label, rule in variants.items()}
         for s, data in photos.items():
             result = {label: evaluate_rows(data, held, r) for label, r in rows.items()}
             result["test-picked"] = _test_picked(data, held, predicted, context.seen_rows)
@@ -120,15 +124,7 @@ def tune_robust(descriptors, folds: Sequence[int], model_name: str = "tf_efficie
                     entry = {"h": real["h"], "s_drop": true_s[size] - real["seen"], "factor": fitted.factor}
                     table.setdefault((offset, drop, size), []).append(entry)
         print(f"  robust tuning, fold {fold} done", flush=True)
-    summary = {}
-    for key, rows in table.items():
-        drops = [r["s_drop"] for r in rows]
-        summary[key] = {
-            "h": _mean(rows, "h"),
-            "s_drop": float(np.mean(drops)),
-            "s_drop_se": float(np.std(drops, ddof=1) / np.sqrt(len(drops))) if len(drops) > 1 else 0.0,
-            "factor": _mean(rows, "factor"),
-        }
+    summary = inner_summary(table)
     sizes = sorted(photos)
 
     def worst(offset: float, drop: float) -> float:
@@ -184,10 +180,6 @@ def summarise_tuning(tuning: dict) -> str:
                 + f" | {cells[0]['factor']:.3f} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def _mean(rows: list[dict], key: str) -> float:
-    return float(np.mean([r[key] for r in rows]))
 
 
 def _variants(candidate: Sequence[float] | None) -> dict:

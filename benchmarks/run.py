@@ -350,12 +350,11 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     inject(model, ["warm-up class"], embedder=embedder, embedding_cache=cache, injector=trained)
     out: dict = {"first": {}, "same_head": {}, "trained_injector": {}}
     calls = (("first", None), ("same_head", None), ("trained_injector", trained))
-    used = 0
+    unused = iter(new_class_names(sum(counts) * len(calls)))  # fresh names: their embeddings are not cached
     for count in counts:
         shutil.rmtree(cache.directory / "calibration", ignore_errors=True)
         for call, injector in calls:
-            names = new_class_names(used + count)[used:]  # fresh names: their embeddings are not cached
-            used += count
+            names = [next(unused) for _ in range(count)]
             start = time.perf_counter()
             inject(model, names, embedder=embedder, embedding_cache=cache, injector=injector)
             out[call][str(count)] = time.perf_counter() - start
