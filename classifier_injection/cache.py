@@ -16,11 +16,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from .serialization import atomic_save_safetensors
 
 __all__ = ["CachedEmbedder", "EmbeddingCache", "default_cache_dir", "resolve_cache"]
 
@@ -96,8 +97,6 @@ class EmbeddingCache:
 
     def put(self, embedder_id: str, texts: Sequence[str], vectors: torch.Tensor) -> None:
         """Add ``vectors [n, d]`` of ``texts`` (existing entries are kept) and rewrite the file atomically."""
-        from safetensors.torch import save_file
-
         vectors = vectors.detach().float().cpu()
         if vectors.dim() != 2 or len(vectors) != len(texts):
             raise ValueError(f"need one vector per text: got {len(texts)} texts and vectors {tuple(vectors.shape)}")
@@ -113,17 +112,8 @@ class EmbeddingCache:
         all_texts = [*index, *new]
         matrix = torch.cat([old, vectors[list(new.values())]]) if index else vectors[list(new.values())]
         matrix = matrix.contiguous()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(embedder_id)
-        # Write to a temporary file and rename: readers never see a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"vectors": matrix}, tmp, metadata={"embedder": embedder_id, "texts": json.dumps(all_texts)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        metadata = {"embedder": embedder_id, "texts": json.dumps(all_texts)}
+        atomic_save_safetensors({"vectors": matrix}, self.path(embedder_id), metadata, overwrite=True)
         self._loaded[embedder_id] = ({t: i for i, t in enumerate(all_texts)}, matrix)
 
     def __repr__(self) -> str:

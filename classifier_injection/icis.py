@@ -335,7 +335,7 @@ class ICISInjector:
 
         Written atomically; an existing ``path`` is replaced only if ``overwrite``.
         """
-        from .io import atomic_save_safetensors
+        from .serialization import atomic_save_safetensors
 
         if self.model is None:
             raise RuntimeError("nothing to save: call fit() first")
@@ -354,7 +354,7 @@ class ICISInjector:
     @classmethod
     def load(cls, path: str) -> ICISInjector:
         """Load an injector written by :meth:`save` (safetensors only: no pickle)."""
-        from .io import check_state_dict, read_safetensors
+        from .serialization import check_state_dict, read_safetensors
 
         tensors, metadata = read_safetensors(path)
         if metadata.get("format") != "classifier_injection.icis":

@@ -42,7 +42,7 @@ class Injector(Protocol):
 
 
 # Optional: ``cacheable = True`` on an injector whose fit is fixed by its class, ``hparams()`` and the seed lets
-# ``inject()`` reuse the calibration's simulation for the same head (classifier_injection.calibration_cache).
+# ``inject()`` reuse the calibration's simulation for the same head (classifier_injection.calibration.cache).
 
 
 def check_fit_inputs(

@@ -21,40 +21,25 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .heads import find_head, head_segments, restore_segments
+from .serialization import check_state_dict, few, fsync, read_safetensors
 
-__all__ = [
-    "CONFIG_KEY",
-    "atomic_save_safetensors",
-    "check_output_path",
-    "check_state_dict",
-    "load_injected",
-    "read_safetensors",
-    "read_saved_config",
-    "save_injected",
-]
+__all__ = ["CONFIG_KEY", "check_output_path", "load_injected", "read_saved_config", "save_injected"]
 
 #: Top-level key of ``config.json`` holding this library's record (provenance, segments, checksum).
 CONFIG_KEY = "classifier_injection"
 #: Files :func:`save_injected` writes; ``overwrite=True`` only ever replaces a directory holding nothing else.
 SAVED_FILES = frozenset({"config.json", "model.safetensors"})
 MAX_CONFIG_BYTES = 32 * 1024 * 1024
-#: The safetensors library's own bound on the JSON header; checked before the header is parsed.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Bound on ``num_classes`` in a config (the largest timm heads have ~22k classes).
 MAX_CLASSES = 1_000_000
 MAX_LABEL_CHARS = 10_000
-#: Floating dtypes a weights file may hold; integer buffers must match the model exactly.
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: ``create_model`` arguments that load files or fetch weights: never taken from a config file.
 _FORBIDDEN_MODEL_ARGS = frozenset(
     {
@@ -77,152 +62,6 @@ _CROP_MODES = frozenset({"center", "squash", "border"})
 
 # --------------------------------------------------------------------------------------------------
 # safetensors files
-
-
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor],
-    path: str | os.PathLike,
-    metadata: dict[str, str],
-    *,
-    overwrite: bool = False,
-) -> None:
-    """Write a safetensors file via a temporary file in the same directory and an atomic rename.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: pass overwrite=True to replace it")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory: give a file path ending in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync(path: str | os.PathLike) -> None:
-    # Flush the bytes to disk before the rename publishes them, so a crash cannot leave an empty file.
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _check_safetensors_header(path: Path) -> None:
-    """Reject truncated files and absurd header sizes before the header is parsed."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-    if len(prefix) < 8:
-        raise ValueError(f"{path} is not a safetensors file: it is truncated ({size} bytes, expected at least 8)")
-    header_len = int.from_bytes(prefix, "little")
-    if header_len > MAX_HEADER_BYTES:
-        raise ValueError(
-            f"{path} is not a valid safetensors file: its header claims {header_len} bytes, more than the "
-            f"{MAX_HEADER_BYTES} allowed (corrupted or hostile file)"
-        )
-    if 8 + header_len > size:
-        raise ValueError(
-            f"{path} is truncated: its header claims {header_len} bytes but the file has only {size}; "
-            "download or save it again"
-        )
-    with open(path, "rb") as f:
-        f.seek(8)
-        try:
-            header = json.loads(f.read(header_len))
-        except (ValueError, RecursionError) as err:
-            raise ValueError(f"{path} is not a valid safetensors file (its header is not JSON: {err})") from err
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
-    # The library says "incomplete metadata" for a cut file; name the usual cause instead.
-    ends = [e["data_offsets"][1] for e in header.values() if isinstance(e, dict) and "data_offsets" in e]
-    data_len = max((end for end in ends if _is_int(end)), default=0)
-    if 8 + header_len + data_len > size:
-        raise ValueError(
-            f"{path} is truncated: it describes {8 + header_len + data_len} bytes but has only {size}; "
-            "download or save it again"
-        )
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with a clear error for anything that is not one.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: truncated, corrupted or oversized-header file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    _check_safetensors_header(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path} is not a valid safetensors file ({err})") from err
-    return tensors, metadata
-
-
-def check_state_dict(
-    tensors: Mapping[str, torch.Tensor],
-    reference: Mapping[str, torch.Tensor],
-    source: str | os.PathLike,
-    *,
-    parameters: set[str] | frozenset[str] = frozenset(),
-) -> torch.dtype | None:
-    """Check that ``tensors`` (read from ``source``) fit a model whose state dict is ``reference``.
-
-    ``reference`` may live on the ``meta`` device (only names, shapes and dtypes are used). Floating
-    entries may be stored in any of :data:`FLOAT_DTYPES` but all in the same one; other entries must
-    match the reference dtype. Entries named in ``parameters`` must be finite.
-
-    Returns:
-        The floating dtype of the file (``None`` if it holds no floating tensor).
-
-    Raises:
-        ValueError: missing or unexpected keys, wrong shapes or dtypes, mixed floating dtypes, NaN/inf.
-    """
-    missing = sorted(set(reference) - set(tensors))
-    unexpected = sorted(set(tensors) - set(reference))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match the model: {_few(missing)} missing, {_few(unexpected)} unexpected; "
-            "was it saved from another architecture or number of classes?"
-        )
-    float_dtypes = set()
-    for key, ref in reference.items():
-        t = tensors[key]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(f"{source}: {key!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
-        if ref.is_floating_point():
-            if t.dtype not in FLOAT_DTYPES:
-                raise ValueError(
-                    f"{source}: {key!r} has dtype {t.dtype}, expected a floating dtype "
-                    f"({', '.join(str(d) for d in FLOAT_DTYPES)})"
-                )
-            float_dtypes.add(t.dtype)
-        elif t.dtype != ref.dtype:
-            raise ValueError(f"{source}: {key!r} has dtype {t.dtype}, the model expects {ref.dtype}")
-        if key in parameters and not torch.isfinite(t).all():
-            raise ValueError(f"{source}: {key!r} contains NaN or infinite values (corrupted weights)")
-    if len(float_dtypes) > 1:
-        raise ValueError(
-            f"{source} mixes floating dtypes {sorted(str(d) for d in float_dtypes)}: save the model in one dtype"
-        )
-    return next(iter(float_dtypes), None)
-
-
-def _few(keys: list[str], n: int = 5) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def _sha256(path: Path) -> str:
@@ -420,7 +259,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> None:
     foreign = sorted(entries - SAVED_FILES)
     if foreign:
         raise FileExistsError(
-            f"refusing to replace {path}: it holds files save_injected() did not write ({_few(foreign)}); "
+            f"refusing to replace {path}: it holds files save_injected() did not write ({few(foreign)}); "
             "choose another output path"
         )
 
@@ -458,12 +297,12 @@ def save_injected(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
     try:
         save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True)
         weights = tmp / "model.safetensors"
-        _fsync(weights)
+        fsync(weights)
         # The checksum goes into config.json after the weights exist; load_injected verifies it.
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config[CONFIG_KEY]["weights_sha256"] = _sha256(weights)
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        _fsync(tmp / "config.json")
+        fsync(tmp / "config.json")
         if path.exists():
             # Swap: move the old directory aside first so the new one lands with a single rename.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

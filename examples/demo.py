@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from classifier_injection import find_head, inject, load_injected, save_injected, seen_class_names
+from classifier_injection import find_head, inject, load_injected, save_injected
+from classifier_injection.descriptors import seen_class_names
 from classifier_injection.offline import efficientnet_lite
 
 #: ImageNet-1k classes the demo removes and injects back. Not all five domestic cats: with every house-cat row

@@ -1,12 +1,10 @@
 """On-disk cache of the calibration's choice per head, so repeated injections skip the simulation.
 
-The default calibration (``synthesize``) re-runs the injection on held-out old classes (one more injector fit)
-and synthesises features for every old class: about two thirds of an ``inject()`` call on a 1000-class head. Its
-choice, a :class:`~classifier_injection.calibration.FactorChoice`, depends on the old classes only: their rows
-and descriptors, the model's feature statistics, the injector's configuration, the rule and the seed. Injecting
-other classes into the same head later reuses it; only the per-row biases, which need the new rows, are
-recomputed. A cached choice is exactly the one a fresh simulation would make: the key covers every input of the
-rule, the library version and the source of the modules the simulation runs (the injector's own included).
+A simulation rule's choice (:class:`~classifier_injection.calibration.FactorChoice`) depends on the old classes
+only: their rows and descriptors, the feature statistics, the injector's configuration, the rule and the seed.
+Injecting other classes into the same head later reuses it; only the per-row biases, which need the new rows,
+are recomputed. The key covers every input of the rule, the library version and the source of the modules the
+simulation runs (the injector's own included), so a cached choice is the one a fresh simulation would make.
 
 Only injectors that declare ``cacheable = True`` (ICIS and the library's baselines: their fit is fixed by their
 class, ``hparams()`` and the seed) are cached; a user's own injector is simulated every time. One JSON file per
@@ -21,13 +19,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .calibration import CalibrationContext, FactorChoice
+from .._version import __version__
+from ..serialization import atomic_write_text
+from .base import CalibrationContext, FactorChoice
 
 __all__ = ["CalibrationCache"]
 
@@ -36,15 +34,23 @@ _logger = logging.getLogger(__name__)
 #: ``hparams()`` entries that report a fit's outcome rather than a setting.
 _FIT_RESULTS = frozenset({"epochs_trained"})
 
-#: Modules whose code decides a simulation rule's choice; a change to any of them invalidates the cache.
-_SIMULATION_MODULES = ("calibration", "icis", "baselines", "injector")
+#: Files whose code decides a simulation rule's choice; a change to any of them invalidates the cache.
+_SIMULATION_MODULES = (
+    "calibration/base.py",
+    "calibration/simulation.py",
+    "calibration/rules.py",
+    "icis.py",
+    "baselines.py",
+    "injector.py",
+)
 
 
 @functools.cache
 def _code_digest(injector_type: type) -> str | None:
     """The library version and the source of the simulation's modules and of ``injector_type``'s classes, or
     ``None`` when a source cannot be read (e.g. a build that ships bytecode only: then nothing is cached)."""
-    files = {Path(__file__).parent / f"{module}.py" for module in _SIMULATION_MODULES}
+    package = Path(__file__).resolve().parent.parent
+    files = {package / module for module in _SIMULATION_MODULES}
     for cls in injector_type.__mro__:  # a user's subclass that changes the fit changes the key
         module = sys.modules.get(cls.__module__)
         source = getattr(module, "__file__", None)
@@ -117,15 +123,7 @@ class CalibrationCache:
 
     def put(self, key: str, choice: FactorChoice) -> None:
         """Store ``choice`` atomically (readers never see a half-written file)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(choice.to_dict(), f, sort_keys=True)
-            os.replace(tmp, self.path(key))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write_text(self.path(key), json.dumps(choice.to_dict(), sort_keys=True))
 
     def select(self, rule: object, context: CalibrationContext) -> FactorChoice:
         """``rule.select(context)``, read from the cache when this choice was made before."""

@@ -1,0 +1,243 @@
+"""The simulation behind the image-free rules: inject some of the head's own classes and score the result.
+
+A simulated injection holds out old classes, refits a fresh injector on the others and predicts the held-out
+rows (:func:`simulate_injections`). Curves score every candidate norm factor on proxy features: the rows' own
+directions (:func:`prototype_gzsl_curve`) or features synthesised from the model's statistics
+(:func:`synthesize_features`, :func:`synthetic_gzsl_curve`). Results are kept in the context, so rules fitted on
+one context share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .base import CalibrationContext, mean_norm
+
+__all__ = [
+    "DEFAULT_FACTORS",
+    "gzsl_accuracies",
+    "largest_keeping",
+    "largest_within_budget",
+    "prototype_gzsl_curve",
+    "simulate_injections",
+    "simulated_features",
+    "simulation_diagnostics",
+    "synthesize_features",
+    "synthetic_gzsl_curve",
+]
+
+#: Candidate norm factors, 0.5 ... 6.0 in steps of 0.025 (fine enough not to overshoot the smallest good one).
+DEFAULT_FACTORS: tuple[float, ...] = tuple(round(0.5 + 0.025 * i, 3) for i in range(221))
+
+
+def gzsl_accuracies(
+    wins: torch.Tensor,
+    arg_old: torch.Tensor,
+    arg_new: torch.Tensor,
+    labels: torch.Tensor,
+    held_out: torch.Tensor,
+    num: int,
+) -> torch.Tensor:
+    """S, U, H (%) per factor ``[F, 3]`` from ``wins [F, M]`` (a new row out-scores the kept ones on sample ``m``)."""
+    held = torch.zeros(num, dtype=torch.bool)
+    held[held_out] = True
+    own_kept = torch.full((num,), -1, dtype=torch.long)
+    own_kept[~held] = torch.arange(int((~held).sum()))
+    own_new = torch.full((num,), -1, dtype=torch.long)
+    own_new[held_out] = torch.arange(len(held_out))
+    is_new = held[labels]
+    # Accuracies in float64 before the harmonic mean, returned as float32 (as the rules have always read them).
+    s = 100 * ((~wins) & (arg_old == own_kept[labels]))[:, ~is_new].float().mean(1).double()
+    u = 100 * (wins & (arg_new == own_new[labels]))[:, is_new].float().mean(1).double()
+    h = torch.where(s + u > 0, 2 * s * u / (s + u).clamp_min(1e-12), torch.zeros_like(s))
+    return torch.stack([s, u, h], dim=1).float()
+
+
+def prototype_gzsl_curve(
+    seen_rows: torch.Tensor,
+    held_out: torch.Tensor,
+    predicted_rows: torch.Tensor,
+    factors: Sequence[float],
+) -> torch.Tensor:
+    """Simulated GZSL accuracies ``[len(factors), 3]`` (S, U, H in %) of an injection of held-out classes.
+
+    The ``held_out`` rows are replaced by ``predicted_rows`` (normalised to factor x the kept rows' mean norm).
+    Each class is represented by the direction of its true row (under neural collapse, class means align with
+    the rows); proxies have no absolute scale, so logits are compared without biases. S: kept-class proxies
+    still won by their own row; U: held-out proxies won by their predicted row.
+    """
+    num = seen_rows.shape[0]
+    held = torch.zeros(num, dtype=torch.bool)
+    held[held_out] = True
+    kept_w = seen_rows[~held, :-1].float()
+    proxies = F.normalize(seen_rows[:, :-1].float(), dim=1)
+    labels = torch.arange(num)
+    new_w = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept_w.norm(dim=1).mean()
+    best_old, arg_old = (proxies @ kept_w.T).max(dim=1)
+    best_new, arg_new = (proxies @ new_w.T).max(dim=1)
+    wins = torch.tensor(list(factors), dtype=torch.float32)[:, None] * best_new[None] > best_old[None]
+    return gzsl_accuracies(wins, arg_old, arg_new, labels, held_out, num)
+
+
+def synthesize_features(
+    seen_rows: torch.Tensor,
+    feature_mean: torch.Tensor,
+    feature_spread: torch.Tensor,
+    confidence: float,
+    samples: int = 4,
+    seed: int = 0,
+    max_steps: int = 2000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[N * samples, D]`` and labels ``[N * samples]`` synthesised for every class of the head.
+
+    Each starts at ``feature_mean + feature_spread * z`` (``z ~ N(0, I)``: a feature of no class in particular)
+    and climbs the head's log-softmax of its class by normalised gradient steps (``w_c - sum_j p_j w_j``, so it
+    moves away from the classes the head confuses it with, as trained features do) until the head gives the
+    class probability ``confidence``. Step length: 1/250 of the expected norm of the start's spread.
+    """
+    weights, biases = seen_rows[:, :-1].float(), seen_rows[:, -1].float()
+    num, dim = weights.shape
+    mean, spread = feature_mean.float().reshape(-1), feature_spread.float().reshape(-1)
+    if mean.shape != (dim,) or spread.shape != (dim,):
+        raise ValueError(
+            f"feature_mean and feature_spread must be [{dim}], got {tuple(mean.shape)}, {tuple(spread.shape)}"
+        )
+    labels = torch.arange(num).repeat_interleave(samples)
+    generator = torch.Generator().manual_seed(seed)
+    features = mean + spread * torch.randn(len(labels), dim, generator=generator)
+    step = float(spread.norm()) / 250
+    active = torch.arange(len(labels))
+    for _ in range(max_steps):
+        x, own = features[active], labels[active]
+        probs = torch.softmax(x @ weights.T + biases, dim=1)
+        climbing = probs[torch.arange(len(active)), own] < confidence
+        if not climbing.any():
+            break
+        active, x, own, probs = active[climbing], x[climbing], own[climbing], probs[climbing]
+        features[active] = x + step * F.normalize(weights[own] - probs @ weights, dim=1)
+    return features, labels
+
+
+def synthetic_gzsl_curve(
+    seen_rows: torch.Tensor,
+    held_out: torch.Tensor,
+    predicted_rows: torch.Tensor,
+    factors: Sequence[float],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    feature_mean: torch.Tensor,
+    offset: float = 0.0,
+) -> torch.Tensor:
+    """Simulated GZSL accuracies ``[len(factors), 3]`` (S, U, H in %) on synthesised features, biases included.
+
+    As :func:`prototype_gzsl_curve`, but on features with a real scale (:func:`synthesize_features`): kept rows
+    keep their biases, predicted rows get ``factor`` x the kept rows' mean norm and the biases of
+    :func:`feature_mean_biases` plus ``offset``, exactly as the real new rows will.
+    """
+    num = len(seen_rows)
+    held = torch.zeros(num, dtype=torch.bool)
+    held[held_out] = True
+    kept = seen_rows[~held].float()
+    mean = feature_mean.float()
+    # At factor f a new row's logit is target + offset + f * n * (u_i . (x - mu)) (u_i its unit direction, n the
+    # kept rows' mean norm): the best new row does not depend on f, only its margin does.
+    target = float((kept[:, :-1] @ mean + kept[:, -1]).mean())
+    units = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept[:, :-1].norm(dim=1).mean()
+    best_old, arg_old = (features @ kept[:, :-1].T + kept[:, -1]).max(dim=1)
+    best_new, arg_new = ((features - mean) @ units.T).max(dim=1)
+    factor = torch.tensor(list(factors), dtype=torch.float32)[:, None]
+    wins = target + offset + factor * best_new[None] > best_old[None]
+    return gzsl_accuracies(wins, arg_old, arg_new, labels, held_out, num)
+
+
+def num_held(holdout_fraction: float, num: int) -> int:
+    return min(max(1, round(holdout_fraction * num)), num - 2)
+
+
+def simulate_injections(
+    context: CalibrationContext, holdout_fraction: float, repeats: int, rule: str = "simulate"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inject some of the model's own classes: ``repeats`` x ``(held-out class indices, their predicted rows)``.
+
+    Each repeat holds out ``holdout_fraction`` of the old classes at random (seeded by ``context.seed``), trains a
+    fresh ``context.injector_factory()`` on the others with the same descriptors and predicts the held-out rows.
+    Computed once per context and settings; ``rule`` names the caller in errors.
+    """
+    key = ("injections", holdout_fraction, repeats)
+    return context.memoized(key, lambda: _simulate_injections(context, holdout_fraction, repeats, rule))
+
+
+def simulated_features(
+    context: CalibrationContext, spread: float, confidence: float, samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`synthesize_features` from the context's statistics (spread x ``feature_std``), once per context."""
+    if context.feature_mean is None or context.feature_std is None:
+        raise ValueError("synthesised features need context.feature_mean and context.feature_std")
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        seen_rows = context.seen_rows.detach().float().cpu()
+        mean = context.feature_mean.detach().float().cpu()
+        scaled = spread * context.feature_std.detach().float().cpu()
+        return synthesize_features(seen_rows, mean, scaled, confidence, samples, context.seed)
+
+    return context.memoized(("features", spread, confidence, samples), compute)
+
+
+def _simulate_injections(
+    context: CalibrationContext, holdout_fraction: float, repeats: int, rule: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    seen_rows, descriptors = context.seen_rows.detach().float().cpu(), context.seen_descriptors
+    if descriptors is None or context.injector_factory is None:
+        raise ValueError(
+            f"the {rule!r} calibration needs context.seen_descriptors and context.injector_factory to "
+            "re-run the injection on held-out old classes; pass them, or use calibration='logit-match'"
+        )
+    descriptors = descriptors.detach().float().cpu()
+    if len(descriptors) != len(seen_rows):
+        raise ValueError(
+            f"context.seen_descriptors has {len(descriptors)} rows but the head has {len(seen_rows)} classes"
+        )
+    num, held_count = len(seen_rows), num_held(holdout_fraction, len(seen_rows))
+    if held_count < 1:
+        raise ValueError(f"the {rule!r} calibration needs a head with at least 3 classes, this one has {num}")
+    generator = torch.Generator().manual_seed(context.seed)
+    out = []
+    for repeat in range(repeats):
+        perm = torch.randperm(num, generator=generator)
+        held, kept = perm[:held_count].sort().values, perm[held_count:].sort().values
+        injector = context.injector_factory()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed + repeat)
+            injector.fit(descriptors[kept], seen_rows[kept], descriptors[held])
+        out.append((held, injector.predict(descriptors[held]).detach().float().cpu()))
+    return out
+
+
+def largest_keeping(curve: torch.Tensor, factors: Sequence[float], min_seen: float) -> int:
+    """Index of the largest factor whose simulated S is at least ``min_seen`` (the smallest factor when none is)."""
+    order = sorted(range(len(factors)), key=lambda i: factors[i])
+    return max((i for i in order if curve[i, 0] >= min_seen), key=lambda i: factors[i], default=order[0])
+
+
+def largest_within_budget(curve: torch.Tensor, factors: Sequence[float], max_seen_drop: float) -> int:
+    """Index of the largest factor whose simulated S is at most ``max_seen_drop`` below S at the smallest factor."""
+    smallest = min(range(len(factors)), key=lambda i: factors[i])
+    return largest_keeping(curve, factors, float(curve[smallest, 0]) - max_seen_drop)
+
+
+def simulation_diagnostics(rule: object, context: CalibrationContext, chosen: torch.Tensor, **extra: object) -> dict:
+    """Provenance of a simulation rule's choice: the simulated S, U, H (%) at the chosen factor, and ``extra``."""
+    seen_rows = context.seen_rows.detach().float()
+    s, u, h = (round(float(v), 2) for v in chosen)
+    return {
+        "old_mean_norm": round(float(mean_norm(seen_rows)), 6),
+        "held_out_classes": num_held(rule.holdout_fraction, len(seen_rows)),
+        "repeats": rule.repeats,
+        **extra,
+        "simulated_S": s,
+        "simulated_U": u,
+        "simulated_H": h,
+    }

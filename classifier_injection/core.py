@@ -1,0 +1,127 @@
+"""The tensor-level core of an injection: the head's rows and the classes' descriptors in, new rows out.
+
+:func:`predict_rows` fits the injector on the old classes, predicts the new rows and calibrates them. It knows
+nothing of models: :func:`~classifier_injection.inject` wraps it for a timm model, and the benchmark harness
+calls it directly on a fold.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .calibration import (
+    Calibration,
+    CalibrationContext,
+    FittableCalibration,
+    apply_new_class_scale,
+    fit_calibration,
+    get_calibration,
+)
+from .calibration.base import ChoiceStore
+from .features import FeatureStatistics
+from .injector import Injector
+
+__all__ = ["RowPrediction", "copying_factory", "head_fingerprint", "needs_context", "predict_rows"]
+
+
+@dataclass(frozen=True)
+class RowPrediction:
+    """What :func:`predict_rows` returns.
+
+    Attributes:
+        rows: the calibrated new rows ``[K, D + 1]``, ``new_class_scale`` applied.
+        calibration: the fitted rule that produced them (its ``to_dict()`` is the provenance).
+        seconds: wall time of the ``fit`` (0 for a trained injector), ``predict`` and ``calibration`` steps.
+    """
+
+    rows: torch.Tensor
+    calibration: Calibration
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def head_fingerprint(rows: torch.Tensor) -> str:
+    """A short hash of a head's rows: identifies the head an injector was trained on."""
+    data = rows.detach().float().cpu().contiguous()
+    digest = hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def copying_factory(injector: object) -> Callable[[], object]:
+    """A factory of fresh injectors configured like ``injector``: deep copies of it taken now."""
+    template = copy.deepcopy(injector)
+    return lambda: copy.deepcopy(template)
+
+
+def needs_context(calibration: Calibration | FittableCalibration) -> bool:
+    """Whether a rule must be fitted on a :class:`CalibrationContext` (and so needs the seen descriptors)."""
+    return isinstance(calibration, FittableCalibration)
+
+
+def predict_rows(
+    seen_rows: torch.Tensor,
+    seen_descriptors: torch.Tensor | None,
+    new_descriptors: torch.Tensor,
+    injector: Injector,
+    calibration: str | Calibration | FittableCalibration | None = None,
+    *,
+    features: FeatureStatistics | None = None,
+    seed: int = 0,
+    new_class_scale: float = 1.0,
+    choices: ChoiceStore | None = None,
+) -> RowPrediction:
+    """Predict and calibrate the rows of new classes from the head's rows and the descriptors.
+
+    Args:
+        seen_rows: the head's rows ``[N, D + 1]`` (``[W | b]``).
+        seen_descriptors: descriptors ``[N, d]`` of the old classes; may be ``None`` only when ``injector`` is
+            already fitted and the calibration needs no context.
+        new_descriptors: descriptors ``[K, d]`` of the new classes.
+        injector: an :class:`~classifier_injection.injector.Injector`; fitted here unless ``is_fitted``.
+        calibration: a rule or its name (:func:`~classifier_injection.calibration.get_calibration`).
+        features: the head's estimated input statistics, if known (lets rules set biases and synthesise features).
+        seed: seed of the fit and of the calibration's random choices.
+        new_class_scale: factor on the new classes' logits after calibration (the trade-off knob).
+        choices: where simulation rules keep their choice per head (a ``CalibrationCache``).
+    """
+    rule = get_calibration(calibration)
+    contextual = needs_context(rule)
+    fitted = bool(getattr(injector, "is_fitted", False))
+    if seen_descriptors is None and (contextual or not fitted):
+        raise ValueError("seen_descriptors are needed to fit the injector or a calibration that simulates an injection")
+    # Taken before the fit: the simulation rules refit fresh copies of the injector as it was given.
+    factory = copying_factory(injector) if contextual else None
+    seconds = {"fit": 0.0}
+    start = time.perf_counter()
+    if not fitted:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            injector.fit(seen_descriptors, seen_rows, new_descriptors)
+        seconds["fit"] = time.perf_counter() - start
+    start = time.perf_counter()
+    predicted = injector.predict(new_descriptors)
+    seconds["predict"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if contextual:
+        context = CalibrationContext(
+            seen_rows=seen_rows,
+            new_rows=predicted,
+            seen_descriptors=seen_descriptors,
+            new_descriptors=new_descriptors,
+            injector_factory=factory,
+            seed=seed,
+            feature_mean=features.mean if features is not None else None,
+            feature_source=features.source if features is not None else None,
+            feature_std=features.std if features is not None else None,
+        )
+        rule = fit_calibration(rule, context, choices)
+    rows = apply_new_class_scale(rule(predicted, seen_rows), new_class_scale)
+    seconds["calibration"] = time.perf_counter() - start
+    if not torch.isfinite(rows).all():
+        raise RuntimeError("the injector produced non-finite rows; try another seed or injector")
+    return RowPrediction(rows, rule, seconds)
