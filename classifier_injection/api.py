@@ -29,7 +29,7 @@ from .heads import ClassifierHead, find_head, head_segments
 from .icis import ICISInjector
 from .injector import Injector
 
-__all__ = ["MAX_NEW_CLASSES", "check_new_class_names", "inject"]
+__all__ = ["MAX_NEW_CLASSES", "check_new_class_names", "existing_names", "inject"]
 
 _logger = logging.getLogger(__name__)
 
@@ -40,6 +40,12 @@ MAX_NEW_CLASSES = 25_000
 
 def _key(name: str) -> str:
     return " ".join(name.split()).casefold()
+
+
+def existing_names(names: Sequence[str], existing: Sequence[str]) -> list[str]:
+    """The ``names`` that already name one of ``existing`` (compared ignoring case and spacing)."""
+    existing_keys = {_key(e) for e in existing}
+    return [n for n in names if _key(n) in existing_keys]
 
 
 def check_new_class_names(
@@ -78,8 +84,7 @@ def check_new_class_names(
             "spacing): give each class once"
         )
     if not allow_existing:
-        existing_keys = {_key(e) for e in existing}
-        clash = [n for n in names if _key(n) in existing_keys]
+        clash = existing_names(names, existing)
         if clash:
             raise ValueError(
                 f"{clash} already name classes of this head; pass InjectionConfig(allow_existing=True) to add "

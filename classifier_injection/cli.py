@@ -280,7 +280,7 @@ def load_model_source(spec: str, *, offline_weights: bool = False):
 
 def run_inject(args: argparse.Namespace) -> int:
     """``inject``: load, inject, save. Inputs are checked before anything expensive runs."""
-    from .api import check_new_class_names, inject
+    from .api import check_new_class_names, existing_names, inject
     from .config import InjectionConfig
     from .descriptors import seen_class_names
     from .heads import find_head
@@ -293,7 +293,7 @@ def run_inject(args: argparse.Namespace) -> int:
     descriptions = _descriptions(args.descriptions)
     class_names = _lines(args.class_names, "--class-names") if args.class_names is not None else None
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out: {args.out} already exists (add --overwrite to replace a saved model)")
+        raise UsageError(f"--out: {args.out} already exists: add --overwrite to replace it")
     check_output_path(args.out, args.overwrite)
     if args.save_injector is not None and args.save_injector.exists() and not args.overwrite:
         raise UsageError(f"--save-injector: {args.save_injector} already exists (add --overwrite to replace it)")
@@ -321,12 +321,9 @@ def run_inject(args: argparse.Namespace) -> int:
         if class_names is not None:
             raise UsageError(f"--class-names: {_one_line(err)}") from err
         raise UsageError(f"{args.model} has no names for its {num_old} classes: pass --class-names FILE") from err
-    existing = {" ".join(n.split()).casefold() for n in seen_names}
-    clash = [n for n in names if " ".join(n.split()).casefold() in existing]
+    clash = existing_names(names, seen_names)
     if clash and not args.allow_existing:
         raise UsageError(f"{clash} already name classes of {args.model}: add --allow-existing to add them anyway")
-    if injector is not None and icis_config is not None:
-        raise UsageError("--epochs, --latent-dim and --row-decoder cannot be used with --injector")
     config = InjectionConfig(
         icis=icis_config if injector is None else None,
         calibration=args.calibration,

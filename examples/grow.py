@@ -56,7 +56,7 @@ def run(cache_dir: Path = OUTPUT / "cache", out_dir: Path = OUTPUT / "lite0-grow
 
     def timed(step: str, model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
         start = time.perf_counter()
-        out = inject(model, names, injector=icis, embedding_cache=cache_dir, seed=seed)
+        out = inject(model, names, injector=icis, cache=cache_dir, seed=seed)
         seconds[step], num_classes[step] = time.perf_counter() - start, out.num_classes
         return out
 

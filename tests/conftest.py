@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny timm models and a deterministic fake embedder, so unit tests run in seconds."""
+"""Shared fixtures: tiny timm models and the one fake embedder, so unit tests run in seconds."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -14,25 +18,6 @@ import timm
 import torch
 
 from classifier_injection import ICISConfig
-
-
-class CountingEmbedder:
-    """Deterministic toy embedder that records what it was asked to encode."""
-
-    id = "counting"
-    dim = 8
-    cacheable = True
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def encode(self, texts):
-        self.calls.append(list(texts))
-        out = torch.zeros(len(texts), self.dim)
-        for i, text in enumerate(texts):
-            g = torch.Generator().manual_seed(sum(ord(c) * (k + 1) for k, c in enumerate(text)))
-            out[i] = torch.randn(self.dim, generator=g)
-        return out
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -56,21 +41,24 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class HashEmbedder:
-    """Deterministic text -> vector map (a hash seeds a Gaussian): no model needed, distinct texts differ."""
+class FakeEmbedder:
+    """Deterministic text -> vector map (a hash seeds a Gaussian), recording what it encodes: no model needed."""
 
-    def __init__(self, dim: int = 16) -> None:
+    def __init__(self, dim: int = 16, *, cacheable: bool = False) -> None:
         self._dim = dim
+        self.cacheable = cacheable
+        self.calls: list[list[str]] = []
 
     @property
     def id(self) -> str:
-        return f"hash-{self._dim}"
+        return f"fake-{self._dim}"
 
     @property
     def dim(self) -> int:
         return self._dim
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        self.calls.append(list(texts))
         rows = []
         for text in texts:
             seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
@@ -79,8 +67,8 @@ class HashEmbedder:
 
 
 @pytest.fixture
-def embedder() -> HashEmbedder:
-    return HashEmbedder()
+def embedder() -> FakeEmbedder:
+    return FakeEmbedder()
 
 
 @pytest.fixture
@@ -99,3 +87,13 @@ def tiny_model(name: str = "resnet18", num_classes: int = 10) -> torch.nn.Module
 @pytest.fixture
 def resnet() -> torch.nn.Module:
     return tiny_model("resnet18")
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module

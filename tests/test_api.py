@@ -3,7 +3,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from classifier_injection import ICISInjector, find_head, inject, load_injected, save_injected
+from classifier_injection import ICISInjector, InjectionConfig, find_head, inject, load_injected, save_injected
 from classifier_injection.heads import SegmentedLinear
 from tests.conftest import tiny_model
 
@@ -19,7 +19,7 @@ def test_inject_extends_head_and_keeps_old_logits(resnet, embedder, fast_icis):
     x = torch.randn(2, 3, 64, 64)
     before = _logits(resnet, x)
     state = {k: v.clone() for k, v in resnet.state_dict().items()}
-    out = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis)
+    out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
 
     assert out is not resnet
     assert out.num_classes == 12 and out.pretrained_cfg["num_classes"] == 12
@@ -38,14 +38,14 @@ def test_inject_extends_head_and_keeps_old_logits(resnet, embedder, fast_icis):
 
 
 def test_inplace_modifies_and_returns_same_model(resnet, embedder, fast_icis):
-    out = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis, inplace=True)
+    out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis), inplace=True)
     assert out is resnet and resnet.num_classes == 12
 
 
 def test_inject_twice_keeps_all_earlier_logits(resnet, embedder, fast_icis):
     x = torch.randn(2, 3, 64, 64)
-    once = inject(resnet, ["a"], embedder=embedder, icis_config=fast_icis)
-    twice = inject(once, ["b", "c"], embedder=embedder, icis_config=fast_icis)
+    once = inject(resnet, ["a"], embedder=embedder, config=InjectionConfig(icis=fast_icis))
+    twice = inject(once, ["b", "c"], embedder=embedder, config=InjectionConfig(icis=fast_icis))
     assert twice.fc.segments == (10, 1, 2)
     assert torch.equal(_logits(twice, x)[:, :11], _logits(once, x))
     assert twice.pretrained_cfg["label_names"][-3:] == ["a", "b", "c"]
@@ -53,18 +53,18 @@ def test_inject_twice_keeps_all_earlier_logits(resnet, embedder, fast_icis):
 
 
 def test_deterministic_given_seed(resnet, embedder, fast_icis):
-    a = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis, seed=1)
-    b = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis, seed=1)
+    a = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis), seed=1)
+    b = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis), seed=1)
     assert torch.equal(a.fc.weight, b.fc.weight) and torch.equal(a.fc.bias, b.fc.bias)
 
 
 def test_conv1x1_head():
     model = tiny_model("dla34", num_classes=7)
-    from tests.conftest import HashEmbedder
+    from tests.conftest import FakeEmbedder
 
     x = torch.randn(1, 3, 64, 64)
     before = _logits(model, x)
-    out = inject(model, NEW, embedder=HashEmbedder(), icis_config=fast_config())
+    out = inject(model, NEW, embedder=FakeEmbedder(), config=InjectionConfig(icis=fast_config()))
     assert find_head(out).family == "conv1x1"
     after = _logits(out, x)
     assert after.shape == (1, 9) and torch.equal(after[:, :7], before)
@@ -78,7 +78,7 @@ def fast_config():
 
 def test_save_load_round_trip_and_plain_timm_reload(tmp_path, resnet, embedder, fast_icis):
     x = torch.randn(2, 3, 64, 64)
-    out = inject(resnet, NEW, embedder=embedder, icis_config=fast_icis)
+    out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
     expected = _logits(out, x)
     path = save_injected(out, tmp_path / "model")
     assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
@@ -95,7 +95,7 @@ def test_save_load_round_trip_and_plain_timm_reload(tmp_path, resnet, embedder, 
 
 
 def test_trained_injector_is_reused_without_refit(resnet, embedder, fast_icis):
-    first = inject(resnet, ["a"], embedder=embedder, icis_config=fast_icis)
+    first = inject(resnet, ["a"], embedder=embedder, config=InjectionConfig(icis=fast_icis))
     injector = ICISInjector(fast_icis)
     inject(resnet, ["a"], embedder=embedder, injector=injector)
     history = list(injector.history)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from classifier_injection import inject
+from classifier_injection import InjectionConfig, inject
 from classifier_injection.baselines import (
     ConSE,
     COSTAInjector,
@@ -192,7 +192,13 @@ def test_baselines_plug_into_inject(resnet, embedder):
     with torch.no_grad():
         before = resnet(x)
     for injector in (RidgeInjector(), VGSEWAvgInjector()):
-        out = inject(resnet, ["capybara", "red panda"], embedder=embedder, injector=injector, calibration="norm")
+        out = inject(
+            resnet,
+            ["capybara", "red panda"],
+            embedder=embedder,
+            injector=injector,
+            config=InjectionConfig(calibration="norm"),
+        )
         with torch.no_grad():
             after = out(x)
         assert after.shape == (2, 12) and torch.equal(after[:, :10], before)

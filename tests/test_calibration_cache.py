@@ -10,8 +10,9 @@ import timm
 import torch
 
 import classifier_injection.calibration as calibration
-from classifier_injection import ICISConfig, ICISInjector, find_head, inject
-from classifier_injection.calibration import FactorChoice
+from classifier_injection import ICISConfig, ICISInjector, InjectionConfig, find_head, inject
+from classifier_injection.calibration import FactorChoice, simulation
+from classifier_injection.calibration import cache as calibration_cache
 
 NAMES = [f"class {i}" for i in range(12)]
 
@@ -27,20 +28,20 @@ def lite0() -> torch.nn.Module:
 def simulations(monkeypatch) -> list[int]:
     """Counts the simulated injections (the expensive step the cache skips)."""
     calls: list[int] = []
-    original = calibration.simulate_injections
+    original = simulation._simulate_injections
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(calibration, "simulate_injections", counting)
+    monkeypatch.setattr(simulation, "_simulate_injections", counting)
     return calls
 
 
-def _inject(model, names, embedder, cache, class_names=NAMES, **kwargs):
-    config = ICISConfig(latent_dim=16, max_epochs=3)
-    kwargs.setdefault("icis_config", None if "injector" in kwargs else config)
-    return inject(model, names, embedder=embedder, class_names=class_names, embedding_cache=cache, **kwargs)
+def _inject(model, names, embedder, cache, class_names=NAMES, calibration=None, **kwargs):
+    icis = None if "injector" in kwargs else ICISConfig(latent_dim=16, max_epochs=3)
+    config = InjectionConfig(icis=icis, calibration=calibration)
+    return inject(model, names, config, embedder=embedder, class_names=class_names, cache=cache, **kwargs)
 
 
 def _new_rows(model) -> torch.Tensor:
@@ -78,7 +79,13 @@ def test_a_trained_injector_reused_for_the_same_head_also_reuses_the_choice(lite
 def test_another_seed_rule_or_head_is_not_served_from_the_cache(lite0, embedder, tmp_path, simulations):
     _inject(lite0, ["capybara"], embedder, tmp_path)
     _inject(lite0, ["capybara"], embedder, tmp_path, seed=1)
-    _inject(lite0, ["capybara"], embedder, tmp_path, calibration=calibration.SynthesizedCalibration(offset=0.5))
+    _inject(
+        lite0,
+        ["capybara"],
+        embedder,
+        tmp_path,
+        calibration=calibration.SynthesizedCalibration(offset=0.5),
+    )
     other_head = _inject(lite0, ["capybara"], embedder, tmp_path)  # a grown head (13 classes) is another head
     _inject(other_head, ["okapi"], embedder, tmp_path, class_names=None)
     assert len(simulations) == 4
@@ -90,7 +97,7 @@ def test_damaged_or_foreign_cache_files_are_ignored_and_rewritten(lite0, embedde
     (path,) = (tmp_path / "calibration").glob("*.json")
     for damage in ("{not json", json.dumps({"name": "synthesize"}), "[]"):
         path.write_text(damage)
-        with caplog.at_level(logging.WARNING, logger="classifier_injection.calibration_cache"):
+        with caplog.at_level(logging.WARNING, logger="classifier_injection.calibration.cache"):
             again = _inject(lite0, ["capybara"], embedder, tmp_path)
         assert "ignoring unreadable calibration cache" in caplog.text
         caplog.clear()
@@ -133,8 +140,6 @@ def test_factor_choice_from_dict_rejects_anything_else(data):
 def test_the_key_follows_the_code_of_the_injector_class(tmp_path, monkeypatch):
     import importlib
 
-    from classifier_injection import calibration_cache
-
     monkeypatch.syspath_prepend(str(tmp_path))
     source = tmp_path / "own_injector.py"
     source.write_text("from classifier_injection import ICISInjector\n\nclass Own(ICISInjector):\n    pass\n")
@@ -150,11 +155,11 @@ def test_the_key_follows_the_code_of_the_injector_class(tmp_path, monkeypatch):
 
 
 def test_a_cache_folder_that_cannot_be_written_only_warns(lite0, tmp_path, caplog):
-    from tests.conftest import CountingEmbedder
+    from tests.conftest import FakeEmbedder
 
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache folder should be")
-    embedder = CountingEmbedder()  # cacheable: its vectors would be written too
+    embedder = FakeEmbedder(8, cacheable=True)  # cacheable: its vectors would be written too
     with caplog.at_level(logging.WARNING, logger="classifier_injection"):
         model = _inject(lite0, ["capybara"], embedder, blocked)
     assert model.num_classes == 13

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classifier_injection import CombinedEmbedder, PrecomputedEmbedder
+from classifier_injection import InjectionConfig
 from classifier_injection.cache import EmbeddingCache
 from classifier_injection.descriptors import (
+    CombinedEmbedder,
     DescriptorConfig,
     describe_classes,
     embed_classes,
@@ -19,7 +20,8 @@ from classifier_injection.descriptors import (
     seen_class_wnids,
     wordnet_definition,
 )
-from tests.conftest import CountingEmbedder
+from classifier_injection.embedders import PrecomputedEmbedder
+from tests.conftest import FakeEmbedder
 
 CAPYBARA = "n02365480"
 CRANE_BIRD, CRANE_MACHINE = "n02012849", "n03126707"
@@ -135,12 +137,12 @@ def test_seen_classes_of_imagenet_heads_have_wordnet_ids():
 
 
 def test_embed_classes_is_the_mean_of_normalised_text_embeddings():
-    emb = CountingEmbedder()
+    emb = FakeEmbedder(8, cacheable=True)
     config = DescriptorConfig(templates=("{name}", "{name}: {description}"))
     out = embed_classes(emb, ["a", "b"], config, {"a": "first letter"})
     texts = emb.calls[0]
     assert texts == ["a", "a: first letter", "b"]  # "b" (both of b's texts) encoded once
-    unit = F.normalize(CountingEmbedder().encode(texts), dim=1)
+    unit = F.normalize(FakeEmbedder(8, cacheable=True).encode(texts), dim=1)
     assert torch.allclose(out, torch.stack([unit[:2].mean(0), unit[2]]))
     # Descriptions may also be a list aligned with the names (names can repeat, like ImageNet's two cranes).
     aligned = embed_classes(emb, ["crane", "crane"], config, ["a bird", "a machine"])
@@ -152,7 +154,7 @@ def test_embed_classes_is_the_mean_of_normalised_text_embeddings():
 def test_embed_classes_uses_each_parts_own_texts_and_the_cache(tmp_path):
     names = ["capybara", "red panda"]
     vectors = PrecomputedEmbedder({"capybara": [1.0, 0.0], "red panda": [0.0, 2.0]}, id="cn")
-    sentence = CountingEmbedder()
+    sentence = FakeEmbedder(8, cacheable=True)
     combined = CombinedEmbedder([(sentence, DescriptorConfig(templates=("{name}: {description}",))), vectors])
     cache = EmbeddingCache(tmp_path)
     out = embed_classes(combined, names, None, {"capybara": "a rodent"}, cache=cache)
@@ -164,7 +166,7 @@ def test_embed_classes_uses_each_parts_own_texts_and_the_cache(tmp_path):
 
 
 def test_alternative_descriptions_are_averaged_with_equal_template_weights():
-    emb = CountingEmbedder()
+    emb = FakeEmbedder(8, cacheable=True)
     config = DescriptorConfig(templates=("{name}", "{name}: {description}"))
     assert config.texts("crane", ("a bird", "a machine")) == ["crane", "crane", "crane: a bird", "crane: a machine"]
     both = embed_classes(emb, ["crane"], config, [("a bird", "a machine")])
@@ -177,7 +179,7 @@ def test_alternative_descriptions_are_averaged_with_equal_template_weights():
 def test_default_config_follows_the_embedder():
     vectors = PrecomputedEmbedder({"capybara": [1.0, 0.0]}, id="cn")
     assert torch.allclose(embed_classes(vectors, ["capybara"]), torch.tensor([[1.0, 0.0]]))
-    emb = CountingEmbedder()
+    emb = FakeEmbedder(8, cacheable=True)
     embed_classes(emb, ["capybara"], None, {"capybara": "a rodent"})
     assert emb.calls == [DescriptorConfig().texts("capybara", "a rodent")]
 
@@ -195,19 +197,13 @@ def imagenet_head() -> nn.Module:
     return timm.create_model("test_efficientnet", pretrained=False, num_classes=1000).eval()
 
 
-def _inject(model, names, tmp_path, **kwargs):
+def _inject(model, names, tmp_path, descriptors=None, **kwargs):
     from classifier_injection import ICISConfig, inject
 
-    embedder = kwargs.pop("embedder", None) or CountingEmbedder()
-    out = inject(
-        model,
-        names,
-        embedder=embedder,
-        icis_config=ICISConfig(latent_dim=16, max_epochs=1, batch_size=256),
-        calibration="norm",
-        embedding_cache=tmp_path,
-        **kwargs,
-    )
+    embedder = kwargs.pop("embedder", None) or FakeEmbedder(8, cacheable=True)
+    icis = ICISConfig(latent_dim=16, max_epochs=1, batch_size=256)
+    config = InjectionConfig(descriptors=descriptors, icis=icis, calibration="norm")
+    out = inject(model, names, config, embedder=embedder, cache=tmp_path, **kwargs)
     return out, embedder, out.classifier_injection["injections"][-1]
 
 
@@ -237,7 +233,10 @@ def test_inject_user_descriptions_and_turning_definitions_off(imagenet_head, tmp
     assert record["descriptions"]["capybara"] == {"text": "a large South American rodent", "source": "user"}
     assert "capybara: a large South American rodent" in [t for call in embedder.calls for t in call]
     _, embedder, record = _inject(
-        imagenet_head, ["capybara"], tmp_path, descriptor_config=DescriptorConfig.from_preset("photo")
+        imagenet_head,
+        ["capybara"],
+        tmp_path,
+        descriptors=DescriptorConfig.from_preset("photo"),
     )
     texts = [t for call in embedder.calls for t in call]
     assert "a photo of a capybara." in texts and "a photo of a tench." in texts
@@ -245,13 +244,13 @@ def test_inject_user_descriptions_and_turning_definitions_off(imagenet_head, tmp
 
 
 def test_inject_accepts_a_combined_embedder(imagenet_head, tmp_path):
-    from classifier_injection import WordVectorEmbedder
+    from classifier_injection.embedders import WordVectorEmbedder
 
     words = WordVectorEmbedder({"capybara": [1.0, 0.0, 0.0], "tench": [0.0, 1.0, 0.0]}, id="toy-words")
-    sentence = CountingEmbedder()
+    sentence = FakeEmbedder(8, cacheable=True)
     combined = CombinedEmbedder([sentence, words])
     out, _, record = _inject(imagenet_head, ["capybara"], tmp_path, embedder=combined)
-    assert record["embedder"] == "combined(counting, toy-words)" and out.num_classes == 1001
+    assert record["embedder"] == "combined(fake-8, toy-words)" and out.num_classes == 1001
     assert record["descriptions"]["capybara"]["source"] == "wordnet-lemma"  # the sentence part reads definitions
     assert f"capybara: {wordnet_definition(CAPYBARA)}" in [t for call in sentence.calls for t in call]
 

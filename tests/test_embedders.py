@@ -10,16 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from classifier_injection import (
-    CombinedEmbedder,
-    Embedder,
-    OpenCLIPEmbedder,
-    PrecomputedEmbedder,
-    SentenceTransformerEmbedder,
-    WordVectorEmbedder,
-)
+from classifier_injection import Embedder, SentenceTransformerEmbedder
 from classifier_injection.cache import CACHE_ENV, CachedEmbedder, EmbeddingCache, default_cache_dir
-from tests.conftest import CountingEmbedder
+from classifier_injection.descriptors import CombinedEmbedder
+from classifier_injection.embedders import OpenCLIPEmbedder, PrecomputedEmbedder, WordVectorEmbedder
+from tests.conftest import FakeEmbedder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -75,13 +70,13 @@ def test_precomputed_lookup_and_errors():
 
 def test_combined_concatenates_normalised_weighted_parts():
     a = PrecomputedEmbedder.from_arrays(["x", "y"], np.array([[3.0, 4.0], [1.0, 0.0]]), id="a", normalize=False)
-    b = CountingEmbedder()
+    b = FakeEmbedder(8, cacheable=True)
     combined = CombinedEmbedder([a, b], weights=[1.0, 0.5])
     out = combined.encode(["x", "y"])
     assert out.shape == (2, 2 + 8) and combined.dim == 10
     assert torch.allclose(out[:, :2].norm(dim=1), torch.ones(2))
     assert torch.allclose(out[:, 2:].norm(dim=1), torch.full((2,), 0.5))
-    assert combined.id == "combined(a, counting*0.5)"
+    assert combined.id == "combined(a, fake-8*0.5)"
     with pytest.raises(ValueError, match="non-empty"):
         CombinedEmbedder([])
     with pytest.raises(TypeError, match=r"parts\[1\]"):
@@ -156,7 +151,7 @@ def test_sentence_transformer_missing_model_says_what_to_do(tmp_path):
 
 
 def test_cache_encodes_each_text_once_and_survives_a_new_process(tmp_path):
-    inner = CountingEmbedder()
+    inner = FakeEmbedder(8, cacheable=True)
     cached = CachedEmbedder(inner, EmbeddingCache(tmp_path))
     first = cached.encode(["a", "b", "a"])
     assert inner.calls == [["a", "b"]]
@@ -174,14 +169,17 @@ class UnflaggedEmbedder:
 
     id = "unflagged"
     dim = 8
-    encode = CountingEmbedder.encode
 
     def __init__(self) -> None:
-        self.calls: list[list[str]] = []
+        self._fake = FakeEmbedder(8)
+        self.calls = self._fake.calls
+
+    def encode(self, texts):
+        return self._fake.encode(texts)
 
 
-def _uncacheable() -> CountingEmbedder:
-    embedder = CountingEmbedder()
+def _uncacheable() -> FakeEmbedder:
+    embedder = FakeEmbedder(8, cacheable=True)
     embedder.cacheable = False
     return embedder
 

@@ -12,10 +12,10 @@ import timm
 import torch
 from torch import nn
 
-from classifier_injection import UnsupportedHeadError, find_head, inject, load_injected, save_injected
+from classifier_injection import InjectionConfig, UnsupportedHeadError, find_head, inject, load_injected, save_injected
 from classifier_injection.heads import head_segments
 
-from .conftest import HashEmbedder
+from .conftest import FakeEmbedder
 
 N, K = 7, 3
 NAMES = [f"class {i}" for i in range(N)]
@@ -148,7 +148,12 @@ def test_inject_every_head_family(name, tmp_path):
 
     new_rows = 0.1 * torch.randn(K, head.in_features + 1, generator=torch.Generator().manual_seed(3))
     injected = inject(
-        model, NEW, embedder=HashEmbedder(), class_names=NAMES, injector=FixedRows(new_rows), calibration="none"
+        model,
+        NEW,
+        embedder=FakeEmbedder(),
+        class_names=NAMES,
+        injector=FixedRows(new_rows),
+        config=InjectionConfig(calibration="none"),
     )
     with torch.no_grad():
         assert torch.equal(model(x), before), "the user's model was modified"
@@ -189,8 +194,8 @@ def test_inject_twice_save_and_reload_with_plain_timm(name, tmp_path):
     with torch.no_grad():
         before = model(x)
     dim = find_head(model).in_features + 1
-    once = inject(model, NEW[:2], embedder=HashEmbedder(), class_names=NAMES, injector=FixedRows(torch.randn(2, dim)))
-    twice = inject(once, NEW[2:], embedder=HashEmbedder(), injector=FixedRows(torch.randn(1, dim)))
+    once = inject(model, NEW[:2], embedder=FakeEmbedder(), class_names=NAMES, injector=FixedRows(torch.randn(2, dim)))
+    twice = inject(once, NEW[2:], embedder=FakeEmbedder(), injector=FixedRows(torch.randn(1, dim)))
     assert head_segments(twice, find_head(twice)) == (N, 2, 1)
     with torch.no_grad():
         out_once, out_twice = once(x), twice(x)
@@ -214,7 +219,7 @@ def test_reset_classifier_still_works_after_injection(name):
     _, kwargs, size = ARCHS[name]
     model = _build(name, **kwargs)
     dim = find_head(model).in_features + 1
-    injected = inject(model, NEW, embedder=HashEmbedder(), class_names=NAMES, injector=FixedRows(torch.randn(K, dim)))
+    injected = inject(model, NEW, embedder=FakeEmbedder(), class_names=NAMES, injector=FixedRows(torch.randn(K, dim)))
     injected.reset_classifier(5)
     with torch.no_grad():
         assert injected(torch.randn(1, 3, size, size)).shape == (1, 5)
@@ -276,7 +281,7 @@ def test_low_precision_heads(dtype):
     with torch.no_grad():
         before = model(x)
     dim = find_head(model).in_features + 1
-    injected = inject(model, NEW, embedder=HashEmbedder(), class_names=NAMES, injector=FixedRows(torch.randn(K, dim)))
+    injected = inject(model, NEW, embedder=FakeEmbedder(), class_names=NAMES, injector=FixedRows(torch.randn(K, dim)))
     with torch.no_grad():
         after = injected(x)
     assert after.dtype == dtype and torch.equal(after[:, :N], before)
@@ -354,15 +359,14 @@ def test_inject_refuses_projection_heads_unless_allowed():
     names = [f"dim {i}" for i in range(num_dims)]
     dim = find_head(model, allow_projection=True).in_features + 1
     with pytest.raises(UnsupportedHeadError, match="allow_projection=True"):
-        inject(model, NEW, embedder=HashEmbedder(), class_names=names, injector=FixedRows(torch.randn(K, dim)))
+        inject(model, NEW, embedder=FakeEmbedder(), class_names=names, injector=FixedRows(torch.randn(K, dim)))
     injected = inject(
         model,
         NEW,
-        embedder=HashEmbedder(),
+        embedder=FakeEmbedder(),
         class_names=names,
         injector=FixedRows(torch.randn(K, dim)),
-        calibration="none",
-        allow_projection=True,
+        config=InjectionConfig(calibration="none", allow_projection=True),
     )
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

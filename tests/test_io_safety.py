@@ -14,14 +14,10 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from classifier_injection import ICISConfig, PrecomputedEmbedder, inject, load_injected, save_injected
-from classifier_injection.io import (
-    CONFIG_KEY,
-    MAX_CONFIG_BYTES,
-    atomic_save_safetensors,
-    read_safetensors,
-    read_saved_config,
-)
+from classifier_injection import ICISConfig, InjectionConfig, inject, load_injected, save_injected
+from classifier_injection.embedders import PrecomputedEmbedder
+from classifier_injection.io import CONFIG_KEY, MAX_CONFIG_BYTES, read_saved_config
+from classifier_injection.serialization import atomic_save_safetensors, read_safetensors
 
 NAMES = [f"class {i}" for i in range(6)]
 NEW = ["capybara", "red panda"]
@@ -39,8 +35,7 @@ def _injected(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         NEW,
         embedder=_embedder(),
         class_names=NAMES,
-        icis_config=ICISConfig(latent_dim=16, max_epochs=2),
-        calibration="norm",
+        config=InjectionConfig(icis=ICISConfig(latent_dim=16, max_epochs=2), calibration="norm"),
     )
 
 

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from classifier_injection import ICISConfig, inject, load_injected, save_injected
+from classifier_injection import ICISConfig, InjectionConfig, inject, load_injected, save_injected
 
 ARCHITECTURES = ("test_resnet", "test_efficientnet", "test_vit")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,7 +24,7 @@ FAST = ICISConfig(latent_dim=8, max_epochs=1)
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-class HashEmbedder:
+class FakeEmbedder:
     """Deterministic pseudo-random vectors for any text (the embedder is not what these tests are about)."""
 
     id = "hash-embedder"
@@ -70,7 +70,9 @@ def _images(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _inject(model, names, seed=0):
-    return inject(model, names, embedder=HashEmbedder(), icis_config=FAST, calibration="norm", seed=seed)
+    return inject(
+        model, names, embedder=FakeEmbedder(), config=InjectionConfig(icis=FAST, calibration="norm"), seed=seed
+    )
 
 
 @SETTINGS
@@ -135,7 +137,7 @@ def test_rejected_calls_change_nothing(num_classes, names, data):
         variant = repeated
     bad = [*names, variant]
     with pytest.raises(ValueError, match="duplicates"):
-        inject(model, bad, embedder=HashEmbedder(), icis_config=FAST, calibration="norm", inplace=True)
+        inject(model, bad, embedder=FakeEmbedder(), config=InjectionConfig(icis=FAST, calibration="norm"), inplace=True)
     assert model.num_classes == num_classes
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert model.pretrained_cfg["label_names"] == _seen(num_classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -10,38 +11,14 @@ import timm
 import torch
 from torch import nn
 
-from classifier_injection import (
-    ICISConfig,
-    ICISInjector,
-    PrecomputedEmbedder,
-    UnsupportedHeadError,
-    find_head,
-    inject,
-)
+from classifier_injection import ICISConfig, ICISInjector, InjectionConfig, UnsupportedHeadError, find_head, inject
 from classifier_injection import api as api_module
-
-MAX_NEW_CLASSES = getattr(api_module, "MAX_NEW_CLASSES", 25_000)
+from classifier_injection.api import MAX_NEW_CLASSES
+from tests.conftest import FakeEmbedder
 
 NAMES = [f"class {i}" for i in range(6)]
 NEW = ["capybara", "red panda"]
 FAST = ICISConfig(latent_dim=16, max_epochs=2)
-
-
-class RecordingEmbedder(PrecomputedEmbedder):
-    """Precomputed random vectors for any text; counts calls so tests can assert nothing was embedded."""
-
-    def __init__(self, dim: int = 8) -> None:
-        super().__init__({"-": [1.0] * dim}, id=f"recording-{dim}")
-        self.calls = 0
-        self._dim = dim
-
-    def encode(self, texts):
-        self.calls += 1
-        rows = []
-        for text in texts:
-            seed = int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
-            rows.append(torch.randn(self._dim, generator=torch.Generator().manual_seed(seed + len(text))))
-        return torch.stack(rows)
 
 
 def _model(num_classes: int = len(NAMES), dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -70,12 +47,14 @@ def _assert_unchanged(model: nn.Module, snapshot: dict) -> None:
         assert now[field] == snapshot[field], field
 
 
-def _inject(model: nn.Module, new, **kwargs) -> nn.Module:
-    kwargs.setdefault("embedder", RecordingEmbedder())
+def _inject(model: nn.Module, new, config: InjectionConfig | None = None, **kwargs) -> nn.Module:
+    kwargs.setdefault("embedder", FakeEmbedder())
     kwargs.setdefault("class_names", NAMES)
-    kwargs.setdefault("icis_config", FAST)
-    kwargs.setdefault("calibration", "norm")  # cheap and fit-free: these tests are about validation
-    return inject(model, new, **kwargs)
+    # Fast ICIS and a cheap, fit-free calibration: these tests are about validation.
+    fast = {"icis": None if "injector" in kwargs else FAST, "calibration": "norm"}
+    config = config or InjectionConfig()
+    config = dataclasses.replace(config, **{k: v for k, v in fast.items() if getattr(config, k) is None})
+    return inject(model, new, config, **kwargs)
 
 
 # ---- names ------------------------------------------------------------------------------------------
@@ -114,28 +93,28 @@ def _inject(model: nn.Module, new, **kwargs) -> nn.Module:
 def test_bad_names_fail_before_anything_happens(names, error, match, inplace):
     model = _model()
     snapshot = _snapshot(model)
-    embedder = RecordingEmbedder()
+    embedder = FakeEmbedder()
     with pytest.raises(error, match=match):
         _inject(model, names, embedder=embedder, inplace=inplace)
-    assert embedder.calls == 0  # rejected before any embedding or training
+    assert embedder.calls == []  # rejected before any embedding or training
     _assert_unchanged(model, snapshot)
 
 
 def test_existing_names_are_allowed_when_asked():
-    out = _inject(_model(), ["class 3", "okapi"], allow_existing=True)
+    out = _inject(_model(), ["class 3", "okapi"], config=InjectionConfig(allow_existing=True))
     assert out.pretrained_cfg["label_names"][-2:] == ["class 3", "okapi"]
 
 
 def test_too_many_names_fail_fast_without_touching_anything():
     model = _model()
     snapshot = _snapshot(model)
-    embedder = RecordingEmbedder()
+    embedder = FakeEmbedder()
     names = [f"species {i}" for i in range(100_000)]
     start = time.perf_counter()
     with pytest.raises(ValueError, match=rf"100000 names, more than MAX_NEW_CLASSES={MAX_NEW_CLASSES}.*batches"):
         _inject(model, names, embedder=embedder, inplace=True)
     assert time.perf_counter() - start < 2
-    assert embedder.calls == 0
+    assert embedder.calls == []
     _assert_unchanged(model, snapshot)
 
 
@@ -238,8 +217,8 @@ def test_a_saved_injector_refuses_another_head(trained):
 def test_a_saved_injector_refuses_another_descriptor_width(trained):
     model, path = trained
     snapshot = _snapshot(model)
-    with pytest.raises(ValueError, match=r"descriptors must be \[n, 8\].*same embedder"):
-        _inject(model, ["okapi"], injector=ICISInjector.load(str(path)), embedder=RecordingEmbedder(12), inplace=True)
+    with pytest.raises(ValueError, match=r"descriptors must be \[n, 16\].*same embedder"):
+        _inject(model, ["okapi"], injector=ICISInjector.load(str(path)), embedder=FakeEmbedder(12), inplace=True)
     _assert_unchanged(model, snapshot)
 
 
@@ -332,7 +311,7 @@ def test_non_finite_rows_are_refused(monkeypatch):
             return {}
 
     with pytest.raises(RuntimeError, match="non-finite rows"):
-        _inject(model, NEW, injector=NaNInjector(), calibration="none", inplace=True)
+        _inject(model, NEW, injector=NaNInjector(), config=InjectionConfig(calibration="none"), inplace=True)
     _assert_unchanged(model, snapshot)
 
 
