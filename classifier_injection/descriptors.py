@@ -549,7 +549,7 @@ def describe_injection(
     all new classes are looked up by name (unless the user described them). When no template reads a
     description, nothing is looked up. When *no* new class has a description, the seen classes are not
     described either: the injector then learns from names and predicts from names (definitions on one side
-    only cost ~9 ZSL points against that, ``benchmarks/results/descriptors_summary.md``).
+    only are worse than none).
     """
     if not uses_descriptions(embedder, config):
         return InjectionDescriptions([None] * len(seen_names), [None] * len(new_names), {})
@@ -568,7 +568,7 @@ def describe_injection(
         seen = [given.get(name) or None for name in seen_names]
     elif missing and any(seen):
         # The seen classes are described with definitions and these new classes are not: their descriptors
-        # are less comparable (measured in benchmarks/results/descriptors.md). Say so, and how to fix it.
+        # are less comparable. Say so, and how to fix it.
         logger.warning(
             "no description for new classes %s (not in WordNet, or ambiguous): they are described by their name "
             "alone; pass descriptions={name: '...'} for better rows",

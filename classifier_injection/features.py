@@ -9,13 +9,12 @@ Many timm CNNs (EfficientNet, MobileNetV2, MixNet, ...) end in ``BatchNorm (+ ac
 pool -> classifier``. In eval mode the BatchNorm output of channel ``c`` has mean ``beta_c`` and standard
 deviation ``|gamma_c| * sqrt(var_c / (var_c + eps))`` over the data it was trained on (that is what the
 running statistics normalise); taking it as Gaussian, ``E[x_c] = E[act(beta_c + sigma_c z)]``, ``z ~ N(0, 1)``,
-computed by Gauss-Hermite quadrature with the layer's own activation. On ``tf_efficientnet_lite0`` the
-estimate has cosine 0.987 with the mean feature of the 1000 ImageNet sample photos.
+computed by Gauss-Hermite quadrature with the layer's own activation.
 
 The same quadrature gives the per-position standard deviation ``s_c`` of each channel after the activation;
 ``s_c / sqrt(H * W)`` is what the pooled feature's spread would be if the ``H x W`` positions were independent.
-They are not: on lite0/1/2 the photos' pooled spread is 3.7-4.0 times that (per channel the ratio scatters, the
-total does not), which :class:`~classifier_injection.calibration.SynthesizedCalibration` uses as its ``spread``.
+They are not (neighbouring positions are correlated), so
+:class:`~classifier_injection.calibration.SynthesizedCalibration` scales it by its ``spread``.
 
 :func:`feature_statistics` finds the last ``BatchNorm2d`` as wide as the head's input and *checks* with one
 forward pass on a random input that the head reads exactly its pooled output; otherwise (residual sums,

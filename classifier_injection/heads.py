@@ -13,7 +13,7 @@ group plus one bias: ``[sum_{l in g1} c_l W_l | sum_{l in g2} c_l W_l | ... | su
 concatenation of the group inputs (:meth:`ClassifierHead.features`). For every family except volo,
 ``features @ W.T + b`` equals the model's logits up to float rounding (tested).
 
-Treatment per family (timm 1.0.31, see ``benchmarks/results/zoo_summary.md`` for the whole zoo):
+Treatment per family:
 
 * ``linear`` / ``conv1x1``: one layer (resnet ``fc``, vit ``head``, convnext ``head.fc``, dla/resnetv2
   1x1 convs, caformer's MLP head ``head.fc.fc2``, cpubone/samvit/sequencer wrappers unwrapped to the

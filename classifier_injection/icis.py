@@ -15,8 +15,7 @@ A new class gets the row ``dec_W(enc_A(a))``. The cosine loss leaves the norm of
 ``dec_W`` is a linear layer in the paper. The library default (``ICISConfig.row_decoder="mixture"``) decodes a
 latent into softmax weights over the seen rows and returns their weighted sum: a predicted row is a blend of
 rows the head itself learned (a new breed of cat mixes the rows of the cats it knows), as VGSE-SMO builds rows,
-but with the mixture learned by the two autoencoders. On held-out *seen* classes of a real ImageNet head it
-doubles the row cosine of the linear decoder (``benchmarks/results/icis_defaults_decoder.md``).
+but with the mixture learned by the two autoencoders. Why these defaults: ``docs/decisions.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ _logger = logging.getLogger(__name__)
 class ICISConfig:
     """Hyper-parameters of ICIS.
 
-    The defaults are the library's (chosen on held-out *seen* classes, see ``benchmarks/``); use
+    The defaults are the library's (chosen on held-out *seen* classes); use
     :meth:`paper` for the settings of the official code (batch 16, lr 1e-5, slope early stopping).
 
     Attributes:

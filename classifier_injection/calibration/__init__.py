@@ -3,7 +3,7 @@
 Injectors predict the direction of a row well and its scale poorly, so uncalibrated new rows almost never win
 in the extended head. Rules are chosen by name (:func:`get_calibration`); the default, ``"synthesize"``,
 simulates an injection of the head's own classes and scores it on features synthesised from the model's
-statistics. No rule ever sees a photo. Measurements behind the default: ``docs/calibration.md``.
+statistics. No rule ever sees a photo. Why this default, and what else was tried: ``docs/decisions.md``.
 """
 
 from .base import (

@@ -3,7 +3,7 @@
 
 The simulation rules choose a norm factor for the new rows from the old classes alone (a :class:`FactorChoice`,
 cacheable per head) and set each new bias against the model's mean feature when it can be estimated. Why the
-default is what it is, and what was measured: ``docs/calibration.md``.
+default is what it is: the decision record in ``docs/``.
 """
 
 from __future__ import annotations
