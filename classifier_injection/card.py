@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["model_card"]
+__all__ = ["calibration_markdown", "injection_markdown", "model_card"]
 
 TAGS = ("image-classification", "timm", "classifier-injection")
 
@@ -120,8 +120,8 @@ def _class_rows(entry: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _calibration_lines(calibration: Any) -> list[str]:
-    """The calibration rule, its scalar parameters and a table of its diagnostics."""
+def calibration_markdown(calibration: Any) -> list[str]:
+    """Markdown lines: the calibration rule, its scalar parameters and a table of its diagnostics."""
     if not isinstance(calibration, Mapping):
         return []
     scalars = [
@@ -158,8 +158,8 @@ def _per_class_lines(per_class: Any) -> list[str]:
     return ["", "Per-class diagnostics:", "", *_table(["class", *(md_text(k) for k in keys)], rows)]
 
 
-def _injection_section(number: int, entry: Mapping[str, Any]) -> list[str]:
-    """The markdown of one injection: its classes, method, embedder, calibration and diagnostics."""
+def injection_markdown(number: int, entry: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for one provenance entry: its classes, method, embedder, calibration and diagnostics."""
     rows = _class_rows(entry)
     lines = [f"### Injection {number}: {len(rows)} class{'es' if len(rows) != 1 else ''}", ""]
     lines += [*_table(["index", "class", "description", "description source"], rows), ""]
@@ -172,7 +172,7 @@ def _injection_section(number: int, entry: Mapping[str, Any]) -> list[str]:
         ("New-class scale", _number(entry["new_class_scale"]) if "new_class_scale" in entry else None),
     ]
     lines += [f"- **{label}:** {value}" for label, value in details if value is not None]
-    lines += _calibration_lines(entry.get("calibration"))
+    lines += calibration_markdown(entry.get("calibration"))
     return lines + _per_class_lines(entry.get("per_class"))
 
 
@@ -234,7 +234,7 @@ def model_card(config: Mapping[str, Any], *, base_model: str | None = None) -> s
         "",
     ]
     for number, entry in enumerate(injections, 1):
-        lines += [*_injection_section(number, entry), ""]
+        lines += [*injection_markdown(number, entry), ""]
     if not injections:
         lines += ["None: this folder holds the base model as saved by `save_injected`.", ""]
     return "\n".join(lines + _usage(architecture)) + "\n"
