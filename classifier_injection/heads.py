@@ -119,9 +119,16 @@ class SegmentedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.segments) == 1:
             return F.linear(x, self.weight, self.bias)
-        weights = self.weight.split(self.segments, dim=0)
-        biases = self.bias.split(self.segments, dim=0) if self.bias is not None else [None] * len(weights)
-        return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
+        # Static slices over the Python tuple (not torch.split): traceable by fx, torch.export, ONNX and
+        # TorchScript, and each slice is the same view split() returns, so the kernels are unchanged.
+        outputs = []
+        bias = self.bias
+        start = 0
+        for size in self.segments:
+            stop = start + size
+            outputs.append(F.linear(x, self.weight[start:stop], None if bias is None else bias[start:stop]))
+            start = stop
+        return torch.cat(outputs, dim=-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, segments={self.segments}"
@@ -137,10 +144,15 @@ class SegmentedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.segments) == 1:
-            return super().forward(x)
-        weights = self.weight.split(self.segments, dim=0)
-        biases = self.bias.split(self.segments, dim=0) if self.bias is not None else [None] * len(weights)
-        return torch.cat([self._conv_forward(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=1)
+            return self._conv_forward(x, self.weight, self.bias)  # nn.Conv2d.forward, in a scriptable form
+        outputs = []
+        bias = self.bias
+        start = 0
+        for size in self.segments:  # static slices, as in SegmentedLinear.forward
+            stop = start + size
+            outputs.append(self._conv_forward(x, self.weight[start:stop], None if bias is None else bias[start:stop]))
+            start = stop
+        return torch.cat(outputs, dim=1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, segments={self.segments}"

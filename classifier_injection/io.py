@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .card import model_card
 from .heads import find_head, head_segments, restore_segments
 from .serialization import check_state_dict, few, fsync, read_safetensors
 
@@ -35,7 +36,7 @@ __all__ = ["CONFIG_KEY", "check_output_path", "load_injected", "read_saved_confi
 #: Top-level key of ``config.json`` holding this library's record (provenance, segments, checksum).
 CONFIG_KEY = "classifier_injection"
 #: Files :func:`save_injected` writes; ``overwrite=True`` only ever replaces a directory holding nothing else.
-SAVED_FILES = frozenset({"config.json", "model.safetensors"})
+SAVED_FILES = frozenset({"README.md", "config.json", "model.safetensors"})
 MAX_CONFIG_BYTES = 32 * 1024 * 1024
 #: Bound on ``num_classes`` in a config (the largest timm heads have ~22k classes).
 MAX_CLASSES = 1_000_000
@@ -267,9 +268,10 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> None:
 def save_injected(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a (possibly injected) timm model to directory ``path`` in timm's own format, atomically.
 
-    Writes ``model.safetensors`` and ``config.json`` (with ``label_names``, the injection provenance, the
-    head's row segments and the weights' SHA-256). The directory is first written under a temporary name
-    beside ``path`` and renamed into place, so a failure never leaves a half-written model.
+    Writes ``model.safetensors``, ``config.json`` (with ``label_names``, the injection provenance, the
+    head's row segments and the weights' SHA-256) and a Hugging Face model card ``README.md``
+    (:func:`~classifier_injection.card.model_card`; loading never reads it). The directory is first written
+    under a temporary name beside ``path`` and renamed into place, so a failure never leaves a half-written model.
 
     Args:
         model: the model to save (any device and dtype; it is not modified).
@@ -303,6 +305,8 @@ def save_injected(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
         config[CONFIG_KEY]["weights_sha256"] = _sha256(weights)
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         fsync(tmp / "config.json")
+        (tmp / "README.md").write_text(model_card(config, base_model=cfg.get("hf_hub_id")), encoding="utf-8")
+        fsync(tmp / "README.md")
         if path.exists():
             # Swap: move the old directory aside first so the new one lands with a single rename.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

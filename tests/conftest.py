@@ -44,9 +44,10 @@ def _one_thread():
 class FakeEmbedder:
     """Deterministic text -> vector map (a hash seeds a Gaussian), recording what it encodes: no model needed."""
 
-    def __init__(self, dim: int = 16, *, cacheable: bool = False) -> None:
+    def __init__(self, dim: int = 16, *, cacheable: bool = False, default_template: str | None = None) -> None:
         self._dim = dim
         self.cacheable = cacheable
+        self.default_template = default_template
         self.calls: list[list[str]] = []
 
     @property
@@ -61,7 +62,7 @@ class FakeEmbedder:
         self.calls.append(list(texts))
         rows = []
         for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
             rows.append(torch.randn(self._dim, generator=torch.Generator().manual_seed(seed)))
         return torch.stack(rows)
 

@@ -138,7 +138,7 @@ def test_overwrite_never_replaces_a_directory_of_other_files(saved, tmp_path):
 def test_an_empty_directory_is_used(saved, tmp_path):
     (tmp_path / "out").mkdir()
     save_injected(saved[1], tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_a_failing_save_leaves_nothing_behind(saved, copy, monkeypatch):

@@ -6,7 +6,6 @@ is exact (logits, dtype, names), the same seed gives the same rows, and a reject
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 
@@ -17,26 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from classifier_injection import ICISConfig, InjectionConfig, inject, load_injected, save_injected
+from tests.conftest import FakeEmbedder
 
 ARCHITECTURES = ("test_resnet", "test_efficientnet", "test_vit")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FAST = ICISConfig(latent_dim=8, max_epochs=1)
+CONFIG = InjectionConfig(icis=FAST, calibration="norm")
+EMBEDDER = FakeEmbedder(8, default_template="{name}")
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-class FakeEmbedder:
-    """Deterministic pseudo-random vectors for any text (the embedder is not what these tests are about)."""
-
-    id = "hash-embedder"
-    dim = 8
-    default_template = "{name}"
-
-    def encode(self, texts):
-        rows = []
-        for text in texts:
-            seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:4], "little")
-            rows.append(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)))
-        return torch.stack(rows)
 
 
 def _key(name: str) -> str:
@@ -70,9 +57,7 @@ def _images(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _inject(model, names, seed=0):
-    return inject(
-        model, names, embedder=FakeEmbedder(), config=InjectionConfig(icis=FAST, calibration="norm"), seed=seed
-    )
+    return inject(model, names, CONFIG, embedder=EMBEDDER, seed=seed)
 
 
 @SETTINGS
@@ -137,7 +122,7 @@ def test_rejected_calls_change_nothing(num_classes, names, data):
         variant = repeated
     bad = [*names, variant]
     with pytest.raises(ValueError, match="duplicates"):
-        inject(model, bad, embedder=FakeEmbedder(), config=InjectionConfig(icis=FAST, calibration="norm"), inplace=True)
+        inject(model, bad, CONFIG, embedder=EMBEDDER, inplace=True)
     assert model.num_classes == num_classes
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert model.pretrained_cfg["label_names"] == _seen(num_classes)
