@@ -1,4 +1,4 @@
-"""PNG plots of a benchmark report: per-method ZSL / S / U / H bars, and accuracy vs training time."""
+"""PNG plots: a benchmark report's per-method bars and accuracy vs training time, and the calibration trade-off."""
 
 from __future__ import annotations
 
@@ -54,3 +54,26 @@ def plot_report(report: dict, directory: Path) -> list[Path]:
             fig.savefig(written[-1], dpi=110)
             plt.close(fig)
     return written
+
+
+def plot_tradeoff(curves: dict[str, tuple[list[float], list[float]]], knob: tuple[float, ...], path: Path) -> None:
+    """S against U of the ``new_class_scale`` knob, one curve per label (``{label: (s, u)}`` over ``knob``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, (s, u) in curves.items():
+        ax.plot(u, s, marker="o", label=label)
+        default = knob.index(1.0)
+        ax.annotate("1.0", (u[default], s[default]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(str(knob[-1]), (u[-1], s[-1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("U: accuracy on new classes (%)")
+    ax.set_ylabel("S: accuracy on old classes (%)")
+    ax.set_title("new_class_scale trade-off (default calibration)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

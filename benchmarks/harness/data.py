@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("CLASSIFIER_INJECTION_SHARED", ROOT.parent / "shared"))
 PHOTOS = SHARED / "data" / "imagenet-sample-images"
 EMBEDDINGS = SHARED / "data" / "class-embeddings"
 CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "results"
+#: How :attr:`HeadData.feature_mean` was estimated (recorded in the calibrations' diagnostics).
+FEATURE_SOURCE = "benchmarks.data.estimated_feature_statistics"
 MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 
 
@@ -59,6 +62,25 @@ class HeadData:
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         return self.features @ rows[:, :-1].T + rows[:, -1]
 
+    def statistics(self):
+        """The image-free feature statistics as the library's calibration gets them, or ``None``."""
+        from classifier_injection.features import FeatureStatistics
+
+        if self.feature_mean is None:
+            return None
+        return FeatureStatistics(self.feature_mean, FEATURE_SOURCE, self.feature_std)
+
+    def restricted(self, classes: torch.Tensor) -> HeadData:
+        """The head restricted to ``classes`` (their rows and photos, relabelled ``0..len(classes) - 1``)."""
+        return HeadData(
+            self.model_name,
+            self.rows[classes],
+            self.features[classes],
+            torch.arange(len(classes)),
+            self.feature_mean,
+            self.feature_std,
+        )
+
 
 def load_model(model_name: str) -> torch.nn.Module:
     from classifier_injection.offline import efficientnet_lite
@@ -96,9 +118,11 @@ def head_data(model_name: str, batch_size: int = 50, image_size: int | None = No
     """Head rows and photo features of ``model_name``, extracted once and cached.
 
     ``image_size``: photos resized to this many pixels instead of the model's own test size (a shift of the
-    photos' distribution the head never sees; ``benchmarks.calibration_shift``).
+    photos' distribution the head never sees; ``benchmarks.studies.calibration_shift``).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from classifier_injection.serialization import atomic_save_safetensors
 
     suffix = "" if image_size is None else f"@{image_size}px"
     cache = CACHE / f"{model_name}{suffix}.safetensors"
@@ -127,10 +151,8 @@ def head_data(model_name: str, batch_size: int = 50, image_size: int | None = No
     rows, features = head.rows(model), torch.cat(captured).float()
     data = _with_statistics(model_name, rows, features, torch.arange(len(paths)))
     CACHE.mkdir(parents=True, exist_ok=True)
-    # Atomic: the benchmark's second process may read this cache while it is written.
-    partial = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
-    save_file({"rows": data.rows, "features": data.features, "labels": data.labels}, str(partial))
-    os.replace(partial, cache)
+    tensors = {"rows": data.rows, "features": data.features, "labels": data.labels}
+    atomic_save_safetensors(tensors, cache, overwrite=True)  # a run stopped mid-write leaves no broken cache
     return data
 
 
