@@ -31,9 +31,9 @@ __all__ = [
     "mean_of",
     "norm_rows",
     "oracle",
-    "seen_mask",
     "picked_on_test_photos",
     "picked_on_test_photos_with_offset",
+    "seen_mask",
 ]
 
 #: Offsets (logits) and factors searched by :func:`picked_on_test_photos_with_offset`.

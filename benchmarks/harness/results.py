@@ -21,9 +21,9 @@ from classifier_injection.serialization import atomic_write_text
 __all__ = ["command_line", "load_study", "machine", "machine_line", "readme", "record", "study_dir"]
 
 
-def study_dir(study: str) -> Path:
-    """``benchmarks/results/<study>/`` (created)."""
-    path = RESULTS / study
+def study_dir(study: str, root: Path = RESULTS) -> Path:
+    """``benchmarks/results/<study>/`` (created); ``root`` replaces ``benchmarks/results`` (tests)."""
+    path = Path(root) / study
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -59,9 +59,9 @@ def machine_line(info: dict | str | None) -> str:
     )
 
 
-def load_study(study: str) -> dict:
+def load_study(study: str, root: Path = RESULTS) -> dict:
     """The study's ``results.json`` (``{"study", "title", "summary", "runs"}``), empty when none was written."""
-    path = RESULTS / study / "results.json"
+    path = Path(root) / study / "results.json"
     if path.is_file():
         return json.loads(path.read_text())
     return {"study": study, "title": study, "summary": "", "runs": {}}
@@ -76,7 +76,7 @@ def readme(doc: dict) -> str:
     """The README of a study: its summary, then per run the command, date, machine and the table it printed."""
     lines = [f"# {doc.get('title') or doc['study']}", ""]
     if doc.get("summary"):
-        lines += [doc["summary"].strip(), ""]
+        lines += [_demoted(doc["summary"].strip(), 1), ""]
     lines += [
         f"Numbers: `results.json` (runs by name: {', '.join(f'`{r}`' for r in doc['runs'])}). This file is generated "
         "from it by `benchmarks.harness.results`.",
@@ -100,6 +100,7 @@ def record(
     *,
     title: str | None = None,
     date: str | None = None,
+    root: Path = RESULTS,
 ) -> Path:
     """Store one run of ``study`` (replacing a run of the same name) and rebuild its README; returns the JSON path.
 
@@ -111,8 +112,9 @@ def record(
         command: the exact command (:func:`command_line`).
         title: the README's title (kept from earlier runs when ``None``).
         date: ISO date of the run (default: now).
+        root: replaces ``benchmarks/results`` (tests).
     """
-    doc = load_study(study)
+    doc = load_study(study, root)
     if title is not None:
         doc["title"] = title
     doc["runs"][run] = {
@@ -122,7 +124,7 @@ def record(
         "table": table,
         "results": results,
     }
-    folder = study_dir(study)
+    folder = study_dir(study, root)
     path = folder / "results.json"
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     atomic_write_text(folder / "README.md", readme(doc))

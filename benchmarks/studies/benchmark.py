@@ -1,115 +1,47 @@
-"""The benchmark: ICIS and the paper's baselines on real ImageNet heads and photos, identical splits.
+"""The main benchmark: ICIS and the paper's baselines on real ImageNet heads and photos, identical splits.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run            # everything (see benchmarks/README.md)
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --quick    # one fold, lite0, MiniLM: ICIS, ridge, ConSE
 
-Stages, in order (each result is written as soon as it exists, so an interrupted run keeps what it did):
+(``python -m benchmarks.studies.benchmark`` is the same.) Stages, in order, run one after the other (each result is
+written as soon as it exists, so an interrupted run keeps what it did):
 
-1. ``main``: ``tf_efficientnet_lite0`` + ``minilm-default`` (what ``inject()`` builds from class names: MiniLM
-   over "{name}: {definition}", held-out classes looked up by name), every method, 5 folds (ICIS with the
-   paper's settings: fold 0 only, it is slow).
-2. ``sources``: ``tf_efficientnet_lite0``, ICIS (library defaults), VGSE-SMO and ridge on the other descriptor
-   sources (``minilm-name`` is the bare "a photo of a {name}." prompt).
+1. ``main``: ``tf_efficientnet_lite0`` + ``minilm-default`` (what ``inject()`` builds from class names), every
+   method, 5 folds (ICIS with the paper's settings: fold 0 only, it is slow).
+2. ``sources``: ``tf_efficientnet_lite0``, ICIS, VGSE-SMO and ridge on the other descriptor sources.
 3. ``models``: ``tf_efficientnet_lite1/2`` + ``minilm-default``, ICIS and ridge.
 4. ``speed``: training time of the default vs the paper's settings, and ``inject()`` latency for 1, 100 and 1000
-   new classes, embedder loaded: a first injection into the head, another into the same head (the calibration's
-   choice cached) and one with an injector trained on the head before. ``latency`` (not in the default list)
-   measures the ``inject()`` latencies alone: ``--stages latency --name latency --no-plots --jobs 1``.
+   new classes (:func:`inject_latency`). ``latency`` (not in the default list) measures the latencies alone.
 
 Per-fold results are cached in ``benchmarks/.cache/results`` (keyed by model, descriptors, method, fold and the
-method's hyper-parameters); ``--fresh`` ignores results computed before this run. With ``--jobs 2`` (the default
-on machines with two or more cores) a second process, on one core, fits ICIS with the paper's settings (the one
-slow fit) and then runs the ``models`` stage, while this one runs the rest on the other core; both fits of the
-speed ratio then ran on one thread.
-Outputs: ``benchmarks/results/<name>.json``,
-``<name>.md`` and ``<name>_*.png``.
+method's hyper-parameters and calibration); ``--fresh`` ignores results computed before this run. Output: run
+``--name`` of ``benchmarks/results/benchmark/`` (``results.json``, ``README.md``, ``<name>_*.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-import torch
 
-from benchmarks import harness
-from benchmarks.data import CACHE, ROOT, fold_classes, head_data
+from benchmarks.harness.data import CACHE, fold_classes, head_data, load_model
+from benchmarks.harness.descriptors import embedding_cache, fold_descriptors
+from benchmarks.harness.methods import METHODS, Method, run_any
+from benchmarks.harness.metrics import evaluate_rows, oracle, seen_mask
+from benchmarks.harness.results import command_line, machine, record, study_dir
 from classifier_injection import __version__
-from classifier_injection.baselines import (
-    ConSE,
-    COSTAInjector,
-    MLPInjector,
-    RidgeInjector,
-    SubRegInjector,
-    VGSESMOInjector,
-    VGSEWAvgInjector,
-)
 from classifier_injection.calibration import get_calibration
-from classifier_injection.icis import ICISConfig, ICISInjector
 
-RESULTS = ROOT / "benchmarks" / "results"
+STUDY = "benchmark"
+TITLE = "Benchmark: ICIS and the paper's baselines on real ImageNet heads"
 RESULT_CACHE = CACHE / "results"
 METRICS = ("zsl", "seen", "unseen", "h", "cosine")
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of the tables: how to build the injector and which calibration to apply."""
-
-    name: str
-    build: Callable[[], object]
-    calibration: str | None = None  # None: the library default (classifier_injection.calibration)
-    description: str = ""
-    first_fold_only: bool = False
-
-
-#: Run order: training-free and cheap methods first, ICIS with the paper's settings (slowest) last.
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("ridge", lambda: RidgeInjector(), description="closed-form ridge regression"),
-        Method("conse", lambda: ConSE(), description="ConSE (Norouzi et al. 2014), its own GZSL rule"),
-        Method("costa", lambda: COSTAInjector(), description="COSTA (Mensink et al. 2014)"),
-        Method("vgse-wavg", lambda: VGSEWAvgInjector(), description="VGSE-WAvg (Xu et al. 2022)"),
-        Method("icis", lambda: ICISInjector(seed=0), description="ICIS, library defaults + default calibration"),
-        Method("vgse-smo", lambda: VGSESMOInjector(), description="VGSE-SMO (Xu et al. 2022)"),
-        Method("mlp", lambda: MLPInjector(), description="single MLP, cosine loss"),
-        Method("subreg", lambda: SubRegInjector(), description="Sub.Reg. (Akyürek et al. 2022)"),
-        Method(
-            "icis-no-cross",
-            lambda: ICISInjector(ICISConfig(cross_reconstruction=False), seed=0),
-            description="ablation: no A->W / W->A terms",
-        ),
-        Method(
-            "icis-no-new-descriptors",
-            lambda: ICISInjector(ICISConfig(include_new_descriptors=False), seed=0),
-            description="ablation: new classes' descriptors not used in training",
-        ),
-        Method("icis-mse", lambda: ICISInjector(ICISConfig(loss="mse"), seed=0), description="ablation: MSE loss"),
-        Method(
-            "icis-linear",
-            lambda: ICISInjector(ICISConfig(row_decoder="linear", dropout=0.0), seed=0),
-            description="ablation: the paper's linear row decoder, no dropout (the previous library default)",
-        ),
-        Method(
-            "icis-paper",
-            lambda: ICISInjector(ICISConfig.paper(), seed=0),
-            calibration="none",
-            description="ICIS, the paper's settings (batch 16, lr 1e-5, slope stop), no calibration",
-            first_fold_only=True,
-        ),
-    )
-}
 
 
 def _log(message: str) -> None:
@@ -121,11 +53,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-#: Cache keys of the results computed by this run (or its second job): ``--fresh`` reuses these, not older ones.
+#: Cache keys of the results computed by this run: ``--fresh`` reuses these, not older ones.
 _COMPUTED_THIS_RUN: set[str] = set()
 #: The library's default descriptors (what inject() builds from class names); the photo prompt is a source.
 MAIN_SOURCE = "minilm-default"
-PAPER_JOB = ("tf_efficientnet_lite0", MAIN_SOURCE, "icis-paper", 0)
 SECOND_MODELS = ("tf_efficientnet_lite1", "tf_efficientnet_lite2")
 MODEL_METHODS = ("ridge", "icis")
 SOURCE_METHODS = ("ridge", "icis", "vgse-smo")
@@ -147,7 +78,6 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
 
     With ``fresh``, only results computed by this run are reused (the speed stage reuses the main stage's fits).
     """
-    _wait_for_second_job((model, source, method.name, fold))
     injector = method.build()
     hparams = injector.hparams()
     key = _key(model, source, method.name, fold)
@@ -160,19 +90,16 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
             return cached
     data = head_data(model)
     held = fold_classes(fold)
-    descriptors = harness.fold_descriptors(source, held)
+    descriptors = fold_descriptors(source, held)
     start = time.perf_counter()
-    if isinstance(injector, ConSE):
-        result = harness.run_conse(data, held, descriptors, injector)
-    else:
-        result = harness.run_method(data, held, descriptors, injector, method.calibration)
-        if method.calibration == "none":
-            # Also score the same rows with the no-refit image-free calibration: the paper's rows in GZSL.
-            seen_rows = data.rows[harness.seen_mask(len(data.rows), held)]
-            rows = get_calibration("logit-match")(injector.predict(descriptors[held]), seen_rows)
-            result["logit_match"] = harness.evaluate_rows(data, held, rows)
-        if hasattr(injector, "history"):
-            result["epochs"] = len(injector.history)
+    result = run_any(data, held, descriptors, injector, method.calibration)
+    if method.calibration == "none":
+        # Also score the same rows with the no-refit image-free calibration: the paper's rows in GZSL.
+        seen_rows = data.rows[seen_mask(len(data.rows), held)]
+        rows = get_calibration("logit-match")(injector.predict(descriptors[held]), seen_rows)
+        result["logit_match"] = evaluate_rows(data, held, rows)
+    if hasattr(injector, "history"):
+        result["epochs"] = len(injector.history)
     result.update(
         model=model,
         source=source,
@@ -190,64 +117,8 @@ def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool =
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The second process: the paper-settings fit (~15 min on one core), then the `models` stage
-
-_second_job: subprocess.Popen | None = None
-_second_job_keys: set[str] = set()
-_threads_before_job = 1
-
-
-def second_job_plan(folds: list[int], stages: list[str], methods: list[str]) -> list[tuple[str, str, str, int]]:
-    """The (model, source, method, fold) results the second process computes, in order."""
-    plan = [PAPER_JOB] if "icis-paper" in methods and ({"main", "speed"} & set(stages)) else []
-    if "models" in stages:
-        plan += [(model, MAIN_SOURCE, m, k) for model in SECOND_MODELS for m in MODEL_METHODS for k in folds]
-    return plan
-
-
-def start_second_job(args: argparse.Namespace) -> None:
-    """Start a second process for the slowest independent work when ``--jobs 2`` (see :func:`second_job_plan`).
-
-    Both processes then use one thread, so they share the two cores without contention; results travel through
-    the per-fold cache and are picked up when a stage first needs them (:func:`_wait_for_second_job`).
-    """
-    global _second_job, _second_job_keys, _threads_before_job
-    folds = list(range(args.folds))
-    plan = second_job_plan(folds, args.stages, args.methods)
-    if args.jobs < 2 or not plan:
-        return
-    head_data(PAPER_JOB[0])  # extract (or load) the features here first: both processes need them
-    command = [sys.executable, "-m", "benchmarks.run", "--second-job", "--stages", *args.stages, "--folds"]
-    command += [str(args.folds), "--methods", *args.methods] + (["--fresh"] if args.fresh else [])
-    _log(f"second process: {len(plan)} results (the paper-settings fit and the models stage), one thread each")
-    _second_job = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _second_job_keys = {_key(*job) for job in plan}
-    _threads_before_job = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def _wait_for_second_job(job: tuple[str, str, str, int]) -> None:
-    """Before ``job`` runs: wait if the second process computes it; once that process is over, use every thread."""
-    global _second_job
-    if _second_job is None or (_key(*job) not in _second_job_keys and _second_job.poll() is None):
-        return
-    _log("waiting for the second process")
-    if _second_job.wait() != 0:
-        raise RuntimeError(f"the second benchmark process failed with exit code {_second_job.returncode}")
-    _second_job = None
-    _COMPUTED_THIS_RUN.update(_second_job_keys)
-    torch.set_num_threads(_threads_before_job)
-
-
-def _run_second_job(args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
-    for model, source, method, fold in second_job_plan(list(range(args.folds)), args.stages, args.methods):
-        run_one(model, source, METHODS[method], fold, fresh=args.fresh)
-
-
 def oracle_result(model: str, fold: int) -> dict:
-    return {**harness.oracle(head_data(model), fold_classes(fold)), "fold": fold, "fit_seconds": 0.0}
+    return {**oracle(head_data(model), fold_classes(fold)), "fold": fold, "fit_seconds": 0.0}
 
 
 def mean_over_folds(results: list[dict]) -> dict:
@@ -331,23 +202,21 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
 
     Per count, three calls, each with ``count`` names never embedded before: ``first``, into a head the calibration
     has not seen (its cached choices are cleared, so it simulates); ``same_head``, into the same head again (the
-    calibration's choice is read from :mod:`classifier_injection.calibration_cache`); ``trained_injector``, passing
+    calibration's choice is read from :mod:`classifier_injection.calibration.cache`); ``trained_injector``, passing
     an ICIS injector trained on this head before (no refit either: how batches of new classes are meant to be
     injected).
     """
     import shutil
 
-    from benchmarks.data import load_model
     from classifier_injection import ICISInjector, default_embedder, inject
-    from classifier_injection.cache import EmbeddingCache
 
     model = load_model("tf_efficientnet_lite0")
     embedder = default_embedder()
     embedder.encode(["warm-up"])  # loads the model: excluded from the latency, as the issue asks
-    cache = EmbeddingCache(CACHE / "embeddings")
+    cache = embedding_cache()
     trained = ICISInjector(seed=0)
     # Caches the seen classes' embeddings and trains `trained` on this head.
-    inject(model, ["warm-up class"], embedder=embedder, embedding_cache=cache, injector=trained)
+    inject(model, ["warm-up class"], embedder=embedder, cache=cache, injector=trained)
     out: dict = {"first": {}, "same_head": {}, "trained_injector": {}}
     calls = (("first", None), ("same_head", None), ("trained_injector", trained))
     unused = iter(new_class_names(sum(counts) * len(calls)))  # fresh names: their embeddings are not cached
@@ -356,7 +225,7 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
         for call, injector in calls:
             names = [next(unused) for _ in range(count)]
             start = time.perf_counter()
-            inject(model, names, embedder=embedder, embedding_cache=cache, injector=injector)
+            inject(model, names, embedder=embedder, cache=cache, injector=injector)
             out[call][str(count)] = time.perf_counter() - start
             _log(f"inject() with {count} new classes ({call}): {out[call][str(count)]:.1f}s")
     return out
@@ -364,20 +233,6 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reports
-
-
-def machine() -> dict:
-    import os
-
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-    }
 
 
 def markdown(report: dict) -> str:
@@ -459,11 +314,12 @@ def _later_lines(first: dict, later: dict) -> list[str]:
     ]
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, command: str) -> dict:
+    """Run the stages of ``args`` one after the other; the report is recorded after every fold."""
     start = time.perf_counter()
     report: dict = {
         "name": args.name,
-        "command": "HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "version": __version__,
         "machine": machine(),
@@ -471,29 +327,19 @@ def run(args: argparse.Namespace) -> dict:
     }
     stages = args.stages
     folds = list(range(args.folds))
-    start_second_job(args)
 
     def save() -> None:
         report["total_seconds"] = time.perf_counter() - start
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-        (RESULTS / f"{args.name}.md").write_text(markdown(report))
+        record(STUDY, args.name, report, markdown(report), command, title=TITLE, date=report["date"])
 
-    # While the second process fits the paper settings, its result is collected last: sources run meanwhile.
-    deferred = [PAPER_JOB[2]] if _key(*PAPER_JOB) in _second_job_keys else []
     if "main" in stages:
-        methods = [m for m in args.methods if m not in deferred]
-        run_grid("tf_efficientnet_lite0", MAIN_SOURCE, methods, folds, args.fresh, report["results"], save)
+        run_grid("tf_efficientnet_lite0", MAIN_SOURCE, args.methods, folds, args.fresh, report["results"], save)
         save()
     if "sources" in stages:
         for source in args.sources:
             run_grid("tf_efficientnet_lite0", source, list(SOURCE_METHODS), folds, args.fresh, report["results"], save)
             save()
-    if "main" in stages and deferred:
-        run_grid("tf_efficientnet_lite0", MAIN_SOURCE, deferred, folds, args.fresh, report["results"], save)
-        save()
     if "models" in stages:
-        _wait_for_second_job((SECOND_MODELS[0], MAIN_SOURCE, MODEL_METHODS[0], folds[0]))  # it extracts features
         for model in SECOND_MODELS:
             run_grid(model, MAIN_SOURCE, list(MODEL_METHODS), folds, args.fresh, report["results"], save)
             save()
@@ -503,14 +349,14 @@ def run(args: argparse.Namespace) -> dict:
         report["latency"] = inject_latency()
     save()
     if not args.no_plots:
-        from benchmarks.plots import plot_report
+        from benchmarks.harness.plots import plot_report
 
-        plot_report(report, RESULTS)
+        plot_report(report, study_dir(STUDY))
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="ICIS vs the paper's baselines on real ImageNet heads")
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="ICIS vs the paper's baselines on real ImageNet heads")
     parser.add_argument("--quick", action="store_true", help="one fold, lite0, main descriptors: ICIS, ridge, ConSE")
     parser.add_argument("--stages", nargs="+", default=["main", "sources", "models", "speed"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -518,17 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sources", nargs="+", default=["minilm-name", "minilm-ensemble", "conceptnet", "wiki2vec", "glove"]
     )
     parser.add_argument("--folds", type=int, default=5, choices=range(1, 6), help="number of folds (from fold 0)")
-    parser.add_argument("--name", default=None, help="output file stem (default: benchmark, or quick)")
+    parser.add_argument("--name", default=None, help="run name in benchmarks/results/benchmark (default: benchmark)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached per-fold results")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=min(2, os.cpu_count() or 1),
-        choices=(1, 2),
-        help="2: the paper-settings fit and the models stage run in a second process (default on 2+ cores)",
-    )
-    parser.add_argument("--second-job", action="store_true", help=argparse.SUPPRESS)  # internal: start_second_job
     args = parser.parse_args(argv)
     if args.quick:
         args.stages, args.methods, args.folds = ["main"], ["ridge", "conse", "icis"], 1
@@ -536,12 +374,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.second_job:
-        _run_second_job(args)
-        return
-    report = run(args)
+def main(argv: list[str] | None = None, prog: str = "benchmarks.studies.benchmark") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv, prog=f"python -m {prog}")
+    report = run(args, command_line(prog, argv))
     print(markdown(report))
 
 

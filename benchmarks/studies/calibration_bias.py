@@ -13,25 +13,28 @@ predicted rows) is scored on the photos of those 800 classes, never on a test fo
 Per rule: H at the norm factor the ``simulate`` rule picks (what a user gets), and the best H over norm
 factors with S at most 15 points below the original head's accuracy on the same photos.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.calibration_bias
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.calibration_bias   # -> benchmarks/results/calibration_bias/
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from benchmarks.data import estimated_feature_mean, fold_classes, head_data
-from benchmarks.descriptors import RESULTS
-from classifier_injection.calibration import (
-    DEFAULT_FACTORS,
-    CalibrationContext,
-    SimulatedCalibration,
-)
+from benchmarks.harness.calibration import injection_context
+from benchmarks.harness.data import estimated_feature_mean, fold_classes, head_data
+from benchmarks.harness.descriptors import load_descriptors
+from benchmarks.harness.metrics import norm_rows
+from benchmarks.harness.results import command_line, record
+from classifier_injection.calibration import SimulatedCalibration
+from classifier_injection.calibration.simulation import DEFAULT_FACTORS
 from classifier_injection.icis import ICISInjector
 
+STUDY = "calibration_bias"
 MODEL = "tf_efficientnet_lite0"
 SPLITS = (1, 2, 3)
 MAX_S_DROP = 15.0
@@ -43,9 +46,12 @@ def _scores(features, labels, num_kept, rows) -> tuple[float, float, float]:
     return s, u, 2 * s * u / (s + u) if s + u else 0.0
 
 
-def main() -> None:
-    from benchmarks.calibration import load_descriptors, norm_rows
-
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.calibration_bias") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args(argv)
     torch.set_num_threads(1)
     data = head_data(MODEL)
     seen_a, new_a = load_descriptors("default")
@@ -62,9 +68,9 @@ def main() -> None:
         classes = np.concatenate([kept, held])
         features, labels = data.features[classes], torch.arange(len(classes))
         kept_rows = data.rows[kept]
-        predicted = ICISInjector(seed=0).fit(seen_a[kept], kept_rows, new_a[held]).predict(new_a[held])
+        # No feature statistics in the context: simulate's factor does not depend on the bias rule scored here.
+        predicted, context = injection_context(ICISInjector(seed=0), seen_a[kept], kept_rows, new_a[held])
         original_s = _scores(features, labels, len(kept), data.rows[classes])[0]
-        context = CalibrationContext(kept_rows, predicted, seen_a[kept], new_a[held], lambda: ICISInjector(seed=0))
         chosen = SimulatedCalibration(bias="mean").fit(context).factor
         for rule, mu in means.items():
             curve = {}
@@ -80,7 +86,7 @@ def main() -> None:
     lines = [
         "# New-row bias: chosen on held-out seen classes (fold 0, splits 1-3, lite0, ICIS defaults)",
         "",
-        "Command: `HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.calibration_bias` (protocol in its docstring).",
+        "Protocol: the docstring of `benchmarks/studies/calibration_bias.py`.",
         "",
         "| bias rule | S at simulate's factor | U | H | best H with S drop <= 15 |",
         "|---|---|---|---|---|",
@@ -90,9 +96,9 @@ def main() -> None:
         lines.append(
             f"| {rule} | {mean['S']:.1f} | {mean['U']:.1f} | {mean['H']:.1f} | {mean['best_H_s_drop_15']:.1f} |"
         )
-    (RESULTS / "calibration_bias.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "calibration_bias.json").write_text(json.dumps(results, indent=1))
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    record(STUDY, STUDY, results, table, command_line(prog, argv), title="Which bias should new rows get?")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The default rule adds a constant prior of ``offset = 1`` logit to every new row. What that costs the old classes
 depends on how confident the model is on its photos: the less confident, the more old-class photos a constant
 boost hands to new rows. Between lite0 and lite1 that confidence differs (median probability of the true class
-0.82 vs 0.62), and offset 1 was chosen with lite1's test folds in view (``calibration_notes.md``). This benchmark
+0.82 vs 0.62), and offset 1 was chosen with lite1's test folds in view (``docs/calibration.md``). This study
 asks the question without a fourth model: the same heads, the same calibrated rows (the rules see the head, never
 a photo, so their choices do not change), scored on photos resized to other test resolutions, which moves the
 models' confidence and accuracy the way a different model's photos would.
@@ -12,45 +12,42 @@ Per model, fold and test resolution (the model's own size and +-32 px): S, U, H 
 and its offset variants (each with the budget chosen for its offset on lite0's seen classes), next to the norm
 factor picked on those photos (upper bound only). Nothing here chooses anything.
 
-Run: ``HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.calibration_shift`` (ICIS fits come from
-``benchmarks.calibration``'s cache; writes ``benchmarks/results/calibration_shift.{md,json}``).
+Run: ``HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.calibration_shift`` (ICIS fits shared with the
+calibration study through ``benchmarks/.cache/calibration``; results: ``benchmarks/results/calibration_shift/``).
 
 ``--tune`` chooses the offset and its budget on lite0 alone, robustly to such shifts (:func:`tune_robust`):
-the inner split of ``benchmarks.calibration --tune-synthesize`` (160 of the 800 seen classes of each fold play
-the new classes; only seen-class photos are scored), its photos taken at lite0's three test sizes. Per offset,
-the budget is the largest whose inner ICIS S drop plus its standard error stays within 15 at *every* size; the
-offset kept is the one with the highest inner H averaged over the sizes (ties: the smaller offset). Writes
-``calibration_shift_tuning.{md,json}``.
+the calibration study's inner split (160 of the 800 seen classes of each fold play the new classes; only
+seen-class photos are scored), its photos taken at lite0's three test sizes. Per offset, the budget is the
+largest whose inner ICIS S drop plus its standard error stays within 15 at *every* size; the offset kept is the
+one with the highest inner H averaged over the sizes (ties: the smaller offset).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from benchmarks.calibration import (
+from benchmarks.harness.calibration import (
     OFFSET_VARIANTS,
-    RESULTS,
     SYNTHESIZE_DROPS,
     SYNTHESIZE_OFFSETS,
-    _fold_inputs,
-    _mean,
-    _seen_only,
-    _shared_simulation_fitter,
-    _test_picked,
     fold_context,
+    fold_inputs,
     inner_split,
     inner_summary,
-    load_descriptors,
 )
-from benchmarks.data import MODELS, head_data, load_model
-from benchmarks.harness import evaluate_rows, oracle
-from classifier_injection.calibration import SynthesizedCalibration, simulate_injections
+from benchmarks.harness.data import MODELS, head_data, load_model
+from benchmarks.harness.descriptors import load_descriptors
+from benchmarks.harness.metrics import evaluate_rows, mean_of, oracle, picked_on_test_photos
+from benchmarks.harness.results import command_line, record
+from classifier_injection.calibration import SynthesizedCalibration, fit_calibration
 
+STUDY = "calibration_shift"
+TITLE = "Calibration under a shift of the photos (test resolution)"
 SHIFTS = (-32, 0, 32)
 
 
@@ -79,11 +76,11 @@ def run_model(model_name: str, descriptors, folds: Sequence[int], variants: dict
     for fold in folds:
         print(f"{model_name} fold {fold}", flush=True)
         held, predicted, context = fold_context(native, descriptors, fold, "icis")
-        fit = _shared_simulation_fitter(context)
-        rows = {label: fit(rule)(predicted, context.seen_rows) for label, rule in variants.items()}
+        # Fitted on one context: the variants share its simulated injection and synthesised features.
+        rows = {label: fit_calibration(rule, context)(predicted, context.seen_rows) for label, rule in variants.items()}
         for s, data in photos.items():
             result = {label: evaluate_rows(data, held, r) for label, r in rows.items()}
-            result["test-picked"] = _test_picked(data, held, predicted, context.seen_rows)
+            result["test-picked"] = picked_on_test_photos(data, held, predicted, context.seen_rows)
             result["original"] = oracle(data, held)
             out[str(s)].setdefault("folds", []).append(result)
             print(f"  {s}px: " + ", ".join(f"{k} H {v['h']:.1f}" for k, v in result.items()), flush=True)
@@ -106,18 +103,13 @@ def tune_robust(descriptors, folds: Sequence[int], model_name: str = "tf_efficie
     table: dict[tuple, list[dict]] = {}
     for fold in folds:
         split = inner_split(native, descriptors, fold, "icis")
-        seen_idx = torch.nonzero(_fold_inputs(native, descriptors, fold)[1]).squeeze(1)
-        subs = {size: _seen_only(data, seen_idx) for size, data in photos.items()}
+        seen_idx = torch.nonzero(fold_inputs(native, descriptors, fold)[1]).squeeze(1)
+        subs = {size: data.restricted(seen_idx) for size, data in photos.items()}
         true_s = {size: evaluate_rows(sub, split.held, sub.rows[split.held])["seen"] for size, sub in subs.items()}
-        injections = simulate_injections(split.context, 0.2, 1)
-        base = SynthesizedCalibration(floor_tolerance=None)
-        features = base.synthesized_features(split.context)
-        for offset in SYNTHESIZE_OFFSETS:
-            rule = SynthesizedCalibration(offset=offset, floor_tolerance=None)
-            curve = rule.simulated_curve(split.context, injections, features)
+        for offset in SYNTHESIZE_OFFSETS:  # one simulated injection and feature synthesis, shared by the context
             for drop in SYNTHESIZE_DROPS:
                 rule = SynthesizedCalibration(offset=offset, max_seen_drop=drop, floor_tolerance=None)
-                fitted = rule.select(split.context, curve).apply(split.context)
+                fitted = rule.fit(split.context)
                 rows = fitted(split.predicted, split.kept_rows)
                 for size, sub in subs.items():
                     real = evaluate_rows(sub, split.held, rows)
@@ -160,8 +152,7 @@ def summarise_tuning(tuning: dict) -> str:
         "",
         "Inner split of `--tune-synthesize` (160 of each fold's 800 seen classes play the new classes; ICIS rows,",
         "budget only), the seen photos at each test size. Per offset: the largest budget whose S drop + standard",
-        "error stays within 15 at every size; kept: the offset with the best H averaged over the sizes. Produced by",
-        "`python -m benchmarks.calibration_shift --tune`.",
+        "error stays within 15 at every size; kept: the offset with the best H averaged over the sizes.",
         f"Chosen: {tuning['chosen']}. Per offset: "
         + "; ".join(
             f"{o}: budget {v['max_seen_drop']}, mean H {v['mean_h']:.1f}, worst S drop + se {v['worst_s_drop']:.1f}"
@@ -202,7 +193,7 @@ def summarise(results: dict) -> str:
         "Same heads, same calibrated rows (ICIS, library-default descriptors), photos resized to other test",
         "resolutions. Per cell: mean over the folds of H / H as a share of the factor picked on those photos / S drop",
         "(the model's own accuracy on the seen photos minus S). `confidence`: median probability of the true class",
-        "under the original head, over all 1000 photos. Produced by `python -m benchmarks.calibration_shift`.",
+        "under the original head, over all 1000 photos.",
         "",
         "| model | test size | top-1 | confidence | " + " | ".join(variants) + " | test-picked H |",
         "|---|---|---|---|" + "---|" * (len(variants) + 1),
@@ -210,12 +201,12 @@ def summarise(results: dict) -> str:
     for model, by_size in results["runs"].items():
         for size, entry in by_size.items():
             folds = entry["folds"]
-            original = _mean([f["original"] for f in folds], "seen")
-            best = _mean([f["test-picked"] for f in folds], "h")
+            original = mean_of([f["original"] for f in folds], "seen")
+            best = mean_of([f["test-picked"] for f in folds], "h")
             cells = []
             for label in variants:
                 rows = [f[label] for f in folds]
-                h, s = _mean(rows, "h"), _mean(rows, "seen")
+                h, s = mean_of(rows, "h"), mean_of(rows, "seen")
                 cells.append(f"{h:.1f} / {100 * h / best:.0f} % / {original - s:.1f}")
             lines.append(
                 f"| {model} ({len(folds)} folds) | {size} px | {entry['accuracy']:.1f} | {entry['confidence']:.2f} | "
@@ -225,31 +216,31 @@ def summarise(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.calibration_shift") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", default="calibration_shift")
+    parser.add_argument("--out", default=None, help="run name in benchmarks/results/calibration_shift")
     parser.add_argument("--tune", action="store_true", help="choose offset and budget on lite0's seen classes")
     parser.add_argument(
         "--candidate", nargs=2, type=float, metavar=("OFFSET", "BUDGET"), help="score this rule next to the default"
     )
     args = parser.parse_args(argv)
+    command = command_line(prog, argv)
     descriptors = load_descriptors("default")
     if args.tune:
         tuning = tune_robust(descriptors, args.folds)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "calibration_shift_tuning.json").write_text(json.dumps(tuning, indent=1))
-        (RESULTS / "calibration_shift_tuning.md").write_text(summarise_tuning(tuning))
+        record(STUDY, args.out or "tuning", tuning, summarise_tuning(tuning), command, title=TITLE)
         print(summarise_tuning(tuning))
         return
     variants = _variants(args.candidate)
     results = {"descriptors": "default", "shifts_px": list(SHIFTS), "variants": list(variants), "runs": {}}
     for model in args.models:
         results["runs"][model] = run_model(model, descriptors, args.folds, variants)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(summarise(results))
+    record(STUDY, args.out or "calibration_shift", results, summarise(results), command, title=TITLE)
     print(summarise(results))
 
 

@@ -11,34 +11,32 @@ which are then described exactly as a user's new classes would be:
 
 Scores: ZSL top-1 (held-out photos among held-out classes), GZSL S/U/H (extended head: 800 real rows + 200
 injected), and an image-free check: mean cosine between predicted and true rows of the held-out classes.
-Two injectors: a closed-form ridge probe (fast, all variants) and ICIS with library defaults and the library
-default calibration (the few variants that matter). Results: ``benchmarks/results/descriptors*.{json,md}``.
+Two injectors: the library's closed-form ridge regression (fast, all variants) and ICIS with library defaults
+and the library default calibration (the few variants that matter). Results: ``benchmarks/results/descriptors/``.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.descriptors            # ridge, all variants
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.descriptors --icis     # + ICIS on the key variants
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.descriptors --only --methods icis vgse-smo ...  # any methods
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.descriptors            # ridge, all variants
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.descriptors --icis     # + ICIS on the key variants
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.descriptors --only --methods icis vgse-smo ...  # any
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from benchmarks.data import EMBEDDINGS, ROOT, HeadData, fold_classes, head_data
-from benchmarks.harness import fold_matrix, run_conse, run_method
-from classifier_injection.baselines import ConSE
-from classifier_injection.cache import EmbeddingCache
-from classifier_injection.descriptors import DescriptorConfig, describe_classes, embed_classes
+from benchmarks.harness.data import CACHE, HeadData, fold_classes, head_data
+from benchmarks.harness.descriptors import concat, conceptnet_matrix, fold_matrix, text_matrices
+from benchmarks.harness.methods import make_injector, run_any
+from benchmarks.harness.results import command_line, record
+from classifier_injection.descriptors import DescriptorConfig
 from classifier_injection.embedders import SentenceTransformerEmbedder, WordVectorEmbedder
 
-RESULTS = ROOT / "benchmarks" / "results"
+STUDY = "descriptors"
 #: open_clip's short list of CLIP templates (the 80-template preset costs 80 texts a class: 80k on ImageNet).
 SIMPLE_TEMPLATES = (
     "itap of a {name}.",
@@ -49,49 +47,7 @@ SIMPLE_TEMPLATES = (
     "art of the {name}.",
     "a photo of the small {name}.",
 )
-CACHE = EmbeddingCache(ROOT / "benchmarks" / ".cache" / "embeddings")
-MPNET = ROOT / "benchmarks" / ".cache" / "all-mpnet-base-v2" / "all-mpnet-base-v2"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Descriptor matrices: one for the classes as seen classes, one for the same classes as new classes
-
-
-def imagenet_classes() -> tuple[list[str], list[str]]:
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo("imagenet-1k")
-    return [d.split(",")[0].strip() for d in info.label_descriptions()], list(info.label_names())
-
-
-def descriptions(config: DescriptorConfig, new_have_definitions: bool = True):
-    """(seen descriptions by WordNet id, new descriptions by name look-up, look-up provenance)."""
-    names, wnids = imagenet_classes()
-    seen, _ = describe_classes(names, None, config, wnids=wnids)
-    if new_have_definitions:
-        new, records = describe_classes(names, None, config)
-    else:  # names that are nowhere in WordNet: every new class falls back to its name
-        new, records = [None] * len(names), [{"source": "none"}] * len(names)
-    return seen, new, records
-
-
-def text_matrices(embedder, config: DescriptorConfig, new_have_definitions: bool = True):
-    names, _ = imagenet_classes()
-    seen_desc, new_desc, _ = descriptions(config, new_have_definitions)
-    seen = embed_classes(embedder, names, config, seen_desc, cache=CACHE)
-    new = embed_classes(embedder, names, config, new_desc, cache=CACHE)
-    return seen, new
-
-
-def conceptnet_matrix() -> torch.Tensor:
-    """ConceptNet Numberbatch vectors of the 1000 names (benchmark only: they exist for these names alone)."""
-    vectors = torch.from_numpy(np.load(EMBEDDINGS / "imgnet_cn_list.npy", allow_pickle=False)).float()
-    return F.normalize(vectors, dim=1)
-
-
-def concat(*pairs):
-    """Concatenate normalised (seen, new) matrix pairs, as CombinedEmbedder does."""
-    return tuple(torch.cat([F.normalize(p[i], dim=1) for p in pairs], 1) for i in (0, 1))
+MPNET = CACHE / "all-mpnet-base-v2" / "all-mpnet-base-v2"
 
 
 def variants() -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
@@ -143,56 +99,15 @@ def variants() -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
     return found
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Injectors and scores
-
-
-class RidgeProbe:
-    """Closed-form ridge regression descriptor -> row (centred: the intercept is the mean row)."""
-
-    name = "ridge"
-
-    def __init__(self, lam: float = 1.0) -> None:
-        self.lam = lam
-
-    def fit(self, seen_descriptors, seen_rows, new_descriptors=None) -> RidgeProbe:
-        a, r = seen_descriptors.double(), seen_rows.double()
-        self.mu_a, self.mu_r = a.mean(0), r.mean(0)
-        a0 = a - self.mu_a
-        eye = torch.eye(a.shape[1], dtype=a.dtype)
-        self.coef = torch.linalg.solve(a0.T @ a0 + self.lam * eye, a0.T @ (r - self.mu_r))
-        return self
-
-    def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
-        return ((descriptors.double() - self.mu_a) @ self.coef + self.mu_r).float()
-
-    def hparams(self) -> dict:
-        return {"lam": self.lam}
-
-
-def make_injector(method: str):
-    """``"ridge"``: the probe above; any other name: that method of the main benchmark (``benchmarks.run``)."""
-    if method == "ridge":
-        return RidgeProbe()
-    from benchmarks.run import METHODS
-
-    return METHODS[method].build()
-
-
 def evaluate(data: HeadData, seen_a: torch.Tensor, new_a: torch.Tensor, method: str, folds=range(5)) -> dict:
-    """Mean over folds of :func:`benchmarks.harness.run_method` (library default calibration).
+    """Mean over folds of a method of the main benchmark (library default calibration; ConSE by its own rule).
 
     In fold k the held-out classes get their *new-class* descriptors, the others their seen-class ones.
     """
     per_fold = []
     for k in folds:
         held = fold_classes(k)
-        matrix = fold_matrix(seen_a, new_a, held)
-        injector = make_injector(method)
-        if isinstance(injector, ConSE):  # no rows: its own GZSL rule, as in the main benchmark
-            per_fold.append({"cosine": float("nan"), **run_conse(data, held, matrix, injector)})
-        else:
-            per_fold.append(run_method(data, held, matrix, injector, None, seed=0))
+        per_fold.append(run_any(data, held, fold_matrix(seen_a, new_a, held), make_injector(method)))
     return {key: float(np.mean([f[key] for f in per_fold])) for key in per_fold[0]}
 
 
@@ -214,13 +129,14 @@ def markdown(results: dict[str, dict[str, dict[str, float]]], folds: list[int]) 
     return "\n".join(lines)
 
 
-RIDGE = "ridge probe (lambda=1), library default calibration"
+RIDGE = "ridge probe (lambda=1), library default calibration"  # the library's RidgeInjector(alpha=1)
 ICIS = "ICIS (library defaults), library default calibration"
 SMO = "VGSE-SMO (the strongest baseline), library default calibration"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.descriptors") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="ridge on these variants only (default: all)")
     parser.add_argument("--icis", nargs="*", default=None, help="also run ICIS on these variants (default: key ones)")
     parser.add_argument("--smo", nargs="*", default=None, help="also run VGSE-SMO on these variants")
@@ -231,9 +147,10 @@ def main() -> None:
         "--methods-on", nargs="*", default=["minilm/name+definition"], help="the variants --methods run on"
     )
     parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="folds to average")
-    parser.add_argument("--out", default="descriptors", help="name of the results files in benchmarks/results")
+    parser.add_argument("--out", default="descriptors", help="run name in benchmarks/results/descriptors")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is much faster on a busy host)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    command = command_line(prog, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -249,7 +166,6 @@ def main() -> None:
         plan += [(SMO, "vgse-smo", name) for name in args.smo or ["minilm/photo", "minilm/name+definition"]]
     for method in args.methods or []:
         plan += [(f"{method}, library default calibration", method, name) for name in args.methods_on]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for table, method, name in plan:
         start = time.perf_counter()
         if name not in matrices:
@@ -258,9 +174,9 @@ def main() -> None:
         results.setdefault(table, {})[name] = r
         short = {k: round(v, 3) for k, v in r.items()}
         print(f"{method:5s} {name:55s} {short} ({time.perf_counter() - start:.0f}s)", flush=True)
-        # Written after every variant: a long run that is stopped keeps what it measured.
-        Path(RESULTS / f"{args.out}.json").write_text(json.dumps({"folds": args.folds, **results}, indent=2))
-        Path(RESULTS / f"{args.out}.md").write_text(markdown(results, args.folds))
+        # Recorded after every variant: a long run that is stopped keeps what it measured.
+        numbers = {"folds": args.folds, **results}
+        record(STUDY, args.out, numbers, markdown(results, args.folds), command, title="Which descriptors?")
     print(markdown(results, args.folds))
 
 

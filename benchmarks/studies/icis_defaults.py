@@ -8,26 +8,29 @@ held out at random (``RandomState(split)``); each configuration is trained on th
 fraction of held-out classes whose predicted row is closest, by cosine, to its own true row among the 160).
 Training time is reported as a ratio to the paper's settings, measured in the same run.
 
-Run: ``.venv/bin/python -m benchmarks.icis_defaults [--splits 1 2 3] [--skip-paper] [--descriptors default]
-[--configs NAME ...] [--out icis_defaults]``
+Run: ``.venv/bin/python -m benchmarks.studies.icis_defaults [--splits 1 2 3] [--skip-paper] [--descriptors default]
+[--configs NAME ...] [--out icis_defaults]`` (results: ``benchmarks/results/icis_defaults/``)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.data import ROOT, fold_classes, head_data
-from benchmarks.harness import descriptor_matrix
+from benchmarks.harness.data import fold_classes, head_data
+from benchmarks.harness.descriptors import load_descriptors
+from benchmarks.harness.results import command_line, record
 from classifier_injection import ICISConfig, ICISInjector
 
-RESULTS = ROOT / "benchmarks" / "results"
+STUDY = "icis_defaults"
 
 CONFIGS: dict[str, ICISConfig] = {
     "paper (E=2048, batch 16, lr 1e-5)": ICISConfig.paper(),
@@ -51,22 +54,21 @@ def score(pred: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
     return cosine, 100 * retrieval
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.icis_defaults") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--splits", type=int, nargs="+", default=[1])
     parser.add_argument("--skip-paper", action="store_true", help="leave out the (slow) paper settings")
     parser.add_argument("--descriptors", choices=["minilm-name", "default"], default="minilm-name")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--out", default="icis_defaults", help="results file stem in benchmarks/results")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="icis_defaults", help="run name in benchmarks/results/icis_defaults")
+    args = parser.parse_args(argv)
 
     data = head_data("tf_efficientnet_lite0")
-    if args.descriptors == "default":
-        from benchmarks.calibration import load_descriptors
-
-        seen_descriptors, new_descriptors = load_descriptors("default")
-    else:
-        seen_descriptors = new_descriptors = descriptor_matrix("minilm-name")
+    loaded = load_descriptors(args.descriptors)
+    seen_descriptors, new_descriptors = loaded if isinstance(loaded, tuple) else (loaded, loaded)
     seen = np.setdiff1d(np.arange(1000), fold_classes(0))
     rows = []
     for name in args.configs:
@@ -90,11 +92,6 @@ def main() -> None:
     lines = [
         "# ICIS defaults: held-out seen classes (image-free)",
         "",
-        "Command: `.venv/bin/python -m benchmarks.icis_defaults --splits "
-        + " ".join(str(s) for s in args.splits)
-        + (" --skip-paper" if args.skip_paper else "")
-        + f" --descriptors {args.descriptors} --out {args.out}`",
-        "",
         "| config | split | epochs | fit s | speed-up vs paper | row cosine | row retrieval % |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -110,10 +107,9 @@ def main() -> None:
         mine = [r for r in rows if r["config"] == name]
         means = [np.mean([r[k] for r in mine]) for k in ("cosine", "retrieval", "fit_seconds")]
         lines.append(f"| {name} | {means[0]:.4f} | {means[1]:.1f} | {means[2]:.1f} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    record(STUDY, args.out, rows, table, command_line(prog, argv), title="How the ICIS defaults were chosen")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -15,31 +15,33 @@ architectures of every family (``tests/test_heads.py``). ``--real-max-params`` a
 supported model up to that many parameters on the CPU with random weights and checks the old logits
 with ``torch.equal`` (slow: hours for the whole zoo on 2 cores).
 
-Run (about 6 minutes on 2 cores)::
+Run (about 6 minutes on 2 cores; results: run ``--out`` of ``benchmarks/results/zoo/``)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.zoo_sweep            # writes benchmarks/results/zoo_*
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.zoo_sweep resnet* levit*   # a subset (fnmatch patterns)
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.zoo                  # every architecture: run "zoo"
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.zoo resnet* levit*   # a subset (fnmatch patterns)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import fnmatch
-import re
+import sys
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.harness.data import RESULTS
+from benchmarks.harness.results import command_line, record
 from classifier_injection.heads import UnsupportedHeadError, find_head
 
-RESULTS = Path(__file__).resolve().parent / "results"
+STUDY = "zoo"
 NUM_NEW = 2
 
 
@@ -174,7 +176,7 @@ def summarise(results: list[ZooResult], seconds: float) -> str:
         "# Zoo sweep: head surgery on every timm architecture",
         "",
         f"timm {timm.__version__}, torch {torch.__version__}; {len(results)} architectures built on the meta device "
-        f"with their default config; {seconds / 60:.1f} min. Command: `python -m benchmarks.zoo_sweep`.",
+        f"with their default config; {seconds / 60:.1f} min.",
         "",
         "| status | models |",
         "|---|---|",
@@ -203,8 +205,15 @@ def summarise(results: list[ZooResult], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(patterns: list[str] | None = None, real_max_params: int = 0, out_dir: Path | None = RESULTS) -> list[ZooResult]:
-    """Sweep the architectures matching ``patterns`` (all by default); write results when ``out_dir``."""
+def run(
+    patterns: list[str] | None = None,
+    real_max_params: int = 0,
+    out: str | None = None,
+    root: Path | None = RESULTS,
+    command: str | None = None,
+) -> list[ZooResult]:
+    """Sweep the architectures matching ``patterns`` (all by default); record them as run ``out`` of the study
+    under ``root`` (``None``: write nothing). ``out`` defaults to ``zoo`` for the whole zoo, ``sample`` otherwise."""
     import timm
 
     names = timm.list_models()
@@ -224,20 +233,17 @@ def run(patterns: list[str] | None = None, real_max_params: int = 0, out_dir: Pa
             print(f"[{i + 1}/{len(names)}] {name}: {result.status} {result.reason}", flush=True)
     seconds = time.perf_counter() - start
     summary = summarise(results, seconds)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        suffix = "" if not patterns else "_" + re.sub(r"[^A-Za-z0-9_]+", "-", "_".join(patterns))[:60]
-        with open(out_dir / f"zoo_results{suffix}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])) if results else ["name"])
-            writer.writeheader()
-            writer.writerows(asdict(r) for r in results)
-        (out_dir / f"zoo_summary{suffix}.md").write_text(summary, encoding="utf-8")
+    if root is not None:
+        name = out or ("sample" if patterns else "zoo")
+        numbers = {"seconds": seconds, "models": [asdict(r) for r in results]}
+        record(STUDY, name, numbers, summary, command or command_line("benchmarks.studies.zoo"), root=root)
     print(summary)
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.zoo") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=__doc__.split("\n")[0])
     parser.add_argument("patterns", nargs="*", help="fnmatch patterns of architecture names (default: all)")
     parser.add_argument(
         "--real-max-params",
@@ -245,10 +251,12 @@ def main() -> None:
         default=0,
         help="also check old logits with real weights for models up to this many parameters",
     )
+    parser.add_argument("--out", default=None, help="run name in benchmarks/results/zoo (default: zoo, or sample)")
     parser.add_argument("--no-write", action="store_true", help="print the summary only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results = run(args.patterns or None, int(args.real_max_params), None if args.no_write else RESULTS)
+    root = None if args.no_write else RESULTS
+    results = run(args.patterns or None, int(args.real_max_params), args.out, root, command_line(prog, argv))
     raise SystemExit(1 if any(r.status == "failed" for r in results) else 0)
 
 
