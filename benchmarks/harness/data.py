@@ -22,7 +22,7 @@ EMBEDDINGS = SHARED / "data" / "class-embeddings"
 CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "results"
 #: How :attr:`HeadData.feature_mean` was estimated (recorded in the calibrations' diagnostics).
-FEATURE_SOURCE = "benchmarks.data.estimated_feature_statistics"
+FEATURE_SOURCE = "benchmarks.harness.data.estimated_feature_statistics"
 MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 
 

@@ -1,6 +1,6 @@
 """Which bias should new rows get? Chosen on held-out *seen* classes only (no photo of a test class).
 
-Protocol: ``tf_efficientnet_lite0``, the 800 seen classes of fold 0 (``benchmarks.data.fold_classes``), split
+Protocol: ``tf_efficientnet_lite0``, the 800 seen classes of fold 0 (``benchmarks.harness.data.fold_classes``), split
 ``k`` (1-3) holds 160 of them out at random (``RandomState(k)``). ICIS (library defaults, library default
 descriptors) learns from the other 640 and predicts the 160 rows; the extended 800-way head (640 true + 160
 predicted rows) is scored on the photos of those 800 classes, never on a test fold's photo. Bias rules:

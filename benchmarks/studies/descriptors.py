@@ -1,7 +1,7 @@
 """Which descriptors make the best injected rows? Names vs templates vs definitions, per embedder.
 
 Protocol (same as the rest of the benchmark): the real 1000-class head of ``tf_efficientnet_lite0``, the 5
-folds of 200 held-out classes (``benchmarks.data.fold_classes``). In fold k the 800 other classes are
+folds of 200 held-out classes (``benchmarks.harness.data.fold_classes``). In fold k the 800 other classes are
 "seen": an injector learns descriptor -> row from them and predicts rows for the 200 held-out classes,
 which are then described exactly as a user's new classes would be:
 
