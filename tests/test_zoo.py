@@ -1,19 +1,19 @@
-"""The zoo sweep (benchmarks/zoo_sweep.py): a fast check of its machinery, and the full sweep behind ``slow``.
+"""The zoo sweep (benchmarks/studies/zoo.py): a fast check of its machinery, and the full sweep behind ``slow``.
 
-Full sweep, as a command (writes benchmarks/results/zoo_summary.md and zoo_results.csv)::
+Full sweep, as a command (records run ``zoo`` in benchmarks/results/zoo/)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.zoo_sweep
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.zoo
 
 or as a test: ``.venv/bin/pytest -m slow tests/test_zoo.py``.
 """
 
 from __future__ import annotations
 
-import csv
+import json
 
 import pytest
 
-from benchmarks.zoo_sweep import check_meta, check_real, run
+from benchmarks.studies.zoo import check_meta, check_real, run
 
 REASONS = {
     "resnet50_clip": "projection head (image-text embedding, not classes)",
@@ -45,18 +45,18 @@ def test_real_check_compares_old_logits():
     assert check_real("test_resnet") == "exact"
 
 
-def test_sweep_writes_summary_and_csv(tmp_path):
-    results = run(["test_vit", "test_resnet", "resnet50_clip"], out_dir=tmp_path)
+def test_sweep_records_its_summary_and_models(tmp_path):
+    results = run(["test_vit", "test_resnet", "resnet50_clip"], root=tmp_path, command="the command")
     assert [r.status for r in results] == ["refused", "supported", "supported"]
-    summary = next(tmp_path.glob("zoo_summary*.md")).read_text()
-    assert "| supported | 2 |" in summary and "| failed | 0 |" in summary
-    with open(next(tmp_path.glob("zoo_results*.csv")), newline="") as f:
-        assert [row["name"] for row in csv.DictReader(f)] == ["resnet50_clip", "test_resnet", "test_vit"]
+    readme = (tmp_path / "zoo" / "README.md").read_text()
+    assert "| supported | 2 |" in readme and "| failed | 0 |" in readme and "`the command`" in readme
+    sample = json.loads((tmp_path / "zoo" / "results.json").read_text())["runs"]["sample"]
+    assert [m["name"] for m in sample["results"]["models"]] == ["resnet50_clip", "test_resnet", "test_vit"]
 
 
 @pytest.mark.slow
 def test_whole_zoo_has_no_failures(tmp_path):
-    results = run(out_dir=tmp_path)
+    results = run(root=tmp_path)
     failed = [f"{r.name}: {r.reason}" for r in results if r.status == "failed"]
     assert len(results) > 1000
     assert not failed, failed

@@ -1,0 +1,385 @@
+"""The main benchmark: ICIS and the paper's baselines on real ImageNet heads and photos, identical splits.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run            # everything (see benchmarks/README.md)
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.run --quick    # one fold, lite0, MiniLM: ICIS, ridge, ConSE
+
+(``python -m benchmarks.studies.benchmark`` is the same.) Stages, in order, run one after the other (each result is
+written as soon as it exists, so an interrupted run keeps what it did):
+
+1. ``main``: ``tf_efficientnet_lite0`` + ``minilm-default`` (what ``inject()`` builds from class names), every
+   method, 5 folds (ICIS with the paper's settings: fold 0 only, it is slow).
+2. ``sources``: ``tf_efficientnet_lite0``, ICIS, VGSE-SMO and ridge on the other descriptor sources.
+3. ``models``: ``tf_efficientnet_lite1/2`` + ``minilm-default``, ICIS and ridge.
+4. ``speed``: training time of the default vs the paper's settings, and ``inject()`` latency for 1, 100 and 1000
+   new classes (:func:`inject_latency`). ``latency`` (not in the default list) measures the latencies alone.
+
+Per-fold results are cached in ``benchmarks/.cache/results`` (keyed by model, descriptors, method, fold and the
+method's hyper-parameters and calibration); ``--fresh`` ignores results computed before this run. Output: run
+``--name`` of ``benchmarks/results/benchmark/`` (``results.json``, ``README.md``, ``<name>_*.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import numpy as np
+
+from benchmarks.harness.data import CACHE, fold_classes, head_data, load_model
+from benchmarks.harness.descriptors import embedding_cache, fold_descriptors
+from benchmarks.harness.methods import METHODS, Method, run_any
+from benchmarks.harness.metrics import evaluate_rows, oracle, seen_mask
+from benchmarks.harness.results import command_line, machine, record, study_dir
+from classifier_injection import __version__
+from classifier_injection.calibration import get_calibration
+
+STUDY = "benchmark"
+TITLE = "Benchmark: ICIS and the paper's baselines on real ImageNet heads"
+RESULT_CACHE = CACHE / "results"
+METRICS = ("zsl", "seen", "unseen", "h", "cosine")
+
+
+def _log(message: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+#: Cache keys of the results computed by this run: ``--fresh`` reuses these, not older ones.
+_COMPUTED_THIS_RUN: set[str] = set()
+#: The library's default descriptors (what inject() builds from class names); the photo prompt is a source.
+MAIN_SOURCE = "minilm-default"
+SECOND_MODELS = ("tf_efficientnet_lite1", "tf_efficientnet_lite2")
+MODEL_METHODS = ("ridge", "icis")
+SOURCE_METHODS = ("ridge", "icis", "vgse-smo")
+
+
+def _calibration_id(method: Method) -> str:
+    """The calibration a result was computed with; the library default is spelled out, so a cached result
+    computed under an older default is not reused."""
+    rule = get_calibration(method.calibration)
+    return f"{method.calibration}: {rule!r}"
+
+
+def _key(model: str, source: str, method: str, fold: int) -> str:
+    return f"{model}__{source}__{method}__fold{fold}"
+
+
+def run_one(model: str, source: str, method: Method, fold: int, *, fresh: bool = False) -> dict:
+    """One (model, descriptors, method, fold) result, from the cache when it was computed before.
+
+    With ``fresh``, only results computed by this run are reused (the speed stage reuses the main stage's fits).
+    """
+    injector = method.build()
+    hparams = injector.hparams()
+    key = _key(model, source, method.name, fold)
+    path = RESULT_CACHE / f"{key}.json"
+    if (not fresh or key in _COMPUTED_THIS_RUN) and path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("hparams") == json.loads(json.dumps(hparams)) and cached.get("calibration") == _calibration_id(
+            method
+        ):
+            return cached
+    data = head_data(model)
+    held = fold_classes(fold)
+    descriptors = fold_descriptors(source, held)
+    start = time.perf_counter()
+    result = run_any(data, held, descriptors, injector, method.calibration)
+    if method.calibration == "none":
+        # Also score the same rows with the no-refit image-free calibration: the paper's rows in GZSL.
+        seen_rows = data.rows[seen_mask(len(data.rows), held)]
+        rows = get_calibration("logit-match")(injector.predict(descriptors[held]), seen_rows)
+        result["logit_match"] = evaluate_rows(data, held, rows)
+    if hasattr(injector, "history"):
+        result["epochs"] = len(injector.history)
+    result.update(
+        model=model,
+        source=source,
+        method=method.name,
+        fold=fold,
+        hparams=json.loads(json.dumps(hparams)),
+        calibration=_calibration_id(method),
+        seconds=time.perf_counter() - start,
+        peak_rss_mb=_peak_rss_mb(),
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    RESULT_CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    _COMPUTED_THIS_RUN.add(key)
+    return result
+
+
+def oracle_result(model: str, fold: int) -> dict:
+    return {**oracle(head_data(model), fold_classes(fold)), "fold": fold, "fit_seconds": 0.0}
+
+
+def mean_over_folds(results: list[dict]) -> dict:
+    out = {key: float(np.mean([r[key] for r in results])) for key in (*METRICS, "fit_seconds") if key in results[0]}
+    out["folds"] = [r["fold"] for r in results]
+    if "calibration_seconds" in results[0]:
+        out["calibration_seconds"] = float(np.mean([r["calibration_seconds"] for r in results]))
+    return out
+
+
+def run_grid(
+    model: str,
+    source: str,
+    methods: list[str],
+    folds: list[int],
+    fresh: bool,
+    into: dict,
+    on_update: Callable[[], None] = lambda: None,
+) -> None:
+    """Fill ``into[model][source][method]`` with per-fold results and their mean; oracle included.
+
+    ``on_update`` is called after every fold (the caller saves the partial report).
+    """
+    table = into.setdefault(model, {}).setdefault(source, {})
+    oracle = [oracle_result(model, k) for k in folds]
+    table["oracle"] = {"mean": mean_over_folds(oracle), "per_fold": oracle}
+    for name in methods:
+        method = METHODS[name]
+        per_fold = []
+        for k in folds[:1] if method.first_fold_only else folds:
+            result = run_one(model, source, method, k, fresh=fresh)
+            _log(
+                f"{model} {source} {name} fold {k}: ZSL {result['zsl']:.1f} S {result['seen']:.1f} "
+                f"U {result['unseen']:.1f} H {result['h']:.1f} cos {result['cosine']:.3f} "
+                f"fit {result['fit_seconds']:.1f}s"
+            )
+            per_fold.append(result)
+            table[name] = {"mean": mean_over_folds(per_fold), "per_fold": per_fold, "description": method.description}
+            on_update()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed
+
+
+def speed(fresh: bool) -> dict:
+    """Training time ratio default vs paper settings (fold 0, one run each) and inject() latency."""
+    out: dict = {}
+    default = run_one("tf_efficientnet_lite0", MAIN_SOURCE, METHODS["icis"], 0, fresh=fresh)
+    paper = run_one("tf_efficientnet_lite0", MAIN_SOURCE, METHODS["icis-paper"], 0, fresh=fresh)
+    out["train_seconds"] = {"icis_default": default["fit_seconds"], "icis_paper": paper["fit_seconds"]}
+    out["train_speedup_paper_over_default"] = paper["fit_seconds"] / default["fit_seconds"]
+    out["epochs"] = {"icis_default": default.get("epochs"), "icis_paper": paper.get("epochs")}
+    out["peak_rss_mb_after"] = {"icis_default": default["peak_rss_mb"], "icis_paper": paper["peak_rss_mb"]}
+    latency = inject_latency()
+    out["inject_latency_seconds"] = latency.pop("first")
+    out["inject_latency_later_seconds"] = latency
+    return out
+
+
+def new_class_names(count: int) -> list[str]:
+    """Names of ImageNet-21k classes that are not ImageNet-1k classes (realistic new classes)."""
+    from timm.data import ImageNetInfo
+
+    # Compared as inject() compares names (case and spacing ignored): "Jersey" (the cattle) is "jersey".
+    known = {" ".join(d.split(",")[0].split()).casefold() for d in ImageNetInfo("imagenet-1k").label_descriptions()}
+    names: list[str] = []
+    for description in ImageNetInfo("imagenet-21k").label_descriptions():
+        name = description.split(",")[0].strip()
+        key = " ".join(name.split()).casefold()
+        if key not in known:
+            known.add(key)
+            names.append(name)
+        if len(names) == count:
+            return names
+    raise RuntimeError(f"fewer than {count} new class names available")
+
+
+def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
+    """Wall time of ``inject()`` (library defaults) on lite0, the default embedder loaded and warm.
+
+    Per count, three calls, each with ``count`` names never embedded before: ``first``, into a head the calibration
+    has not seen (its cached choices are cleared, so it simulates); ``same_head``, into the same head again (the
+    calibration's choice is read from :mod:`classifier_injection.calibration.cache`); ``trained_injector``, passing
+    an ICIS injector trained on this head before (no refit either: how batches of new classes are meant to be
+    injected).
+    """
+    import shutil
+
+    from classifier_injection import ICISInjector, default_embedder, inject
+
+    model = load_model("tf_efficientnet_lite0")
+    embedder = default_embedder()
+    embedder.encode(["warm-up"])  # loads the model: excluded from the latency, as the issue asks
+    cache = embedding_cache()
+    trained = ICISInjector(seed=0)
+    # Caches the seen classes' embeddings and trains `trained` on this head.
+    inject(model, ["warm-up class"], embedder=embedder, cache=cache, injector=trained)
+    out: dict = {"first": {}, "same_head": {}, "trained_injector": {}}
+    calls = (("first", None), ("same_head", None), ("trained_injector", trained))
+    unused = iter(new_class_names(sum(counts) * len(calls)))  # fresh names: their embeddings are not cached
+    for count in counts:
+        shutil.rmtree(cache.directory / "calibration", ignore_errors=True)
+        for call, injector in calls:
+            names = [next(unused) for _ in range(count)]
+            start = time.perf_counter()
+            inject(model, names, embedder=embedder, cache=cache, injector=injector)
+            out[call][str(count)] = time.perf_counter() - start
+            _log(f"inject() with {count} new classes ({call}): {out[call][str(count)]:.1f}s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Benchmark results ({report['name']})",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}, classifier_injection {report['version']}, "
+        f"{report['machine']['cpu_count']} CPUs, torch {report['machine']['torch']}, "
+        f"load average at start {report['machine']['load_average_at_start'][0]:.1f}, "
+        f"total {report['total_seconds'] / 60:.1f} min.",
+        "",
+        "ZSL: top-1 among the held-out classes; S / U: accuracy on seen / held-out photos with the extended "
+        "1000-way head; H = 2SU/(S+U); cos: mean cosine of injected vs true weight vectors; fit: injector "
+        "training seconds (calibration excluded). Means over the listed folds.",
+        "",
+    ]
+    for model, sources in report["results"].items():
+        for source, table in sources.items():
+            lines += [
+                f"## {model}, descriptors {source}",
+                "",
+                "| method | folds | ZSL | S | U | H | cos | fit s |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for name, entry in table.items():
+                m = entry["mean"]
+                cos = "" if np.isnan(m["cosine"]) else f"{m['cosine']:.3f}"
+                lines.append(
+                    f"| {name} | {len(m['folds'])} | {m['zsl']:.1f} | {m['seen']:.1f} | {m['unseen']:.1f} | "
+                    f"{m['h']:.1f} | {cos} | {m['fit_seconds']:.1f} |"
+                )
+                for r in entry.get("per_fold", []):
+                    if "logit_match" in r:
+                        lm = r["logit_match"]
+                        lines.append(
+                            f"| {name} + logit-match calibration (fold {r['fold']}) | 1 | {lm['zsl']:.1f} | "
+                            f"{lm['seen']:.1f} | {lm['unseen']:.1f} | {lm['h']:.1f} | {lm['cosine']:.3f} | |"
+                        )
+            lines.append("")
+    if "speed" in report:
+        s = report["speed"]
+        lines += [
+            f"## Speed (ICIS, lite0, {MAIN_SOURCE}, fold 0, one run each)",
+            "",
+            f"- training: library default {s['train_seconds']['icis_default']:.1f} s "
+            f"({s['epochs']['icis_default']} epochs), paper settings {s['train_seconds']['icis_paper']:.1f} s "
+            f"({s['epochs']['icis_paper']} epochs): ratio {s['train_speedup_paper_over_default']:.1f}x",
+            f"- process peak RSS after the fits: {s['peak_rss_mb_after']['icis_default']:.0f} MB (default), "
+            f"{s['peak_rss_mb_after']['icis_paper']:.0f} MB (paper)",
+            "- inject() latency (library defaults, embedder loaded): "
+            + ", ".join(f"{k} new: {v:.1f} s" for k, v in s["inject_latency_seconds"].items()),
+        ]
+        lines += [*_later_lines(s["inject_latency_seconds"], s.get("inject_latency_later_seconds", {})), ""]
+    if "latency" in report:
+        first = report["latency"]["first"]
+        lines += [
+            "## inject() latency (lite0, library defaults, embedder loaded, one run each)",
+            "",
+            "- first injection into the head: " + ", ".join(f"{k} new: {v:.1f} s" for k, v in first.items()),
+            *_later_lines(first, report["latency"]),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+_LATER_CALLS = {
+    "same_head": "another injection into the same head (calibration choice cached)",
+    "trained_injector": "with an ICIS injector trained on this head before (no refit, choice cached)",
+}
+
+
+def _later_lines(first: dict, later: dict) -> list[str]:
+    """Report lines for the later calls of :func:`inject_latency`, as speed-ups over the first one."""
+    return [
+        f"- {text}: " + ", ".join(f"{k} new: {v:.1f} s ({first[k] / v:.1f}x faster)" for k, v in later[call].items())
+        for call, text in _LATER_CALLS.items()
+        if call in later
+    ]
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    """Run the stages of ``args`` one after the other; the report is recorded after every fold."""
+    start = time.perf_counter()
+    report: dict = {
+        "name": args.name,
+        "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": __version__,
+        "machine": machine(),
+        "results": {},
+    }
+    stages = args.stages
+    folds = list(range(args.folds))
+
+    def save() -> None:
+        report["total_seconds"] = time.perf_counter() - start
+        record(STUDY, args.name, report, markdown(report), command, title=TITLE, date=report["date"])
+
+    if "main" in stages:
+        run_grid("tf_efficientnet_lite0", MAIN_SOURCE, args.methods, folds, args.fresh, report["results"], save)
+        save()
+    if "sources" in stages:
+        for source in args.sources:
+            run_grid("tf_efficientnet_lite0", source, list(SOURCE_METHODS), folds, args.fresh, report["results"], save)
+            save()
+    if "models" in stages:
+        for model in SECOND_MODELS:
+            run_grid(model, MAIN_SOURCE, list(MODEL_METHODS), folds, args.fresh, report["results"], save)
+            save()
+    if "speed" in stages:
+        report["speed"] = speed(args.fresh)
+    if "latency" in stages and "speed" not in stages:  # the speed stage measures it too
+        report["latency"] = inject_latency()
+    save()
+    if not args.no_plots:
+        from benchmarks.harness.plots import plot_report
+
+        plot_report(report, study_dir(STUDY))
+    return report
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="ICIS vs the paper's baselines on real ImageNet heads")
+    parser.add_argument("--quick", action="store_true", help="one fold, lite0, main descriptors: ICIS, ridge, ConSE")
+    parser.add_argument("--stages", nargs="+", default=["main", "sources", "models", "speed"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--sources", nargs="+", default=["minilm-name", "minilm-ensemble", "conceptnet", "wiki2vec", "glove"]
+    )
+    parser.add_argument("--folds", type=int, default=5, choices=range(1, 6), help="number of folds (from fold 0)")
+    parser.add_argument("--name", default=None, help="run name in benchmarks/results/benchmark (default: benchmark)")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached per-fold results")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.stages, args.methods, args.folds = ["main"], ["ridge", "conse", "icis"], 1
+    args.name = args.name or ("quick" if args.quick else "benchmark")
+    return args
+
+
+def main(argv: list[str] | None = None, prog: str = "benchmarks.studies.benchmark") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv, prog=f"python -m {prog}")
+    report = run(args, command_line(prog, argv))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

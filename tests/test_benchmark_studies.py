@@ -1,0 +1,236 @@
+"""The benchmark studies: their layout (no import circles, studies import only the harness), their commands, the
+results records, and the calibration checks that need the benchmark harness or its research rules.
+
+The real-head check skips when ../shared/data or the benchmark caches are absent.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness.research_rules import BudgetCalibration, noisy_prototype_gzsl_curve, proxy_noise
+from benchmarks.run import STUDIES
+from classifier_injection.calibration import (
+    CalibrationContext,
+    LogitMatchCalibration,
+    NormCalibration,
+    SimulatedCalibration,
+    SynthesizedCalibration,
+    get_calibration,
+)
+from classifier_injection.calibration.simulation import prototype_gzsl_curve
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark_imports() -> dict[str, set[str]]:
+    """``{module: benchmarks modules it imports}`` for every module of ``benchmarks/``, from the AST."""
+    modules = {
+        ".".join(path.relative_to(BENCHMARKS.parent).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in BENCHMARKS.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_benchmarks_have_no_import_circles():
+    graph = benchmark_imports()
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in graph[module]:
+            if state.get(target) == 1:
+                pytest.fail("import circle: " + " -> ".join([*path[path.index(target) :], target]))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+
+
+def test_studies_import_only_the_harness_and_the_library():
+    for module, targets in benchmark_imports().items():
+        if module.startswith("benchmarks.studies."):
+            assert all(t.startswith("benchmarks.harness") for t in targets), (module, targets)
+        if module.startswith("benchmarks.harness"):
+            assert not any(t.startswith("benchmarks.studies") for t in targets), (module, targets)
+
+
+def test_every_study_has_a_command(capsys):
+    found = {p.stem for p in (BENCHMARKS / "studies").glob("*.py") if p.stem != "__init__"}
+    assert found == set(STUDIES)
+    for study in STUDIES:
+        module = importlib.import_module(f"benchmarks.studies.{study}")
+        with pytest.raises(SystemExit) as exit_:
+            module.main(["--help"])
+        assert exit_.value.code == 0
+        assert f"benchmarks.studies.{study}" in capsys.readouterr().out
+
+
+def test_run_dispatches_to_a_study(capsys):
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit):
+        main(["icis_defaults", "--help"])
+    assert "benchmarks.run icis_defaults" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--stages" in out and "calibration_shift" in out
+
+
+def test_results_keep_one_json_per_study_and_a_readme_built_from_it(tmp_path):
+    from benchmarks.harness.results import load_study, record
+
+    record("demo", "first", {"h": 1.0}, "# Table\n\n| a |\n|---|\n| 1 |", "cmd one", title="Demo", root=tmp_path)
+    record("demo", "second", [1, 2], "| b |", "cmd two", date="2026-01-01T00:00:00+00:00", root=tmp_path)
+    record("demo", "first", {"h": 2.0}, "| a |", "cmd three", root=tmp_path)  # replaces its run
+    doc = load_study("demo", tmp_path)
+    assert list(doc["runs"]) == ["first", "second"] and doc["title"] == "Demo"
+    assert doc["runs"]["first"]["results"] == {"h": 2.0} and doc["runs"]["second"]["date"].startswith("2026-01-01")
+    assert json.loads((tmp_path / "demo" / "results.json").read_text()) == doc
+    readme = (tmp_path / "demo" / "README.md").read_text()
+    assert readme.startswith("# Demo") and "Command: `cmd three`" in readme and "cmd one" not in readme
+    assert "CPUs" in readme
+
+
+def test_committed_results_are_one_json_and_a_readme_per_study():
+    results = BENCHMARKS / "results"
+    assert not list(results.glob("*.json")) and not list(results.glob("*.log")), "flat result files are gone"
+    for folder in (p for p in results.iterdir() if p.is_dir()):
+        assert sorted(p.name for p in folder.iterdir() if p.suffix != ".png") == ["README.md", "results.json"]
+        doc = json.loads((folder / "results.json").read_text())
+        assert doc["runs"] and all({"command", "date", "table", "results"} <= set(r) for r in doc["runs"].values())
+
+
+def _head(num: int = 40, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic head whose rows are a linear function of the class descriptors (plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    descriptors = F.normalize(torch.randn(num, 8, generator=g), dim=1)
+    mixing = torch.randn(8, dim + 1, generator=g)
+    rows = descriptors @ mixing + 0.3 * torch.randn(num, dim + 1, generator=g)
+    rows[:, -1] = 0.05 * torch.randn(num, generator=g)
+    return descriptors, rows
+
+
+class LeastSquares:
+    """A tiny ridge injector: enough to give the simulation real (imperfect) predictions."""
+
+    name = "lsq"
+
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None):
+        a = seen_descriptors
+        self.map = torch.linalg.solve(a.T @ a + 0.1 * torch.eye(a.shape[1]), a.T @ seen_rows)
+        return self
+
+    def predict(self, descriptors):
+        return descriptors @ self.map
+
+    def hparams(self):
+        return {}
+
+
+def test_budget_rule_keeps_the_largest_factor_within_its_old_class_budget():
+    descriptors, rows = _head(num=60)
+    context = CalibrationContext(
+        seen_rows=rows, new_rows=rows[:2], seen_descriptors=descriptors, injector_factory=LeastSquares, seed=3
+    )
+    # Without noise it is the clean prototype curve; with it, the head is imperfect on its own prototypes and
+    # old-class accuracy falls as the new rows grow.
+    held, factors = torch.arange(5), [0.01, 1.0, 100.0]
+    clean = noisy_prototype_gzsl_curve(rows, held, rows[:5], factors, noise=0.0, samples=1)
+    torch.testing.assert_close(clean, prototype_gzsl_curve(rows, held, rows[:5], factors))
+    noise = proxy_noise(rows, 0.5)
+    noisy = noisy_prototype_gzsl_curve(rows, held, rows[:5], factors, noise=noise)
+    assert noise > 0 and noisy[0, 0] < clean[0, 0] and noisy[2, 0] < noisy[0, 0]
+    tight, loose = BudgetCalibration(max_seen_drop=1.0), BudgetCalibration(max_seen_drop=30.0)
+    fitted_tight, fitted_loose = tight.fit(context), loose.fit(context)
+    assert fitted_tight.name == "budget" and fitted_tight.factor in tight.factors
+    assert fitted_tight.factor < fitted_loose.factor, "a larger budget allows a larger scale"
+    assert fitted_tight == tight.fit(context), "deterministic given the context's seed"
+    assert {"proxy_noise", "simulated_S", "bias_rule"} <= set(fitted_tight.diagnostics)
+    assert get_calibration("budget") == BudgetCalibration()
+    with pytest.raises(RuntimeError, match="fitted first"):
+        tight(rows[:1], rows)
+    for bad in (dict(proxy_accuracy=1.0), dict(max_seen_drop=-1.0), dict(samples=0), dict(factors=())):
+        with pytest.raises(ValueError):
+            BudgetCalibration(**bad)
+
+
+def test_budget_rule_shares_the_simulated_injection_of_its_context():
+    descriptors, rows = _head(num=60)
+    context = CalibrationContext(rows, rows[:2], descriptors, injector_factory=LeastSquares, seed=3)
+    SimulatedCalibration().fit(context)
+    alone = CalibrationContext(rows, rows[:2], descriptors, injector_factory=LeastSquares, seed=3)
+    assert BudgetCalibration().fit(context) == BudgetCalibration().fit(alone)
+    assert len([k for k in context.memo if k[0] == "injections"]) == 1
+
+
+def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
+    """lite0, fold 0, ridge rows (weak: photo-prompt names): ``logit-match`` reaches >= 80 % of the H of the best
+    test-picked factor; ``simulate`` keeps the old classes within 15 points of the model and still lets the new
+    classes win (it gives up H for that: >= 60 % of the bound here); ``synthesize`` (the default) reaches 75 % of
+    the bound (measured 79 %) within the same 15 points (measured 13.6), and its no-offset variant 80 %."""
+    from benchmarks.harness.calibration import fold_inputs, injection_context
+    from benchmarks.harness.data import CACHE, head_data, shared_data_available
+    from benchmarks.harness.metrics import evaluate_rows, oracle
+    from classifier_injection.baselines import RidgeInjector
+
+    features = CACHE / "tf_efficientnet_lite0.safetensors"
+    descriptors_file = CACHE / "descriptors" / "minilm-name.safetensors"
+    if not (shared_data_available() and features.is_file() and descriptors_file.is_file()):
+        pytest.skip(
+            "needs ../shared/data and the benchmark caches (python -m benchmarks.harness.data; a benchmark run)"
+        )
+    from safetensors.torch import load_file
+
+    data = head_data("tf_efficientnet_lite0")
+    descriptors = load_file(str(descriptors_file))["descriptors"]
+    held, _, seen_a, new_a, seen_rows = fold_inputs(data, descriptors, 0)
+    predicted, context = injection_context(RidgeInjector(), seen_a, seen_rows, new_a)
+    fitted = SimulatedCalibration().fit(context)
+    chosen = evaluate_rows(data, held, fitted(predicted, seen_rows))
+    plain = evaluate_rows(data, held, NormCalibration()(predicted, seen_rows))
+    bound = max(
+        evaluate_rows(data, held, NormCalibration(factor=f)(predicted, seen_rows))["h"]
+        for f in (1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5)
+    )
+    assert plain["h"] < 5 < chosen["unseen"]
+    assert chosen["seen"] >= oracle(data, held)["seen"] - 15, (fitted, chosen)
+    assert chosen["h"] >= 0.6 * bound, (fitted, chosen, bound)
+    matched = LogitMatchCalibration().fit(context)
+    favoured = evaluate_rows(data, held, matched(predicted, seen_rows))
+    assert favoured["h"] >= 0.8 * bound, (matched, favoured, bound)
+    # The default rule, with the model's feature statistics (measured: H 15.3 of 19.3, S drop 13.6).
+    _, with_stats = injection_context(RidgeInjector(), seen_a, seen_rows, new_a, data.statistics())
+    synthesized = SynthesizedCalibration().fit(with_stats)
+    default = evaluate_rows(data, held, synthesized(predicted, seen_rows))
+    assert default["unseen"] > 5 and default["h"] >= 0.75 * bound, (synthesized, default, bound)
+    assert default["seen"] >= oracle(data, held)["seen"] - 15, (synthesized, default)
+    # Without an offset: >= 80 % of the bound; the synthetic budget alone keeps the old classes within 16 points
+    # (measured 14.9), and the floor never scales below `simulate`.
+    no_offset = SynthesizedCalibration(max_seen_drop=2.5, floor_tolerance=0.1, offset=0.0).fit(with_stats)
+    assert evaluate_rows(data, held, no_offset(predicted, seen_rows))["h"] >= 0.8 * bound
+    assert no_offset.factor >= SimulatedCalibration().fit(with_stats).factor
+    budget_only = SynthesizedCalibration(max_seen_drop=2.5, offset=0.0, floor_tolerance=None).fit(with_stats)
+    assert evaluate_rows(data, held, budget_only(predicted, seen_rows))["seen"] >= oracle(data, held)["seen"] - 16
