@@ -30,9 +30,9 @@ lint: install
 	$(PY) -m ruff check classifier_injection tests examples benchmarks
 	$(PY) -m ruff format --check classifier_injection tests examples benchmarks
 
-# Head surgery on every timm architecture (meta device): writes benchmarks/results/zoo_summary.md.
+# Head surgery on every timm architecture (meta device): writes benchmarks/results/zoo/.
 zoo: install
-	$(PY) -m benchmarks.zoo_sweep
+	$(PY) -m benchmarks.studies.zoo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

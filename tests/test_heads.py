@@ -23,7 +23,7 @@ NEW = ["capybara", "red panda", "okapi"]
 
 #: name -> (expected family, create_model kwargs, image size). At least one per family of
 #: ../shared/notes/timm-heads.md (samvit, the heaviest wrapper, is left to the zoo sweep); about a minute
-#: on 2 cores. The whole zoo: ``python -m benchmarks.zoo_sweep`` (see tests/test_zoo.py).
+#: on 2 cores. The whole zoo: ``python -m benchmarks.studies.zoo`` (see tests/test_zoo.py).
 ARCHS: dict[str, tuple[str, dict, int]] = {
     # plain Linear
     "test_resnet": ("linear", {}, 32),

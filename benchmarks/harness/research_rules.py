@@ -2,7 +2,7 @@
 
 :class:`BudgetCalibration` simulates an injection of the head's own classes as the library's rules do, scored on
 *noisy* row directions, and keeps the largest factor within an old-class budget. It lost to the default
-(``docs/calibration.md``); it stays here so the committed tables can be recomputed. Importing this module
+(``docs/decisions.md``); it stays here so the committed tables can be recomputed. Importing this module
 registers it as ``"budget"`` with :func:`classifier_injection.calibration.register_calibration`.
 """
 

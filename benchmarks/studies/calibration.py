@@ -15,7 +15,7 @@ calibration context (they share its simulated injection):
 Constants chosen here on *seen* classes only (inner splits: 160 of a fold's 800 seen classes play the new
 classes): logit-match's margin and simulate's tolerance (before every table run, unless given), and
 ``--tune-synthesize``: synthesize's confidence and budget. Results: ``benchmarks/results/calibration/`` (run
-``--out``); the decision record is ``docs/calibration.md``.
+``--out``); the decision record is ``docs/decisions.md``.
 
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.calibration --models tf_efficientnet_lite0``
 """
@@ -135,7 +135,7 @@ def tune_tolerance(data, descriptors: torch.Tensor, folds: Sequence[int], inject
     the rule runs on the 640-class head that remains, and its choice is scored on the 800 seen classes'
     photos. The largest tolerance whose mean inner H stays within 10 % of the inner best factor's H (an
     image-picked bound on these seen classes) is kept: the largest saving for old classes at a small, bounded
-    cost in H (the criterion tried before it: ``docs/calibration.md``).
+    cost in H (the criterion tried before it: ``docs/decisions.md``).
     """
     table = {t: [] for t in TOLERANCES}
     bound, drops = [], {t: [] for t in TOLERANCES}
@@ -171,7 +171,7 @@ def tune_tolerance(data, descriptors: torch.Tensor, folds: Sequence[int], inject
 
 SYNTHESIZE_SPREADS = (3.0, 3.8, 5.0)
 SYNTHESIZE_CONFIDENCES = (0.3, 0.5)
-#: The offset of the library's default ``synthesize`` rule (how it was chosen: ``docs/calibration.md``).
+#: The offset of the library's default ``synthesize`` rule (how it was chosen: ``docs/decisions.md``).
 LIBRARY_OFFSET = SynthesizedCalibration().offset
 
 
@@ -200,7 +200,7 @@ def tune_synthesize(data, descriptors, folds: Sequence[int], injectors: Sequence
     injector (ICIS), plus its standard error over the folds, stays within 15 points. Without offset, the confidence
     kept is the one whose ridge drop at its budget is closest to ICIS's (the proxy that charges both kinds of rows
     alike). The offsets are swept at that confidence; the library's offset (:data:`LIBRARY_OFFSET`) is reported
-    with its budget, not chosen here (``docs/calibration.md`` says how it was).
+    with its budget, not chosen here (``docs/decisions.md`` says how it was).
     """
     seen_sets = [torch.nonzero(fold_inputs(data, descriptors, fold)[1]).squeeze(1) for fold in folds]
     spread = round(float(np.mean([photo_spread(data, seen_idx) for seen_idx in seen_sets])), 1)

@@ -3,7 +3,7 @@
 The default rule adds a constant prior of ``offset = 1`` logit to every new row. What that costs the old classes
 depends on how confident the model is on its photos: the less confident, the more old-class photos a constant
 boost hands to new rows. Between lite0 and lite1 that confidence differs (median probability of the true class
-0.82 vs 0.62), and offset 1 was chosen with lite1's test folds in view (``docs/calibration.md``). This study
+0.82 vs 0.62), and offset 1 was chosen with lite1's test folds in view (``docs/decisions.md``). This study
 asks the question without a fourth model: the same heads, the same calibrated rows (the rules see the head, never
 a photo, so their choices do not change), scored on photos resized to other test resolutions, which moves the
 models' confidence and accuracy the way a different model's photos would.
