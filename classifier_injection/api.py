@@ -169,7 +169,7 @@ def inject(
     )
     new_descriptors = embed_classes(embedder, names, descriptor_config, described.new, cache=embedding_cache)
     if injector is None:
-        injector = ICISInjector(config.icis, seed=seed, progress=config.progress)
+        injector = ICISInjector(config.icis, seed=seed, progress=config.progress, device=_accelerator(model))
     trained = bool(getattr(injector, "is_fitted", False))
     if trained:
         _check_trained_on(injector, model, head, seen_rows)
@@ -215,6 +215,12 @@ def inject(
     target.classifier_injection = record
     _logger.info("injected %d classes into %s in %.2fs", len(names), type(target).__name__, elapsed)
     return target
+
+
+def _accelerator(model: nn.Module) -> torch.device | None:
+    """The model's CUDA device, where ICIS trains too (float32 maths); ``None`` for models on the CPU."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None and parameter.device.type == "cuda" else None
 
 
 def _check_config(config: InjectionConfig | None, injector: Injector | None) -> InjectionConfig:

@@ -64,6 +64,12 @@ class ICISConfig:
             the seen rows ``R_seen`` (kept in the model as a buffer); ``"linear"``: ``dec_W(z) = V z + c``
             (the paper's).
         dropout: dropout on both latent codes during training (0 in the paper).
+        mixture_top_k: on heads of more than ``mixture_dense_up_to`` seen classes, the mixture decoder blends only
+            the ``k`` seen rows whose descriptors are closest to the class's (``None``: always all of them), so a
+            step's cost does not grow with the head.
+        mixture_dense_up_to: heads of up to this many seen classes blend all their rows.
+        classes_per_epoch: an epoch visits at most this many seen classes, drawn anew each epoch (``None``: all),
+            so that training time does not grow with the head.
     """
 
     latent_dim: int = 256
@@ -80,11 +86,23 @@ class ICISConfig:
     center: bool = False
     row_decoder: Literal["mixture", "linear"] = "mixture"
     dropout: float = 0.3
+    mixture_top_k: int | None = 64
+    mixture_dense_up_to: int = 2048
+    classes_per_epoch: int | None = 1024
 
     @classmethod
     def paper(cls, **overrides) -> ICISConfig:
         """The settings of the official ICIS code: batch 16, lr 1e-5, latent 2048, up to 1000 epochs, slope stop."""
-        paper = cls(lr=1e-5, batch_size=16, latent_dim=2048, center=False, row_decoder="linear", dropout=0.0)
+        paper = cls(
+            lr=1e-5,
+            batch_size=16,
+            latent_dim=2048,
+            center=False,
+            row_decoder="linear",
+            dropout=0.0,
+            mixture_top_k=None,
+            classes_per_epoch=None,
+        )
         return replace(paper, **overrides)
 
     def __post_init__(self) -> None:
@@ -99,6 +117,12 @@ class ICISConfig:
             raise ValueError(f"row_decoder must be 'mixture' or 'linear', got {self.row_decoder!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mixture_dense_up_to < 0:
+            raise ValueError(f"mixture_dense_up_to must be >= 0, got {self.mixture_dense_up_to}")
+        for name in ("mixture_top_k", "classes_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,15 +137,64 @@ class ICISConfig:
 
 
 class _MixtureDecoder(nn.Module):
-    """``z -> softmax(U z + c) @ basis``: a convex combination of fixed rows ``basis [S, dim]``."""
+    """``z -> softmax(U z + c) @ basis``: a convex combination of fixed rows ``basis [S, dim]``.
+
+    With ``candidates [B, k]`` (indices into the basis) each ``z`` blends only its own ``k`` rows.
+    """
 
     def __init__(self, latent_dim: int, basis: torch.Tensor) -> None:
         super().__init__()
         self.logits = nn.Linear(latent_dim, basis.shape[0])
         self.register_buffer("basis", basis)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(z), dim=-1) @ self.basis
+    def weights(self, z: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The mixture weights ``[B, k]`` over each ``z``'s candidate rows."""
+        # embedding() rather than indexing: its backward accumulates the sparse gradient far faster.
+        weight = F.embedding(candidates, self.logits.weight)
+        bias = F.embedding(candidates, self.logits.bias[:, None]).squeeze(-1)
+        return torch.softmax(torch.einsum("bke,be->bk", weight, z) + bias, dim=-1)
+
+    def forward(self, z: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        if candidates is None:
+            return torch.softmax(self.logits(z), dim=-1) @ self.basis
+        return torch.einsum("bk,bkd->bd", self.weights(z, candidates), self.basis[candidates])
+
+
+@dataclass(frozen=True)
+class _BlendTargets:
+    """What a row loss needs of each seen class ``i`` and its candidates ``c``, so blends are never built.
+
+    ``inner [S, k]``: ``basis[c_j] . r_i``; ``gram [S, k, k]``: ``basis[c_j] . basis[c_l]``; ``sq_norm [S]``:
+    ``|r_i|^2``. A blend ``x = sum_j w_j basis[c_j]`` then has ``x . r_i = w . inner`` and ``|x|^2 = w' gram w``:
+    a step costs ``k^2`` per class instead of ``k x row width``.
+    """
+
+    inner: torch.Tensor
+    gram: torch.Tensor
+    sq_norm: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 128
+    ) -> _BlendTargets:
+        inner, gram = [], []
+        for r, c in zip(rows.split(chunk), candidates.split(chunk), strict=True):
+            blocks = basis[c]  # [chunk, k, D]
+            inner.append(torch.einsum("bkd,bd->bk", blocks, r))
+            gram.append(blocks @ blocks.transpose(1, 2))
+        return cls(torch.cat(inner), torch.cat(gram), rows.pow(2).sum(1))
+
+    def select(self, idx: torch.Tensor) -> _BlendTargets:
+        """The targets of the seen classes ``idx`` (one batch)."""
+        return _BlendTargets(self.inner[idx], self.gram[idx], self.sq_norm[idx])
+
+    def distance(self, weights: torch.Tensor, loss: str, row_dim: int) -> torch.Tensor:
+        """The row loss of the blends with ``weights [B, k]`` against these targets' rows."""
+        dot = (weights * self.inner).sum(1)
+        sq = torch.einsum("bk,bkl,bl->b", weights, self.gram, weights).clamp_min(0)
+        if loss == "mse":
+            return (sq - 2 * dot + self.sq_norm).sum() / (len(weights) * row_dim)
+        return (1 - dot / (sq.sqrt() * self.sq_norm.sqrt()).clamp_min(1e-8)).mean()
 
 
 class _AutoEncoder(nn.Module):
@@ -142,6 +215,8 @@ class ICISModel(nn.Module):
         basis: for the mixture row decoder, the rows ``[S, row_dim]`` it mixes (the seen rows, in the frame the
             model is trained in); ``None`` for the paper's linear decoder.
         dropout: dropout on the latent codes (active in ``train()`` mode only).
+        top_k: with a basis, blend only the ``top_k`` rows whose descriptors are nearest (``None``: all rows).
+        basis_keys: the descriptors ``[S, descriptor_dim]`` of the basis rows; needed with ``top_k``.
     """
 
     def __init__(
@@ -152,12 +227,19 @@ class ICISModel(nn.Module):
         *,
         basis: torch.Tensor | None = None,
         dropout: float = 0.0,
+        top_k: int | None = None,
+        basis_keys: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if basis is not None and (basis.dim() != 2 or basis.shape[1] != row_dim or len(basis) < 1):
             raise ValueError(f"basis must be [S >= 1, {row_dim}] (rows to mix), got {tuple(basis.shape)}")
         self.descriptor_ae = _AutoEncoder(descriptor_dim, latent_dim, dropout)
         self.weight_ae = _AutoEncoder(row_dim, latent_dim, dropout, basis)
+        self.top_k = top_k if basis is not None and top_k is not None and top_k < len(basis) else None
+        if self.top_k is not None:
+            if basis_keys is None or tuple(basis_keys.shape) != (len(basis), descriptor_dim):
+                raise ValueError(f"top_k needs basis_keys [{len(basis)}, {descriptor_dim}] (the basis' descriptors)")
+            self.register_buffer("basis_keys", F.normalize(basis_keys, dim=1))
         # Offsets removed before encoding / added after decoding, and the norm given to centred predictions
         # (zeros unless ICISConfig.center: then forward() is the plain decode of the paper).
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
@@ -168,8 +250,16 @@ class ICISModel(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    def candidates(self, descriptors: torch.Tensor) -> torch.Tensor | None:
+        """Indices ``[n, k]`` of the basis rows each descriptor's mixture may blend (``None``: all of them)."""
+        if self.top_k is None or not isinstance(self.weight_ae.decoder, _MixtureDecoder):
+            return None
+        return nearest(self.basis_keys, descriptors, self.top_k)
+
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
-        rows = self.weight_ae.decoder(self.descriptor_ae.encoder(descriptors - self.descriptor_mean))
+        z = self.descriptor_ae.encoder(descriptors - self.descriptor_mean)
+        decoder = self.weight_ae.decoder
+        rows = decoder(z, self.candidates(descriptors)) if isinstance(decoder, _MixtureDecoder) else decoder(z)
         if self.centered_norm > 0:
             rows = F.normalize(rows, dim=1) * self.centered_norm + self.row_mean
         return rows
@@ -179,21 +269,33 @@ class ICISModel(nn.Module):
         descriptors: torch.Tensor,
         rows: torch.Tensor,
         extra_descriptors: torch.Tensor | None,
-        distance,
+        loss: Literal["cosine", "mse"],
         cross_reconstruction: bool,
+        blend: tuple[torch.Tensor, _BlendTargets] | None = None,
     ) -> torch.Tensor:
+        """The summed losses of one batch; ``blend = (candidates, targets)`` of its classes for the top-k mixture."""
+        distance = _cosine_distance if loss == "cosine" else _mse
         z_a = self.descriptor_ae.encoder(descriptors)
         z_w = self.weight_ae.encoder(rows)
         a_for_aa = descriptors if extra_descriptors is None else torch.cat([descriptors, extra_descriptors])
         z_aa = z_a if extra_descriptors is None else torch.cat([z_a, self.descriptor_ae.encoder(extra_descriptors)])
-        loss = distance(self.descriptor_ae.decoder(z_aa), a_for_aa) + distance(self.weight_ae.decoder(z_w), rows)
+
+        def row_loss(z: torch.Tensor) -> torch.Tensor:
+            if blend is None:
+                return distance(self.weight_ae.decoder(z), rows)
+            candidates, targets = blend
+            return targets.distance(self.weight_ae.decoder.weights(z, candidates), loss, rows.shape[1])
+
+        total = distance(self.descriptor_ae.decoder(z_aa), a_for_aa) + row_loss(z_w)
         if cross_reconstruction:
-            loss = (
-                loss
-                + distance(self.weight_ae.decoder(z_a), rows)
-                + distance(self.descriptor_ae.decoder(z_w), descriptors)
-            )
-        return loss
+            total = total + row_loss(z_a) + distance(self.descriptor_ae.decoder(z_w), descriptors)
+        return total
+
+
+def nearest(keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Indices ``[n, k]`` of the ``k`` rows of unit-norm ``keys`` most cosine-similar to each query."""
+    queries = F.normalize(queries.to(keys), dim=1)
+    return torch.cat([(q @ keys.T).topk(k, dim=1).indices for q in queries.split(chunk)])
 
 
 def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -224,10 +326,19 @@ class ICISInjector:
     #: Its fit is fixed by ``hparams()`` (config and seed): calibration choices may be cached.
     cacheable = True
 
-    def __init__(self, config: ICISConfig | None = None, *, seed: int = 0, progress: bool = False) -> None:
+    def __init__(
+        self,
+        config: ICISConfig | None = None,
+        *,
+        seed: int = 0,
+        progress: bool = False,
+        device: str | torch.device | None = None,
+    ) -> None:
         self.config = config or ICISConfig()
         self.seed = seed
         self.progress = progress
+        #: Where the fit runs (float32 maths); ``None``: the CPU. Predicted rows are always returned on the CPU.
+        self.device = device
         self.model: ICISModel | None = None
         self.history: list[float] = []
         self.fingerprint: str | None = None
@@ -247,36 +358,58 @@ class ICISInjector:
     ) -> ICISInjector:
         check_fit_inputs(seen_descriptors, seen_rows, new_descriptors)
         cfg = self.config
-        a = seen_descriptors.detach().float().cpu()
-        r = seen_rows.detach().float().cpu()
+        device = torch.device(self.device if self.device is not None else "cpu")
+        keys = seen_descriptors.detach().to(device, torch.float32)
+        a = keys
+        r = seen_rows.detach().to(device, torch.float32)
         a_new = None
         if cfg.include_new_descriptors and new_descriptors is not None and len(new_descriptors):
-            a_new = new_descriptors.detach().float().cpu()
-        descriptor_mean = a.mean(0) if cfg.center else torch.zeros(a.shape[1])
-        row_mean = r.mean(0) if cfg.center else torch.zeros(r.shape[1])
+            a_new = new_descriptors.detach().to(device, torch.float32)
+        descriptor_mean = a.mean(0) if cfg.center else torch.zeros(a.shape[1], device=device)
+        row_mean = r.mean(0) if cfg.center else torch.zeros(r.shape[1], device=device)
         a, r = a - descriptor_mean, r - row_mean
         if a_new is not None:
             a_new = a_new - descriptor_mean
 
         # One forked RNG for the whole fit: initialisation and dropout are seeded, the caller's RNG is untouched.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            basis = r.clone() if cfg.row_decoder == "mixture" else None
-            model = ICISModel(a.shape[1], r.shape[1], cfg.latent_dim, basis=basis, dropout=cfg.dropout)
+            mixture = cfg.row_decoder == "mixture"
+            with torch.device("cpu"):  # initialised on the CPU, so that every device starts from the same weights
+                model = ICISModel(
+                    a.shape[1],
+                    r.shape[1],
+                    cfg.latent_dim,
+                    basis=r.cpu().clone() if mixture else None,
+                    dropout=cfg.dropout,
+                    top_k=_top_k(cfg, len(r)) if mixture else None,
+                    basis_keys=keys.cpu() if mixture else None,
+                )
+            model = model.to(device)
             model.descriptor_mean.copy_(descriptor_mean)
             model.row_mean.copy_(row_mean)
             if cfg.center:
                 model.centered_norm.fill_(r.norm(dim=1).mean())
-            self.history = self._train(model, a, r, a_new)
+            self.history = self._train(model, a, r, a_new, model.candidates(keys))
         _logger.info("ICIS trained %d epochs, final loss %.4f", len(self.history), self.history[-1])
         model.eval()
         self.model = model
         return self
 
-    def _train(self, model: ICISModel, a: torch.Tensor, r: torch.Tensor, a_new: torch.Tensor | None) -> list[float]:
-        """Mini-batch Adam on the four losses until the slope rule stops it; returns the loss per epoch."""
+    def _train(
+        self,
+        model: ICISModel,
+        a: torch.Tensor,
+        r: torch.Tensor,
+        a_new: torch.Tensor | None,
+        candidates: torch.Tensor | None,
+    ) -> list[float]:
+        """Mini-batch Adam on the four losses until the slope rule stops it; returns the loss per epoch.
+
+        ``candidates [S, k]``: the basis rows each seen class's mixture may blend (``None``: all).
+        """
+        targets = None if candidates is None else _BlendTargets.build(model.weight_ae.decoder.basis, r, candidates)
         cfg = self.config
-        distance = _cosine_distance if cfg.loss == "cosine" else _mse
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
         n = a.shape[0]
@@ -286,18 +419,19 @@ class ICISInjector:
         bar = tqdm(range(cfg.max_epochs), desc="ICIS", unit="epoch", disable=not self.progress, leave=False)
         model.train()
         for epoch in bar:
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator)[: cfg.classes_per_epoch]
             new_order = torch.randperm(len(a_new), generator=generator) if a_new is not None else None
             total, steps = 0.0, 0
-            for start in range(0, n, batch):
-                idx = order[start : start + batch]
+            for start in range(0, len(order), batch):
+                idx = order[start : start + batch].to(a.device)
                 extra = None
                 if new_order is not None:
                     # Cycle the (usually few) new descriptors through the steps of the epoch.
                     k = min(len(idx), len(new_order))
                     offset = (steps * k) % len(new_order)
                     extra = a_new[new_order.roll(-offset)[:k]]
-                loss = model.losses(a[idx], r[idx], extra, distance, cfg.cross_reconstruction)
+                blend = (candidates[idx], targets.select(idx)) if targets is not None else None
+                loss = model.losses(a[idx], r[idx], extra, cfg.loss, cfg.cross_reconstruction, blend)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -323,7 +457,8 @@ class ICISInjector:
                 f"descriptors must be [n, {expected}] (the width this injector was trained on), got "
                 f"{tuple(descriptors.shape)}: use the same embedder as for training"
             )
-        return self.model(descriptors.detach().float().cpu())
+        device = self.model.descriptor_mean.device
+        return self.model(descriptors.detach().to(device, torch.float32)).cpu()
 
     def _basis_rows(self) -> int:
         decoder = self.model.weight_ae.decoder if self.model is not None else None
@@ -362,6 +497,8 @@ class ICISInjector:
             stored = json.loads(metadata["config"])
             if isinstance(stored, dict) and "row_decoder" not in stored:  # files from before the option existed
                 stored = {**stored, "row_decoder": "linear", "dropout": 0.0}
+            if isinstance(stored, dict) and "mixture_top_k" not in stored:  # trained on every row, every epoch
+                stored = {**stored, "mixture_top_k": None, "mixture_dense_up_to": 0, "classes_per_epoch": None}
             config = ICISConfig.from_dict(stored)
             descriptor_dim, row_dim = int(metadata["descriptor_dim"]), int(metadata["row_dim"])
             injector = cls(config, seed=int(metadata["seed"]))
@@ -371,15 +508,26 @@ class ICISInjector:
             if (basis_rows > 0) != (config.row_decoder == "mixture"):
                 raise ValueError(f"basis_rows={basis_rows} does not match row_decoder={config.row_decoder!r}")
             with torch.device("meta"):
-                basis = torch.empty(basis_rows, row_dim) if basis_rows else None
-                skeleton = ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis)
+                skeleton = _empty_model(config, descriptor_dim, row_dim, basis_rows)
         except (KeyError, ValueError, TypeError, RecursionError, RuntimeError) as err:
             raise ValueError(f"{path}: invalid ICIS injector metadata ({err})") from err
         check_state_dict(tensors, skeleton.state_dict(), path, parameters=set(skeleton.state_dict()))
-        basis = torch.empty(basis_rows, row_dim) if basis_rows else None
-        model = ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis)
+        model = _empty_model(config, descriptor_dim, row_dim, basis_rows)
         model.load_state_dict(tensors, strict=True)
         model.eval()
         injector.model = model
         injector.fingerprint = metadata.get("fingerprint") or None
         return injector
+
+
+def _empty_model(config: ICISConfig, descriptor_dim: int, row_dim: int, basis_rows: int) -> ICISModel:
+    """An untrained model of the shapes a saved injector declares (on the current default device)."""
+    basis = torch.empty(basis_rows, row_dim) if basis_rows else None
+    keys = torch.ones(basis_rows, descriptor_dim) if basis_rows else None
+    top_k = _top_k(config, basis_rows)
+    return ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis, top_k=top_k, basis_keys=keys)
+
+
+def _top_k(config: ICISConfig, seen_classes: int) -> int | None:
+    """How many rows the mixture blends for a head of ``seen_classes`` (``None``: all of them)."""
+    return config.mixture_top_k if seen_classes > config.mixture_dense_up_to else None

@@ -455,3 +455,18 @@ def test_rules_fitted_on_one_context_share_its_simulation():
     assert len(fits) == 1, "one simulated injection for every rule with the same hold-out"
     fresh = dataclasses.replace(context)
     assert SynthesizedCalibration().fit(fresh) == first and len(fits) == 2, "a new context simulates anew"
+
+
+def test_large_heads_are_simulated_on_a_seeded_subset_of_their_classes(monkeypatch):
+    from classifier_injection.calibration import simulation
+
+    monkeypatch.setattr(simulation, "MAX_SIMULATED_CLASSES", 30)
+    context = _context_with_statistics(num=60)
+    subset = simulation.simulated_head(context)
+    assert len(subset.seen_rows) == 30 and simulation.simulated_head(context) is subset, "memoised per context"
+    assert len(subset.seen_descriptors) == 30 and subset.feature_mean is context.feature_mean
+    fitted = SynthesizedCalibration().fit(context)
+    assert fitted.diagnostics["simulated_classes"] == 30 and fitted.diagnostics["held_out_classes"] == 6
+    assert len(fitted.biases) == len(context.new_rows), "the real new rows still get their biases"
+    monkeypatch.setattr(simulation, "MAX_SIMULATED_CLASSES", 60)
+    assert simulation.simulated_head(dataclasses.replace(context)).seen_rows is context.seen_rows

@@ -157,3 +157,55 @@ def test_config_validation(kwargs, match):
 def test_fit_validates_shapes():
     with pytest.raises(ValueError, match="one descriptor per row"):
         ICISInjector().fit(torch.randn(5, 4), torch.randn(6, 3))
+
+
+def test_blend_targets_give_the_loss_of_the_blended_rows_without_building_them():
+    from classifier_injection.icis import _BlendTargets, _cosine_distance, _mse, nearest
+
+    a_seen, r_seen, _, _ = _synthetic(num_seen=40)
+    candidates = nearest(torch.nn.functional.normalize(a_seen, dim=1), a_seen, 6)
+    assert (candidates[:, 0] == torch.arange(40)).all(), "a class is its own nearest neighbour"
+    weights = torch.softmax(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)), dim=1)
+    blended = torch.einsum("bk,bkd->bd", weights, r_seen[candidates])
+    targets = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7).select(torch.arange(40))
+    torch.testing.assert_close(targets.distance(weights, "cosine", 17), _cosine_distance(blended, r_seen))
+    torch.testing.assert_close(targets.distance(weights, "mse", 17), _mse(blended, r_seen))
+
+
+def test_large_heads_blend_their_nearest_rows_and_visit_a_bounded_share_per_epoch(tmp_path):
+    a_seen, r_seen, a_new, _ = _synthetic(num_seen=96)
+    config = ICISConfig(latent_dim=16, max_epochs=3, mixture_top_k=8, mixture_dense_up_to=32, classes_per_epoch=40)
+    injector = ICISInjector(config, seed=1).fit(a_seen, r_seen, a_new)
+    model = injector.model
+    assert model.top_k == 8 and model.candidates(a_new).shape == (len(a_new), 8)
+    predicted = injector.predict(a_new)
+    # Each new row is a convex blend of its 8 nearest seen rows, so it lies in their bounding box.
+    for row, chosen in zip(predicted, model.candidates(a_new), strict=True):
+        near = r_seen[chosen]
+        assert (row >= near.min(0).values - 1e-5).all() and (row <= near.max(0).values + 1e-5).all()
+    path = tmp_path / "icis.safetensors"
+    injector.save(str(path))
+    assert torch.equal(ICISInjector.load(str(path)).predict(a_new), predicted)
+    dense = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3, mixture_dense_up_to=96), seed=1).fit(a_seen, r_seen)
+    assert dense.model.top_k is None, "heads up to mixture_dense_up_to blend all their rows"
+
+
+def test_an_epoch_visits_at_most_classes_per_epoch(monkeypatch):
+    a_seen, r_seen, a_new, _ = _synthetic(num_seen=96)
+    steps = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    config = ICISConfig(latent_dim=8, batch_size=16, max_epochs=2, early_stop_slope=0, classes_per_epoch=40)
+    ICISInjector(config).fit(a_seen, r_seen, a_new)
+    assert len(steps) == 2 * 3, "40 classes per epoch in batches of 16: 3 steps, not 6"
+
+
+def test_fit_runs_on_the_requested_device_and_returns_cpu_rows():
+    a_seen, r_seen, a_new, _ = _synthetic()
+    config = ICISConfig(latent_dim=8, max_epochs=2)
+    on_cpu = ICISInjector(config, seed=2, device="cpu").fit(a_seen, r_seen, a_new).predict(a_new)
+    default = ICISInjector(config, seed=2).fit(a_seen, r_seen, a_new).predict(a_new)
+    assert on_cpu.device.type == "cpu" and torch.equal(on_cpu, default)
+    if torch.cuda.is_available():
+        on_gpu = ICISInjector(config, seed=2, device="cuda").fit(a_seen.cuda(), r_seen.cuda(), a_new.cuda())
+        assert on_gpu.predict(a_new).device.type == "cpu"

@@ -36,6 +36,7 @@ from .simulation import (
     prototype_gzsl_curve,
     simulate_injections,
     simulated_features,
+    simulated_head,
     simulation_diagnostics,
     synthetic_gzsl_curve,
 )
@@ -142,6 +143,7 @@ class SimulatedCalibration:
 
     def simulated_curve(self, context: CalibrationContext) -> torch.Tensor:
         """Mean simulated ``[len(factors), 3]`` (S, U, H in %) over the repeats."""
+        context = simulated_head(context)
         seen_rows = context.seen_rows.detach().float().cpu()
         injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
         return torch.stack([prototype_gzsl_curve(seen_rows, h, p, self.factors) for h, p in injections]).mean(0)
@@ -230,11 +232,12 @@ class SynthesizedCalibration:
         """The features and labels this rule scores on (shared by rules with the same synthesis settings)."""
         if context.feature_mean is None or context.feature_std is None:
             raise ValueError(f"the {self.name!r} calibration needs context.feature_mean and context.feature_std")
-        return simulated_features(context, self.spread, self.confidence, self.samples)
+        return simulated_features(simulated_head(context), self.spread, self.confidence, self.samples)
 
     def simulated_curve(self, context: CalibrationContext) -> torch.Tensor:
         """Mean simulated ``[len(factors), 3]`` (S, U, H in %) on synthesised features over the repeats."""
         features, labels = self.synthesized_features(context)
+        context = simulated_head(context)
         seen_rows = context.seen_rows.detach().float().cpu()
         mean = context.feature_mean.detach().float().cpu()
         injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
@@ -261,7 +264,8 @@ class SynthesizedCalibration:
             return dataclasses.replace(choice, diagnostics={**choice.diagnostics, "fallback_from": self.name})
         curve = self.simulated_curve(context)
         best = largest_within_budget(curve, self.factors, self.max_seen_drop)
-        extra = {"synthesized_features": self.samples * len(context.seen_rows), "budget_factor": self.factors[best]}
+        simulated = len(simulated_head(context).seen_rows)
+        extra = {"synthesized_features": self.samples * simulated, "budget_factor": self.factors[best]}
         floor = self._floor()
         if floor is not None:
             floor_index = floor.choose(floor.simulated_curve(context))

@@ -9,6 +9,7 @@ one context share them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -18,12 +19,14 @@ from .base import CalibrationContext, mean_norm
 
 __all__ = [
     "DEFAULT_FACTORS",
+    "MAX_SIMULATED_CLASSES",
     "gzsl_accuracies",
     "largest_keeping",
     "largest_within_budget",
     "prototype_gzsl_curve",
     "simulate_injections",
     "simulated_features",
+    "simulated_head",
     "simulation_diagnostics",
     "synthesize_features",
     "synthetic_gzsl_curve",
@@ -31,6 +34,28 @@ __all__ = [
 
 #: Candidate norm factors, 0.5 ... 6.0 in steps of 0.025 (fine enough not to overshoot the smallest good one).
 DEFAULT_FACTORS: tuple[float, ...] = tuple(round(0.5 + 0.025 * i, 3) for i in range(221))
+#: Larger heads are simulated on a random subset of this many classes: a simulation costs the square of its
+#: classes, and the subset keeps the held-out share, and so the competition per class, of the whole head.
+MAX_SIMULATED_CLASSES = 1024
+
+
+def simulated_head(context: CalibrationContext) -> CalibrationContext:
+    """The context the simulation runs on: ``context`` itself, or a seeded subset of its classes for large heads."""
+    num = len(context.seen_rows)
+    if num <= MAX_SIMULATED_CLASSES:
+        return context
+
+    def subset() -> CalibrationContext:
+        generator = torch.Generator().manual_seed(context.seed)
+        keep = torch.randperm(num, generator=generator)[:MAX_SIMULATED_CLASSES].sort().values
+        descriptors = context.seen_descriptors
+        return dataclasses.replace(
+            context,
+            seen_rows=context.seen_rows[keep],
+            seen_descriptors=descriptors[keep] if descriptors is not None else None,
+        )
+
+    return context.memoized(("subset", MAX_SIMULATED_CLASSES), subset)
 
 
 def gzsl_accuracies(
@@ -231,10 +256,13 @@ def largest_within_budget(curve: torch.Tensor, factors: Sequence[float], max_see
 def simulation_diagnostics(rule: object, context: CalibrationContext, chosen: torch.Tensor, **extra: object) -> dict:
     """Provenance of a simulation rule's choice: the simulated S, U, H (%) at the chosen factor, and ``extra``."""
     seen_rows = context.seen_rows.detach().float()
+    simulated = len(simulated_head(context).seen_rows)
+    if simulated < len(seen_rows):
+        extra = {"simulated_classes": simulated, **extra}
     s, u, h = (round(float(v), 2) for v in chosen)
     return {
         "old_mean_norm": round(float(mean_norm(seen_rows)), 6),
-        "held_out_classes": num_held(rule.holdout_fraction, len(seen_rows)),
+        "held_out_classes": num_held(rule.holdout_fraction, simulated),
         "repeats": rule.repeats,
         **extra,
         "simulated_S": s,

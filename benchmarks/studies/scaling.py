@@ -1,0 +1,196 @@
+"""``inject()`` time and peak memory against the size of the head: N old classes x K new classes.
+
+N = 1000 is lite0's real head; larger heads keep lite0's backbone (so the default calibration runs with its
+feature statistics) under random rows drawn like the real ones, named by real ImageNet-12k / 21k classes from
+timm. New classes get a name and a description each. Every measurement runs in a fresh process (peak memory is
+per process), with the text embeddings already cached (their first computation is reported apart) and the
+calibration's cache emptied, so each one fits ICIS and simulates the calibration anew. Times are also given as
+ratios to one lite0 forward pass of 32 images measured in the same run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness.data import load_model
+from benchmarks.harness.results import command_line, record
+
+STUDY = "scaling"
+HEAD_SIZES = (1000, 2000, 5000, 11821, 21843)
+NEW_COUNTS = (1, 100, 1000)
+
+
+def _head_names(num: int) -> list[str]:
+    """Real class names for a head of ``num`` classes: ImageNet-1k, the first ``num`` of 12k, or all of 21k."""
+    from timm.data import ImageNetInfo
+
+    subset = "imagenet-1k" if num == 1000 else "imagenet-12k" if num <= 11821 else "imagenet-21k"
+    info = ImageNetInfo(subset)
+    if info.num_classes() < num:
+        raise ValueError(f"{subset} has {info.num_classes()} classes, fewer than {num}")
+    return [info.index_to_description(i).split(",")[0].strip() for i in range(num)]
+
+
+def _model(num: int) -> torch.nn.Module:
+    """lite0 with real weights; for ``num != 1000`` a head of random rows with the real rows' statistics."""
+    model = load_model("tf_efficientnet_lite0")
+    if num != 1000:
+        old = model.classifier
+        generator = torch.Generator().manual_seed(num)
+        head = torch.nn.Linear(old.in_features, num)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(num, old.in_features, generator=generator) * old.weight.std())
+            head.bias.copy_(old.bias.mean() + torch.randn(num, generator=generator) * old.bias.std())
+        model.classifier = head
+        model.num_classes = num
+    return model.eval()
+
+
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(num: int, count: int, cache_dir: str) -> dict:
+    """One ``inject()`` of ``count`` new classes into a head of ``num`` classes: seconds and memory (this process)."""
+    from classifier_injection import default_embedder, find_head, inject
+
+    model = _model(num)
+    names = _head_names(num)
+    embedder = default_embedder()
+    embedder.encode(["warm-up"])
+    new = [f"new class {i}" for i in range(count)]
+    descriptions = {name: "an object of a kind this model has never seen" for name in new}
+    shutil.rmtree(Path(cache_dir) / "calibration", ignore_errors=True)
+    head_mb = find_head(model).rows(model).numel() * 4 / 2**20
+    before = _rss_mb("VmRSS")
+    start = time.perf_counter()
+    out = inject(model, new, descriptions=descriptions, class_names=names, embedder=embedder, cache=cache_dir)
+    seconds = time.perf_counter() - start
+    record = out.classifier_injection["injections"][-1]
+    return {
+        "seconds": seconds,
+        "rss_before_mb": before,
+        "peak_mb": _rss_mb("VmHWM"),
+        "extra_peak_mb": _rss_mb("VmHWM") - before,
+        "head_mb": head_mb,
+        "epochs": record["hparams"].get("epochs_trained"),
+        "simulated_classes": record["calibration"]["diagnostics"].get("simulated_classes", num),
+    }
+
+
+def forward_seconds(repeats: int = 3) -> float:
+    """The best of ``repeats`` lite0 forward passes of 32 images (224 px), after a warm-up."""
+    model = load_model("tf_efficientnet_lite0")
+    images = torch.randn(32, 3, 224, 224)
+    with torch.no_grad():
+        model(images)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _in_subprocess(num: int, count: int, cache_dir: str) -> dict:
+    command = [sys.executable, "-m", "benchmarks.studies.scaling", "--worker", str(num), str(count), cache_dir]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement N={num} K={count} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
+    """The least-squares slope of log(seconds) against log(N): time ~ N^exponent."""
+    x = [math.log(n) for n in sizes]
+    y = [math.log(s) for s in seconds]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum((a - mx) ** 2 for a in x)
+
+
+def table(results: dict) -> str:
+    """The markdown table of a run."""
+    forward = results["forward_seconds"]
+    lines = [
+        "### inject() against the head size (embeddings cached, calibration simulated anew, one process each)",
+        "",
+        f"One lite0 forward pass of 32 images: {forward:.2f} s.",
+        "",
+        "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        lines.append(
+            f"| {row['num']} | {row['count']} | {row['seconds']:.1f} | {row['seconds'] / forward:.1f} | "
+            f"{row['peak_mb']:.0f} | {row['extra_peak_mb']:.0f} | {row['head_mb']:.0f} | "
+            f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} |"
+        )
+    lines += ["", "Fitted exponent of time vs N (least squares on log-log):", ""]
+    lines += [f"- K = {k}: {e:.2f}" for k, e in results["exponents"].items()]
+    lines += ["", "First injection (K = 1) before the class texts were embedded, whole process:", ""]
+    lines += [f"- N = {n}: {s:.1f} s" for n, s in results["cold_embedding_seconds"].items()]
+    ratios = results["ratios"]
+    lines += ["", f"time(11821) / time(1000), K = 1: {ratios['11821_over_1000']:.1f}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scaling") -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(HEAD_SIZES), help="head sizes N")
+    parser.add_argument("--counts", type=int, nargs="+", default=list(NEW_COUNTS), help="new classes K")
+    parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/scaling")
+    parser.add_argument("--worker", nargs=3, metavar=("N", "K", "CACHE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        num, count, cache_dir = int(args.worker[0]), int(args.worker[1]), args.worker[2]
+        print(json.dumps(measure(num, count, cache_dir)))
+        return
+    cache_dir = tempfile.mkdtemp(prefix="scaling-cache-")
+    rows, cold = [], {}
+    for num in args.sizes:
+        start = time.perf_counter()
+        _in_subprocess(num, 1, cache_dir)  # embeds the head's class texts once
+        cold[str(num)] = time.perf_counter() - start
+        print(f"N={num}: first injection with cold embeddings {cold[str(num)]:.1f} s (process included)", flush=True)
+        for count in args.counts:
+            row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir)}
+            rows.append(row)
+            print(f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB", flush=True)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    by_count = {k: [r for r in rows if r["count"] == k] for k in args.counts}
+    results = {
+        "forward_seconds": forward_seconds(),
+        "rows": rows,
+        "cold_embedding_seconds": cold,
+        "exponents": {
+            str(k): exponent([r["num"] for r in rs], [r["seconds"] for r in rs]) for k, rs in by_count.items()
+        },
+    }
+    times = {r["num"]: r["seconds"] for r in by_count[min(args.counts)]}
+    results["ratios"] = {"11821_over_1000": times.get(11821, math.nan) / times.get(1000, math.nan)}
+    text = table(results)
+    print(text)
+    record(STUDY, args.name, results, text, command_line(prog, argv), title="inject() at any head size")
+
+
+if __name__ == "__main__":
+    main()
