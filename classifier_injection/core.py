@@ -27,7 +27,14 @@ from .calibration.base import ChoiceStore
 from .features import FeatureStatistics
 from .injector import Injector
 
-__all__ = ["RowPrediction", "copying_factory", "head_fingerprint", "needs_context", "predict_rows"]
+__all__ = [
+    "RowPrediction",
+    "calibration_context",
+    "copying_factory",
+    "head_fingerprint",
+    "needs_context",
+    "predict_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,30 @@ def copying_factory(injector: object) -> Callable[[], object]:
 def needs_context(calibration: Calibration | FittableCalibration) -> bool:
     """Whether a rule must be fitted on a :class:`CalibrationContext` (and so needs the seen descriptors)."""
     return isinstance(calibration, FittableCalibration)
+
+
+def calibration_context(
+    seen_rows: torch.Tensor,
+    new_rows: torch.Tensor,
+    seen_descriptors: torch.Tensor | None,
+    new_descriptors: torch.Tensor | None,
+    injector_factory: Callable[[], object] | None,
+    *,
+    features: FeatureStatistics | None = None,
+    seed: int = 0,
+) -> CalibrationContext:
+    """The context :func:`predict_rows` fits a calibration on: the head, the rows, the descriptors, the statistics."""
+    return CalibrationContext(
+        seen_rows=seen_rows,
+        new_rows=new_rows,
+        seen_descriptors=seen_descriptors,
+        new_descriptors=new_descriptors,
+        injector_factory=injector_factory,
+        seed=seed,
+        feature_mean=features.mean if features is not None else None,
+        feature_source=features.source if features is not None else None,
+        feature_std=features.std if features is not None else None,
+    )
 
 
 def predict_rows(
@@ -108,16 +139,8 @@ def predict_rows(
     seconds["predict"] = time.perf_counter() - start
     start = time.perf_counter()
     if contextual:
-        context = CalibrationContext(
-            seen_rows=seen_rows,
-            new_rows=predicted,
-            seen_descriptors=seen_descriptors,
-            new_descriptors=new_descriptors,
-            injector_factory=factory,
-            seed=seed,
-            feature_mean=features.mean if features is not None else None,
-            feature_source=features.source if features is not None else None,
-            feature_std=features.std if features is not None else None,
+        context = calibration_context(
+            seen_rows, predicted, seen_descriptors, new_descriptors, factory, features=features, seed=seed
         )
         rule = fit_calibration(rule, context, choices)
     rows = apply_new_class_scale(rule(predicted, seen_rows), new_class_scale)

@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from classifier_injection import ICISConfig
 
@@ -65,6 +66,36 @@ class FakeEmbedder:
             seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
             rows.append(torch.randn(self._dim, generator=torch.Generator().manual_seed(seed)))
         return torch.stack(rows)
+
+
+def synthetic_head(num: int = 40, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic head whose rows are a linear function of the class descriptors (plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    descriptors = F.normalize(torch.randn(num, 8, generator=g), dim=1)
+    mixing = torch.randn(8, dim + 1, generator=g)
+    rows = descriptors @ mixing + 0.3 * torch.randn(num, dim + 1, generator=g)
+    rows[:, -1] = 0.05 * torch.randn(num, generator=g)
+    return descriptors, rows
+
+
+class LeastSquares:
+    """A tiny ridge injector: enough to give the simulation real (imperfect) predictions."""
+
+    name = "lsq"
+
+    def __init__(self, shrink: float = 1.0) -> None:
+        self.shrink = shrink
+
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None):
+        a = seen_descriptors
+        self.map = torch.linalg.solve(a.T @ a + 0.1 * torch.eye(a.shape[1]), a.T @ seen_rows)
+        return self
+
+    def predict(self, descriptors):
+        return self.shrink * descriptors @ self.map
+
+    def hparams(self):
+        return {"shrink": self.shrink}
 
 
 @pytest.fixture

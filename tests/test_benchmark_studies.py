@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from benchmarks.harness.research_rules import BudgetCalibration, noisy_prototype_gzsl_curve, proxy_noise
 from benchmarks.run import STUDIES
@@ -26,6 +25,7 @@ from classifier_injection.calibration import (
     get_calibration,
 )
 from classifier_injection.calibration.simulation import prototype_gzsl_curve
+from tests.conftest import LeastSquares, synthetic_head
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -123,35 +123,8 @@ def test_committed_results_are_one_json_and_a_readme_per_study():
         assert doc["runs"] and all({"command", "date", "table", "results"} <= set(r) for r in doc["runs"].values())
 
 
-def _head(num: int = 40, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic head whose rows are a linear function of the class descriptors (plus noise)."""
-    g = torch.Generator().manual_seed(seed)
-    descriptors = F.normalize(torch.randn(num, 8, generator=g), dim=1)
-    mixing = torch.randn(8, dim + 1, generator=g)
-    rows = descriptors @ mixing + 0.3 * torch.randn(num, dim + 1, generator=g)
-    rows[:, -1] = 0.05 * torch.randn(num, generator=g)
-    return descriptors, rows
-
-
-class LeastSquares:
-    """A tiny ridge injector: enough to give the simulation real (imperfect) predictions."""
-
-    name = "lsq"
-
-    def fit(self, seen_descriptors, seen_rows, new_descriptors=None):
-        a = seen_descriptors
-        self.map = torch.linalg.solve(a.T @ a + 0.1 * torch.eye(a.shape[1]), a.T @ seen_rows)
-        return self
-
-    def predict(self, descriptors):
-        return descriptors @ self.map
-
-    def hparams(self):
-        return {}
-
-
 def test_budget_rule_keeps_the_largest_factor_within_its_old_class_budget():
-    descriptors, rows = _head(num=60)
+    descriptors, rows = synthetic_head(num=60)
     context = CalibrationContext(
         seen_rows=rows, new_rows=rows[:2], seen_descriptors=descriptors, injector_factory=LeastSquares, seed=3
     )
@@ -178,7 +151,7 @@ def test_budget_rule_keeps_the_largest_factor_within_its_old_class_budget():
 
 
 def test_budget_rule_shares_the_simulated_injection_of_its_context():
-    descriptors, rows = _head(num=60)
+    descriptors, rows = synthetic_head(num=60)
     context = CalibrationContext(rows, rows[:2], descriptors, injector_factory=LeastSquares, seed=3)
     SimulatedCalibration().fit(context)
     alone = CalibrationContext(rows, rows[:2], descriptors, injector_factory=LeastSquares, seed=3)

@@ -23,41 +23,11 @@ from classifier_injection.calibration import (
 )
 from classifier_injection.calibration.simulation import prototype_gzsl_curve
 from classifier_injection.core import copying_factory
-from tests.conftest import FakeEmbedder
-
-
-def _head(num: int = 40, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic head whose rows are a linear function of the class descriptors (plus noise)."""
-    g = torch.Generator().manual_seed(seed)
-    descriptors = F.normalize(torch.randn(num, 8, generator=g), dim=1)
-    mixing = torch.randn(8, dim + 1, generator=g)
-    rows = descriptors @ mixing + 0.3 * torch.randn(num, dim + 1, generator=g)
-    rows[:, -1] = 0.05 * torch.randn(num, generator=g)
-    return descriptors, rows
-
-
-class LeastSquares:
-    """A tiny ridge injector: enough to give the simulation real (imperfect) predictions."""
-
-    name = "lsq"
-
-    def __init__(self, shrink: float = 1.0) -> None:
-        self.shrink = shrink
-
-    def fit(self, seen_descriptors, seen_rows, new_descriptors=None):
-        a = seen_descriptors
-        self.map = torch.linalg.solve(a.T @ a + 0.1 * torch.eye(a.shape[1]), a.T @ seen_rows)
-        return self
-
-    def predict(self, descriptors):
-        return self.shrink * descriptors @ self.map
-
-    def hparams(self):
-        return {"shrink": self.shrink}
+from tests.conftest import FakeEmbedder, LeastSquares, synthetic_head
 
 
 def test_norm_calibration_sets_norms_and_biases():
-    _, rows = _head()
+    _, rows = synthetic_head()
     new = torch.randn(3, rows.shape[1])
     out = NormCalibration(factor=2.0, bias_shift=1.0)(new, rows)
     mean_norm = rows[:, :-1].norm(dim=1).mean()
@@ -75,13 +45,13 @@ def test_norm_calibration_rejects_bad_factor(bad):
 
 
 def test_rows_of_wrong_width_are_rejected():
-    _, rows = _head()
+    _, rows = synthetic_head()
     with pytest.raises(ValueError, match="same D"):
         NormCalibration()(torch.randn(2, rows.shape[1] + 1), rows)
 
 
 def test_prototype_curve_is_monotone_and_perfect_rows_win():
-    _, rows = _head(num=30)
+    _, rows = synthetic_head(num=30)
     rows[:, :-1] = 2 * F.normalize(rows[:, :-1], dim=1)  # equal norms: true rows keep theirs when normalised
     held = torch.tensor([1, 5, 9, 20])
     factors = [0.05, 0.5, 1.0, 2.0, 8.0]
@@ -96,7 +66,7 @@ def test_prototype_curve_is_monotone_and_perfect_rows_win():
 
 
 def test_simulation_picks_a_larger_factor_for_worse_predictions_and_is_deterministic():
-    descriptors, rows = _head(num=60)
+    descriptors, rows = synthetic_head(num=60)
     context = CalibrationContext(
         seen_rows=rows, new_rows=rows[:2], seen_descriptors=descriptors, injector_factory=LeastSquares, seed=3
     )
@@ -130,7 +100,7 @@ def test_simulation_picks_a_larger_factor_for_worse_predictions_and_is_determini
 
 
 def test_simulation_needs_its_context():
-    descriptors, rows = _head()
+    descriptors, rows = synthetic_head()
     rule = SimulatedCalibration()
     with pytest.raises(ValueError, match="injector_factory"):
         rule.fit(CalibrationContext(seen_rows=rows, new_rows=rows[:1], seen_descriptors=descriptors))
@@ -154,7 +124,7 @@ def test_simulation_needs_its_context():
 
 
 def test_logit_match_is_invariant_to_the_predicted_norm():
-    _, rows = _head()
+    _, rows = synthetic_head()
     new = torch.randn(5, rows.shape[1], generator=torch.Generator().manual_seed(2))
     rule = LogitMatchCalibration(top_k=3, margin=1.5)
     fitted = rule.fit(CalibrationContext(seen_rows=rows, new_rows=new))
@@ -173,7 +143,7 @@ def test_logit_match_is_invariant_to_the_predicted_norm():
 
 
 def test_scaled_calibration_checks_row_count_and_serialises():
-    _, rows = _head()
+    _, rows = synthetic_head()
     fitted = ScaledCalibration(name="x", factor=2.0, bias=0.1, row_scales=(1.0, 2.0), diagnostics={"a": 1})
     out = fitted(torch.randn(2, rows.shape[1]), rows)
     assert out[1, :-1].norm() == pytest.approx(2 * out[0, :-1].norm().item(), rel=1e-5)
@@ -191,7 +161,7 @@ def test_get_calibration_and_fit_calibration():
         get_calibration("magic")
     with pytest.raises(TypeError, match="calibration must be"):
         get_calibration(3)
-    _, rows = _head()
+    _, rows = synthetic_head()
     norm = NormCalibration()
     assert fit_calibration(norm, CalibrationContext(rows, rows[:1])) is norm
 
@@ -260,7 +230,7 @@ def test_inject_fits_the_default_rule_and_records_it(tiny_model):
 def test_feature_mean_biases_give_new_rows_the_old_rows_mean_logit_on_the_mean_feature():
     from classifier_injection.calibration import feature_mean_biases
 
-    _, rows = _head()
+    _, rows = synthetic_head()
     mu = torch.rand(rows.shape[1] - 1)
     new_w = torch.randn(3, rows.shape[1] - 1)
     biases = feature_mean_biases(new_w, rows, mu)
@@ -272,7 +242,7 @@ def test_feature_mean_biases_give_new_rows_the_old_rows_mean_logit_on_the_mean_f
 
 @pytest.mark.parametrize("rule", [SimulatedCalibration(), LogitMatchCalibration()])
 def test_rules_set_biases_against_the_feature_mean_when_they_have_it(rule):
-    descriptors, rows = _head(num=60)
+    descriptors, rows = synthetic_head(num=60)
     new = rows[:3] + 0.1
     mu = torch.rand(rows.shape[1] - 1)
     common = dict(seen_descriptors=descriptors, injector_factory=LeastSquares, seed=0)
@@ -317,7 +287,7 @@ def test_inject_estimates_the_feature_mean_of_models_that_show_it():
 
 
 def _context_with_statistics(num: int = 60, seed: int = 3, **extra) -> CalibrationContext:
-    descriptors, rows = _head(num=num)
+    descriptors, rows = synthetic_head(num=num)
     dim = rows.shape[1] - 1
     return CalibrationContext(
         seen_rows=rows,

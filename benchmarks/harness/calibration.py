@@ -21,7 +21,7 @@ from benchmarks.harness.metrics import evaluate_rows, mean_of, seen_mask
 from classifier_injection.baselines import RidgeInjector
 from classifier_injection.calibration import CalibrationContext, SynthesizedCalibration, simulate_injections
 from classifier_injection.calibration.simulation import simulated_features
-from classifier_injection.core import copying_factory
+from classifier_injection.core import calibration_context, copying_factory
 from classifier_injection.features import FeatureStatistics
 from classifier_injection.icis import ICISInjector
 
@@ -116,16 +116,8 @@ def injection_context(
         torch.manual_seed(seed)
         injector.fit(seen_descriptors, seen_rows, new_descriptors)
     predicted = injector.predict(new_descriptors).detach().float()
-    context = CalibrationContext(
-        seen_rows=seen_rows,
-        new_rows=predicted,
-        seen_descriptors=seen_descriptors,
-        new_descriptors=new_descriptors,
-        injector_factory=factory,
-        seed=seed,
-        feature_mean=features.mean if features is not None else None,
-        feature_source=features.source if features is not None else None,
-        feature_std=features.std if features is not None else None,
+    context = calibration_context(
+        seen_rows, predicted, seen_descriptors, new_descriptors, factory, features=features, seed=seed
     )
     return predicted, context
 
