@@ -156,7 +156,7 @@ def inject(
     seen_rows = head.rows(model)
     fingerprint = head_fingerprint(seen_rows)
     descriptor_config = config.descriptors or default_config_for(embedder)
-    embedding_cache = resolve_cache(cache)
+    disk_cache = resolve_cache(cache)
     # Seen and new classes are described by the same rules (definitions for both, or for neither).
     described = describe_injection(
         model,
@@ -167,7 +167,7 @@ def inject(
         descriptions=descriptions,
         class_names=class_names,
     )
-    new_descriptors = embed_classes(embedder, names, descriptor_config, described.new, cache=embedding_cache)
+    new_descriptors = embed_classes(embedder, names, descriptor_config, described.new, cache=disk_cache)
     if injector is None:
         injector = ICISInjector(config.icis, seed=seed, progress=config.progress, device=_accelerator(model))
     trained = bool(getattr(injector, "is_fitted", False))
@@ -175,7 +175,7 @@ def inject(
         _check_trained_on(injector, model, head, seen_rows)
     seen_descriptors = None
     if not trained or needs_context(rule):
-        seen_descriptors = embed_classes(embedder, seen_names, descriptor_config, described.seen, cache=embedding_cache)
+        seen_descriptors = embed_classes(embedder, seen_names, descriptor_config, described.seen, cache=disk_cache)
     prediction = predict_rows(
         seen_rows,
         seen_descriptors,
@@ -185,7 +185,7 @@ def inject(
         features=feature_statistics(model, head) if needs_context(rule) else None,
         seed=seed,
         new_class_scale=config.new_class_scale,
-        choices=CalibrationCache(embedding_cache.directory / "calibration") if embedding_cache is not None else None,
+        choices=CalibrationCache(disk_cache.directory / "calibration") if disk_cache is not None else None,
     )
     if not trained and hasattr(injector, "fingerprint"):
         injector.fingerprint = fingerprint

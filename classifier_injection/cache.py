@@ -181,6 +181,6 @@ def resolve_cache(cache: EmbeddingCache | str | os.PathLike | bool | None) -> Em
     if isinstance(cache, (str, os.PathLike)):
         return EmbeddingCache(cache)
     raise TypeError(
-        f"embedding_cache must be True (default location), False (off), a directory or an EmbeddingCache, "
+        f"cache must be True (the default folder), False (off), a directory or an EmbeddingCache, "
         f"got {type(cache).__name__}"
     )

@@ -102,3 +102,29 @@ def test_trained_injector_is_reused_without_refit(resnet, embedder, fast_icis):
     again = inject(resnet, ["a"], embedder=embedder, injector=injector)
     assert injector.history == history  # not refitted
     assert again.fc.weight.shape == first.fc.weight.shape
+
+
+def test_config_is_serialisable_and_refuses_icis_settings_next_to_an_injector(resnet, embedder, fast_icis):
+    import json
+
+    import pytest
+
+    from classifier_injection import DescriptorConfig
+    from classifier_injection.calibration import SynthesizedCalibration
+
+    config = InjectionConfig(
+        descriptors=DescriptorConfig.from_preset("photo"),
+        icis=fast_icis,
+        calibration=SynthesizedCalibration(offset=0.5),
+        new_class_scale=1.5,
+    )
+    assert InjectionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert InjectionConfig.from_dict(InjectionConfig(calibration="norm").to_dict()).calibration == "norm"
+    with pytest.raises(ValueError, match="unknown InjectionConfig fields"):
+        InjectionConfig.from_dict({"icis_config": {}})
+    with pytest.raises(ValueError, match="unknown calibration"):
+        InjectionConfig(calibration="nope")
+    with pytest.raises(ValueError, match=r"config\.icis configures the default ICIS injector"):
+        inject(resnet, NEW, InjectionConfig(icis=fast_icis), embedder=embedder, injector=ICISInjector(fast_icis))
+    with pytest.raises(TypeError, match="config must be an InjectionConfig"):
+        inject(resnet, NEW, {"calibration": "norm"}, embedder=embedder)
