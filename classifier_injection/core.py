@@ -55,7 +55,8 @@ class RowPrediction:
 def head_fingerprint(rows: torch.Tensor) -> str:
     """A short hash of a head's rows: identifies the head an injector was trained on."""
     data = rows.detach().float().cpu().contiguous()
-    digest = hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes())
+    digest = hashlib.sha256(str(tuple(data.shape)).encode())
+    digest.update(data.numpy())  # the buffer itself: a head of 22k classes is not copied to be hashed
     return digest.hexdigest()[:16]
 
 

@@ -292,7 +292,7 @@ class ICISModel(nn.Module):
         return total
 
 
-def nearest(keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+def nearest(keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
     """Indices ``[n, k]`` of the ``k`` rows of unit-norm ``keys`` most cosine-similar to each query."""
     queries = F.normalize(queries.to(keys), dim=1)
     return torch.cat([(q @ keys.T).topk(k, dim=1).indices for q in queries.split(chunk)])

@@ -65,11 +65,14 @@ def _code_digest(injector_type: type) -> str | None:
     return h.hexdigest()
 
 
-def _tensor_bytes(tensor: torch.Tensor | None) -> bytes:
+def _hash_tensor(h: hashlib._Hash, tensor: torch.Tensor | None) -> None:
+    """Feed ``tensor``'s shape and float32 bytes to ``h`` (without copying them)."""
     if tensor is None:
-        return b"none"
+        h.update(b"none")
+        return
     data = tensor.detach().float().cpu().contiguous()
-    return str(tuple(data.shape)).encode() + data.numpy().tobytes()
+    h.update(str(tuple(data.shape)).encode())
+    h.update(data.numpy())
 
 
 def choice_key(rule: object, context: CalibrationContext) -> str | None:
@@ -94,7 +97,7 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
     h = hashlib.sha256(code.encode())
     h.update(json.dumps(description, sort_keys=True, default=str).encode())
     for tensor in (context.seen_rows, context.seen_descriptors, context.feature_mean, context.feature_std):
-        h.update(_tensor_bytes(tensor))
+        _hash_tensor(h, tensor)
     return h.hexdigest()[:32]
 
 
