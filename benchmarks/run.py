@@ -20,6 +20,7 @@ STUDIES = (
     "calibration_shift",
     "descriptors",
     "icis_defaults",
+    "row_identity",
     "scaling",
     "zoo",
 )
