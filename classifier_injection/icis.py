@@ -367,9 +367,10 @@ class ICISInjector:
             a_new = new_descriptors.detach().to(device, torch.float32)
         descriptor_mean = a.mean(0) if cfg.center else torch.zeros(a.shape[1], device=device)
         row_mean = r.mean(0) if cfg.center else torch.zeros(r.shape[1], device=device)
-        a, r = a - descriptor_mean, r - row_mean
-        if a_new is not None:
-            a_new = a_new - descriptor_mean
+        if cfg.center:  # subtracting zeros would only copy the head
+            a, r = a - descriptor_mean, r - row_mean
+            if a_new is not None:
+                a_new = a_new - descriptor_mean
 
         # One forked RNG for the whole fit: initialisation and dropout are seeded, the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
