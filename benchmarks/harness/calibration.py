@@ -20,7 +20,7 @@ from benchmarks.harness.data import CACHE, HeadData, fold_classes
 from benchmarks.harness.metrics import evaluate_rows, mean_of, seen_mask
 from classifier_injection.baselines import RidgeInjector
 from classifier_injection.calibration import CalibrationContext, SynthesizedCalibration, simulate_injections
-from classifier_injection.calibration.simulation import simulated_features
+from classifier_injection.calibration.simulation import simulated_head
 from classifier_injection.core import calibration_context, copying_factory
 from classifier_injection.features import FeatureStatistics
 from classifier_injection.icis import ICISInjector
@@ -135,9 +135,9 @@ def share_default_simulation(context: CalibrationContext) -> None:
     Rules fitted afterwards on the context reuse them, so their timings are their own work alone.
     """
     default = SynthesizedCalibration()
-    simulate_injections(context, default.holdout_fraction, default.repeats)
+    simulate_injections(simulated_head(context), default.holdout_fraction, default.repeats)
     if context.feature_mean is not None and context.feature_std is not None:
-        simulated_features(context, default.spread, default.confidence, default.samples)
+        default.synthesized_features(context)
 
 
 @dataclass

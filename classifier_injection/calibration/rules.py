@@ -230,9 +230,7 @@ class SynthesizedCalibration:
 
     def synthesized_features(self, context: CalibrationContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The features and labels this rule scores on (shared by rules with the same synthesis settings)."""
-        if context.feature_mean is None or context.feature_std is None:
-            raise ValueError(f"the {self.name!r} calibration needs context.feature_mean and context.feature_std")
-        return simulated_features(simulated_head(context), self.spread, self.confidence, self.samples)
+        return simulated_features(simulated_head(context), self.spread, self.confidence, self.samples, self.name)
 
     def simulated_curve(self, context: CalibrationContext) -> torch.Tensor:
         """Mean simulated ``[len(factors), 3]`` (S, U, H in %) on synthesised features over the repeats."""

@@ -196,11 +196,14 @@ def simulate_injections(
 
 
 def simulated_features(
-    context: CalibrationContext, spread: float, confidence: float, samples: int
+    context: CalibrationContext, spread: float, confidence: float, samples: int, rule: str = "synthesize"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`synthesize_features` from the context's statistics (spread x ``feature_std``), once per context."""
+    """:func:`synthesize_features` from the context's statistics (spread x ``feature_std``), once per context.
+
+    ``rule`` names the caller in errors.
+    """
     if context.feature_mean is None or context.feature_std is None:
-        raise ValueError("synthesised features need context.feature_mean and context.feature_std")
+        raise ValueError(f"the {rule!r} calibration needs context.feature_mean and context.feature_std")
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         seen_rows = context.seen_rows.detach().float().cpu()
