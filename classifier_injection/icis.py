@@ -252,7 +252,7 @@ class ICISModel(nn.Module):
 
     def candidates(self, descriptors: torch.Tensor) -> torch.Tensor | None:
         """Indices ``[n, k]`` of the basis rows each descriptor's mixture may blend (``None``: all of them)."""
-        if self.top_k is None or not isinstance(self.weight_ae.decoder, _MixtureDecoder):
+        if self.top_k is None:  # set only with a basis, i.e. for the mixture decoder
             return None
         return nearest(self.basis_keys, descriptors, self.top_k)
 
