@@ -292,7 +292,7 @@ def run_inject(args: argparse.Namespace) -> int:
     check_new_class_names(names)
     descriptions = _descriptions(args.descriptions)
     class_names = _lines(args.class_names, "--class-names") if args.class_names is not None else None
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
         raise UsageError(f"--out: {args.out} already exists: add --overwrite to replace it")
     check_output_path(args.out, args.overwrite)
     if args.save_injector is not None and args.save_injector.exists() and not args.overwrite:
