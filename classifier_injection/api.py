@@ -20,8 +20,9 @@ from torch import nn
 from ._version import __version__
 from .cache import EmbeddingCache, resolve_cache
 from .calibration import CalibrationCache, get_calibration
+from .calibration.reliability import assess
 from .config import InjectionConfig
-from .core import head_fingerprint, needs_context, predict_rows
+from .core import RowPrediction, head_fingerprint, needs_context, predict_rows
 from .descriptors import default_config_for, describe_injection, embed_classes, seen_class_names
 from .embedders import Embedder, default_embedder
 from .features import feature_statistics
@@ -32,6 +33,9 @@ from .injector import Injector
 __all__ = ["MAX_NEW_CLASSES", "check_new_class_names", "existing_names", "inject"]
 
 _logger = logging.getLogger(__name__)
+
+#: Expected precision (%) below which inject() warns about a new class (see the ``reliability`` record).
+UNRELIABLE_PRECISION = 25
 
 #: Most classes one inject() call adds (ImageNet-21k fits). Bounds memory and time: every new class costs a
 #: text embedding, a latent vector and a head row. Larger sets go in batches that reuse one trained injector.
@@ -189,6 +193,7 @@ def inject(
     )
     if not trained and hasattr(injector, "fingerprint"):
         injector.fingerprint = fingerprint
+    reliability = _reliability(prediction, seen_rows, seen_names, names, config.new_class_scale)
     elapsed = time.perf_counter() - start
 
     target = model if inplace else copy.deepcopy(model)
@@ -207,6 +212,7 @@ def inject(
             "descriptions": described.provenance,
             "calibration": prediction.calibration.to_dict(),
             "new_class_scale": config.new_class_scale,
+            "reliability": reliability,
             "seed": seed,
             "head": {"path": head.path, "family": head.family, "fingerprint": fingerprint},
             "seconds": round(elapsed, 3),
@@ -215,6 +221,38 @@ def inject(
     target.classifier_injection = record
     _logger.info("injected %d classes into %s in %.2fs", len(names), type(target).__name__, elapsed)
     return target
+
+
+def _reliability(
+    prediction: RowPrediction,
+    seen_rows: torch.Tensor,
+    seen_names: Sequence[str],
+    names: Sequence[str],
+    new_class_scale: float,
+) -> dict[str, dict]:
+    """Per new class: its nearest old classes and, from the calibration's simulation, expected precision / recall.
+
+    Warns about the classes expected to be wrong most often when they win; the rates hold at
+    ``new_class_scale=1`` only, so other scales get the neighbours alone.
+    """
+    table = getattr(prediction.calibration, "diagnostics", {}).get("reliability") if new_class_scale == 1 else None
+    entries = assess(prediction.rows, seen_rows, seen_names, table)
+    unreliable = sorted(
+        (e["expected_precision"], name, e["nearest"][0][0])
+        for name, e in zip(names, entries, strict=True)
+        if e.get("expected_precision") is not None and e["expected_precision"] < UNRELIABLE_PRECISION
+    )
+    if unreliable:
+        listing = ", ".join(f"{name!r} ({p:.0f} %, near {near!r})" for p, name, near in unreliable[:5])
+        more = f" and {len(unreliable) - 5} more" if len(unreliable) > 5 else ""
+        warnings.warn(
+            f"new classes expected to be right less than {UNRELIABLE_PRECISION} % of the times they win: {listing}"
+            f"{more}. Their rows sit close to the old classes named; pass descriptions={{name: '...'}} saying what "
+            "tells each apart from them (model.classifier_injection['injections'][-1]['reliability'] has the details)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dict(zip(names, entries, strict=True))
 
 
 def _accelerator(model: nn.Module) -> torch.device | None:

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the classes, injection provenance and head of a saved model (weights are not read).",
     )
     info.add_argument("directory", type=Path, metavar="DIR")
-    info.add_argument("--all", action="store_true", help="list every class name, not only the injected ones")
+    info.add_argument("--all", action="store_true", help="list every class name and every new class's reliability")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=run_info)
 
@@ -412,10 +412,40 @@ def run_info(args: argparse.Namespace) -> int:
             f"calibration {calibration}, seed {entry.get('seed')}, from {entry.get('source', '?')}"
         )
         print(f"    new classes: {_clip(', '.join(map(str, new)))}")
+        for line in _reliability_lines(entry.get("reliability"), args.all):
+            print(line)
     if args.all and labels:
         for i, name in enumerate(labels):
             print(f"  {i:6d}  {name}")
     return EXIT_OK
+
+
+#: Classes whose reliability ``info`` prints without ``--all``.
+_RELIABILITY_SHOWN = 20
+
+
+def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
+    """``info``'s lines for an injection's per-class ``reliability`` record (read defensively: untrusted file)."""
+    if not isinstance(reliability, dict) or not reliability:
+        return []
+
+    def rate(value: object) -> str:
+        return f"{value:.0f} %" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
+
+    lines = ["    reliability (expected from the calibration's simulation; nearest old classes by row cosine):"]
+    items = list(reliability.items())
+    for name, entry in items if show_all else items[:_RELIABILITY_SHOWN]:
+        if not isinstance(entry, dict):
+            continue
+        nearest = entry.get("nearest") if isinstance(entry.get("nearest"), list) else []
+        near = ", ".join(str(n[0]) for n in nearest if isinstance(n, list) and n)
+        rates = ""
+        if "expected_precision" in entry:
+            rates = f"precision {rate(entry['expected_precision'])}, recall {rate(entry.get('expected_recall'))}; "
+        lines.append(_clip(f"      {name}: {rates}near {near}"))
+    if not show_all and len(items) > _RELIABILITY_SHOWN:
+        lines.append(f"      ... {len(items) - _RELIABILITY_SHOWN} more (--all lists them)")
+    return lines
 
 
 def run_predict(args: argparse.Namespace) -> int:

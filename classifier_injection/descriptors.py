@@ -465,7 +465,8 @@ def seen_class_names(model: nn.Module, num_classes: int, class_names: Sequence[s
     """Human-readable names of the classes a model's head already has.
 
     Order of preference: ``class_names`` if given; the model's ``pretrained_cfg["label_names"]`` when they
-    are readable; timm's ImageNet metadata (first WordNet lemma) for ImageNet-sized heads.
+    are readable, or the first lemma of each when they are WordNet ids (a head on a subset of ImageNet);
+    timm's ImageNet metadata (first WordNet lemma) for ImageNet-sized heads.
     """
     if class_names is not None:
         names = list(class_names)
@@ -477,8 +478,12 @@ def seen_class_names(model: nn.Module, num_classes: int, class_names: Sequence[s
         return names
     cfg = getattr(model, "pretrained_cfg", None) or {}
     label_names = cfg.get("label_names")
-    if label_names and len(label_names) == num_classes and _readable(label_names):
-        return list(label_names)
+    if label_names and len(label_names) == num_classes:
+        if _readable(label_names):
+            return list(label_names)
+        lemmas = _wordnet().lemmas
+        if all(isinstance(n, str) and n in lemmas for n in label_names):
+            return [lemmas[n][0] for n in label_names]
     info = _imagenet_info(model, num_classes)
     if info is not None:
         return [d.split(",")[0].strip() for d in info.label_descriptions()]

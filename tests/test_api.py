@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
@@ -35,6 +36,31 @@ def test_inject_extends_head_and_keeps_old_logits(resnet, embedder, fast_icis):
     assert torch.equal(out.fc.weight[:10], resnet.fc.weight)
     record = out.classifier_injection["injections"][0]
     assert record["names"] == NEW and record["method"] == "icis" and record["embedder"] == embedder.id
+
+
+def test_inject_records_each_new_class_reliability_and_warns_about_unreliable_ones(
+    resnet, embedder, fast_icis, monkeypatch
+):
+    import warnings
+
+    from classifier_injection import api
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing below the threshold at the default
+        monkeypatch.setattr(api, "UNRELIABLE_PRECISION", -1)
+        out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
+    reliability = out.classifier_injection["injections"][0]["reliability"]
+    assert list(reliability) == NEW
+    old_names = resnet.pretrained_cfg["label_names"]
+    for entry in reliability.values():
+        assert len(entry["nearest"]) == 3 and all(name in old_names for name, _ in entry["nearest"])
+        assert {"expected_precision", "expected_recall"} <= set(entry)  # the default calibration simulates
+    monkeypatch.setattr(api, "UNRELIABLE_PRECISION", 101)
+    with pytest.warns(UserWarning, match=r"expected to be right less than 101 %.*'capybara'.*descriptions="):
+        inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
+    scaled = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis, new_class_scale=2.0))
+    entry = scaled.classifier_injection["injections"][0]["reliability"]["capybara"]
+    assert "expected_precision" not in entry and len(entry["nearest"]) == 3  # the rates hold at scale 1 only
 
 
 def test_inplace_modifies_and_returns_same_model(resnet, embedder, fast_icis):

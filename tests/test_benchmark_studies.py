@@ -207,3 +207,48 @@ def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     assert no_offset.factor >= SimulatedCalibration().fit(with_stats).factor
     budget_only = SynthesizedCalibration(max_seen_drop=2.5, offset=0.0, floor_tolerance=None).fit(with_stats)
     assert evaluate_rows(data, held, budget_only(predicted, seen_rows))["seen"] >= oracle(data, held)["seen"] - 16
+
+
+def test_user_regime_draws_distinct_names_and_pools_counts_over_draws():
+    from benchmarks.harness.descriptors import imagenet_classes
+    from benchmarks.harness.user_regime import draw_classes, summarize
+    from benchmarks.studies.benchmark import reliability_groups
+
+    names, _ = imagenet_classes()
+    draw = draw_classes(50, 0)
+    assert list(draw) == sorted(draw) and len(set(draw)) == 50 and list(draw_classes(50, 0)) == list(draw)
+    assert len({names[c].casefold() for c in draw}) == 50 and list(draw_classes(50, 1)) != list(draw)
+    one = {"new_photos": 10, "hits": 4, "top5_hits": 7, "new_wins": 8, "right_wins": 4, "stolen": 4}
+    two = {"new_photos": 10, "hits": 2, "top5_hits": 5, "new_wins": 2, "right_wins": 2, "stolen": 0}
+    old = {"old_photos": 990, "old_before": 700, "old_after": 690}
+    s = summarize([{**one, **old}, {**two, **old}])
+    assert s["recall"] == 30 and s["precision"] == 60 and s["top5_recall"] == 60 and s["draws"] == 2
+    assert s["stolen_per_class"] == 0.2 and s["old_change"] == pytest.approx(-100 * 20 / 1980)
+    classes = [
+        {"expected_precision": p, "expected_recall": 50.0, "hit": h, "wins": w}
+        for p, h, w in [(10, 0, 3), (20, 1, 4), (80, 1, 1), (90, 1, 1), (50, 0, 0), (60, 1, 2)]
+    ]
+    low, mid, high = reliability_groups(classes)
+    assert (low["measured_precision"], high["measured_precision"]) == (100 / 7, 100.0) and mid["classes"] == 2
+
+
+def test_user_regime_one_draw_through_inject_on_a_real_head():
+    """lite0 without 2 classes, injected back by name (ridge: fast): old rows kept, the true rows as the ceiling."""
+    from benchmarks.harness.data import CACHE, head_data, shared_data_available
+    from benchmarks.harness.user_regime import inject_draw, make_draw, reduced_model, score_rows, summarize
+    from classifier_injection.baselines import RidgeInjector
+    from classifier_injection.descriptors import seen_class_names, seen_class_wnids
+
+    if not (shared_data_available() and (CACHE / "tf_efficientnet_lite0.safetensors").is_file()):
+        pytest.skip("needs ../shared/data and the lite0 feature cache (python -m benchmarks.harness.data)")
+    draw = make_draw("tf_efficientnet_lite0", 2, 0)
+    model = reduced_model(draw)
+    assert model.num_classes == 998 and seen_class_wnids(model, 998)[0] == "n01440764"
+    assert seen_class_names(model, 998)[0] == "tench" and not set(draw.names) & set(seen_class_names(model, 998))
+    rows, record = inject_draw(draw, "name-only", injector=RidgeInjector())
+    assert rows.shape == (2, 1281) and record["names"] == draw.names and set(record["reliability"]) == set(draw.names)
+    data = head_data("tf_efficientnet_lite0")
+    ceiling = score_rows(draw, data.rows[torch.as_tensor(draw.removed)])
+    assert len(ceiling["per_class"]) == 2 and ceiling["1.0"]["new_photos"] == 2 and ceiling["1.0"]["old_photos"] == 998
+    counts = score_rows(draw, rows)
+    assert counts["2.0"]["new_wins"] >= counts["0.5"]["new_wins"]  # a larger scale lets new rows win more

@@ -317,6 +317,20 @@ def test_synthesized_features_climb_to_the_requested_confidence_and_are_determin
         synthesize_features(rows, mean[:3], spread, confidence=0.5)
 
 
+def test_a_second_context_on_the_same_head_reuses_the_synthesised_features(monkeypatch):
+    from classifier_injection.calibration import simulation
+
+    calls = []
+    real = simulation.synthesize_features
+    monkeypatch.setattr(simulation, "synthesize_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = simulation.simulated_features(_context_with_statistics(), 3.8, 0.3, 2)
+    again = simulation.simulated_features(_context_with_statistics(), 3.8, 0.3, 2)  # another injection, same head
+    assert len(calls) == 1 and again[0] is first[0]
+    other_seed = simulation.simulated_features(_context_with_statistics(seed=4), 3.8, 0.3, 2)
+    other_head = simulation.simulated_features(_context_with_statistics(num=61), 3.8, 0.3, 2)
+    assert len(calls) == 3 and other_seed[0].shape == first[0].shape and len(other_head[0]) == 2 * 61
+
+
 def test_synthetic_curve_scores_perfect_rows_and_old_classes_fall_as_new_rows_grow():
     from classifier_injection.calibration import synthesize_features, synthetic_gzsl_curve
 
@@ -440,3 +454,37 @@ def test_large_heads_are_simulated_on_a_seeded_subset_of_their_classes(monkeypat
     assert len(fitted.biases) == len(context.new_rows), "the real new rows still get their biases"
     monkeypatch.setattr(simulation, "MAX_SIMULATED_CLASSES", 60)
     assert simulation.simulated_head(dataclasses.replace(context)).seen_rows is context.seen_rows
+
+
+def test_reliability_table_rates_true_rows_above_rows_blended_from_their_neighbours():
+    from classifier_injection.calibration import synthesize_features
+    from classifier_injection.calibration.reliability import BINS, assess, reliability_table, synthetic_wins
+
+    context = _context_with_statistics(num=60)
+    rows, mean = context.seen_rows, context.feature_mean
+    features, labels = synthesize_features(rows, mean, 3.8 * context.feature_std, confidence=0.3, samples=4)
+    held = torch.arange(0, 60, 3)
+
+    def table(predicted):
+        wins = synthetic_wins(rows, held, predicted, features, mean, factor=1.0, offset=0.0)
+        return reliability_table(wins, labels, rows, held, predicted)
+
+    true = table(rows[held])
+    assert true["statistic"] == "nearest_cosine" and true["rows"] == 20 and len(true["edges"]) == BINS - 1
+    assert len(true["recall"]) == len(true["precision"]) == BINS
+    # A row blended from a held-out class and its nearest kept class scores that neighbour's features too.
+    kept = torch.tensor([i for i in range(60) if i % 3])
+    neighbour = kept[(F.normalize(rows[held, :-1], dim=1) @ F.normalize(rows[kept, :-1], dim=1).T).argmax(1)]
+    blended = (rows[held] + rows[neighbour]) / 2
+    blurred = table(blended)
+
+    def pooled(table):
+        return sum(p for p in table["precision"] if p is not None) / len(table["precision"])
+
+    assert pooled(blurred) < pooled(true)
+    # assess: the nearest old classes by row cosine, and the rates of the bin a row falls in.
+    names = [f"c{i}" for i in range(60)]
+    [entry] = assess(rows[:1] * 3.0, rows, names, true)
+    assert entry["nearest"][0] == ["c0", 1.0] and len(entry["nearest"]) == 3
+    assert entry["expected_precision"] == true["precision"][-1] and entry["expected_recall"] == true["recall"][-1]
+    assert "expected_precision" not in assess(rows[:1], rows, names, None)[0]

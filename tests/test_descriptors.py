@@ -132,6 +132,17 @@ def test_seen_classes_of_imagenet_heads_have_wordnet_ids():
     assert seen_class_wnids(model, 10) is None
 
 
+def test_a_head_on_an_imagenet_subset_is_named_and_described_by_its_wordnet_ids():
+    subset = ["n01440764", "n02365480"]  # tench, capybara: label_names as WordNet ids, not ImageNet-sized
+    model = _ImageNetSized(subset)
+    model.num_classes = 2
+    assert seen_class_names(model, 2) == ["tench", "capybara"]
+    assert seen_class_wnids(model, 2) == subset
+    model.pretrained_cfg = {"label_names": ["n01440764", "n99999999"]}  # an id WordNet lacks: no names from it
+    with pytest.raises(ValueError, match="class_names"):
+        seen_class_names(model, 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Embedding
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness.user_regime import SCALES
+
 
 def plot_report(report: dict, directory: Path) -> list[Path]:
     """Write ``<name>_<model>_<source>_metrics.png`` and ``..._time.png`` per table; return the paths."""
@@ -77,3 +79,58 @@ def plot_tradeoff(curves: dict[str, tuple[list[float], list[float]]], knob: tupl
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _f1(summary: dict) -> float:
+    recall, precision = summary["recall"], summary["precision"]
+    return 0.0 if not recall or not precision or np.isnan(precision) else 2 * recall * precision / (recall + precision)
+
+
+def plot_user_curves(report: dict, directory: Path) -> list[Path]:
+    """``<name>_user_<model>_K<k>_pr.png``: precision against recall over ``new_class_scale`` per name regime.
+
+    Curves for ICIS (the default) and the strongest baseline of each regime (best F1 at scale 1); the true rows
+    as a point.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for model, by_k in report["user"].items():
+        for k, table in by_k.items():
+            regimes = [r for r in table if r not in ("ceiling", "planned_draws")]
+            fig, axes = plt.subplots(1, len(regimes), figsize=(5.5 * len(regimes), 4.5), squeeze=False)
+            for ax, regime in zip(axes[0], regimes, strict=True):
+                methods = table[regime]
+                baselines = [m for m in methods if m != "icis"]
+                shown = [m for m in ("icis",) if m in methods]
+                if baselines:
+                    shown.append(max(baselines, key=lambda m: _f1(methods[m]["summary"])))
+                for name in shown:
+                    curve = methods[name]["curve"]
+                    ax.plot([c["recall"] for c in curve], [c["precision"] for c in curve], marker="o", label=name)
+                    default = next(c for c in curve if c["scale"] == 1.0)
+                    ax.annotate(
+                        "1.0",
+                        (default["recall"], default["precision"]),
+                        xytext=(4, 4),
+                        textcoords="offset points",
+                        fontsize=7,
+                    )
+                ceiling = table["ceiling"]["summary"]
+                ax.scatter([ceiling["recall"]], [ceiling["precision"]], marker="*", s=120, color="k", label="true rows")
+                ax.set_xlim(0, 100)
+                ax.set_ylim(0, 100)
+                ax.set_xlabel("recall: new photos top-1 for their class (%)")
+                ax.set_ylabel("precision: right when a new class wins (%)")
+                ax.set_title(f"{regime}, {ceiling['draws']} draws")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+            fig.suptitle(f"{model}, K = {k}: new_class_scale {SCALES[0]} to {SCALES[-1]}")
+            fig.tight_layout()
+            written.append(directory / f"{report['name']}_user_{model}_K{k}_pr.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
+    return written

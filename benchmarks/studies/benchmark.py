@@ -12,6 +12,9 @@ written as soon as it exists, so an interrupted run keeps what it did):
 3. ``models``: ``tf_efficientnet_lite1/2`` + ``minilm-default``, ICIS and ridge.
 4. ``speed``: training time of the default vs the paper's settings, and ``inject()`` latency for 1, 100 and 1000
    new classes (:func:`inject_latency`). ``latency`` (not in the default list) measures the latencies alone.
+5. ``user`` (not in the default list: hours on 2 cores): the user regime (:mod:`benchmarks.harness.user_regime`),
+   ``K`` classes removed and injected back by name through ``inject()``, every draw of :data:`USER_PLAN`
+   (``--user-draws N``: at most ``N`` per line of the plan), ICIS and the baselines, both name regimes.
 
 Per-fold results are cached in ``benchmarks/.cache/results`` (keyed by model, descriptors, method, fold and the
 method's hyper-parameters and calibration); ``--fresh`` ignores results computed before this run. Output: run
@@ -29,12 +32,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import numpy as np
+import torch
 
 from benchmarks.harness.data import CACHE, fold_classes, head_data, load_model
 from benchmarks.harness.descriptors import embedding_cache, fold_descriptors
 from benchmarks.harness.methods import METHODS, Method, run_any
 from benchmarks.harness.metrics import evaluate_rows, oracle, seen_mask
 from benchmarks.harness.results import command_line, machine, record, study_dir
+from benchmarks.harness.user_regime import REGIMES, SCALES, inject_draw, make_draw, score_rows, summarize
 from classifier_injection import __version__
 from classifier_injection.calibration import get_calibration
 
@@ -157,6 +162,123 @@ def run_grid(
             )
             per_fold.append(result)
             table[name] = {"mean": mean_over_folds(per_fold), "per_fold": per_fold, "description": method.description}
+            on_update()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# User regime
+
+#: The injectors of the user regime: ICIS (the default) and every baseline that injects rows.
+USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo", "mlp", "subreg")
+#: The closed-form ones (a second each; MLP and Sub.Reg. train for about a minute per injection).
+FAST_USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo")
+#: (model, K, draws, methods) of the user regime: what the protocol asks for (issue "New classes a user can
+#: trust"); every baseline on the main case, the closed-form ones elsewhere.
+USER_PLAN: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
+    ("tf_efficientnet_lite0", 10, 8, USER_METHODS),
+    ("tf_efficientnet_lite0", 50, 4, FAST_USER_METHODS),
+    ("tf_efficientnet_lite0", 1, 40, FAST_USER_METHODS),
+    ("tf_efficientnet_lite1", 10, 8, FAST_USER_METHODS),
+    ("tf_efficientnet_lite2", 10, 8, FAST_USER_METHODS),
+)
+
+
+#: Methods whose injected rows the per-draw cache keeps (for studies of the rows and the expected rates).
+_ROWS_KEPT = ("icis", "vgse-smo")
+
+
+def run_user_draw(model: str, k: int, draw: int, regime: str, method: Method, embedder, fresh: bool) -> dict:
+    """One draw's counts per ``new_class_scale`` for one regime and method, from the cache when computed before."""
+    hparams = json.loads(json.dumps(method.build().hparams()))
+    key = f"user__{model}__K{k}__draw{draw}__{regime}__{method.name}"
+    path = RESULT_CACHE / f"{key}.json"
+    if (not fresh or key in _COMPUTED_THIS_RUN) and path.is_file():
+        cached = json.loads(path.read_text())
+        same = cached.get("hparams") == hparams and cached.get("calibration") == _calibration_id(method)
+        if same and ("rows" in cached or method.name not in _ROWS_KEPT):
+            return cached
+    spec = make_draw(model, k, draw)
+    start = time.perf_counter()
+    # ICIS goes the way of a user's call: inject() builds its default injector.
+    injector = None if method.name == "icis" else method.build()
+    rows, injection = inject_draw(spec, regime, injector=injector, embedder=embedder)
+    result = {
+        "names": spec.names,
+        "counts": score_rows(spec, rows),
+        "reliability": [injection["reliability"][name] for name in spec.names],
+        "rows": rows.tolist() if method.name in _ROWS_KEPT else None,
+        "hparams": hparams,
+        "calibration": _calibration_id(method),
+        "seconds": time.perf_counter() - start,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    RESULT_CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    _COMPUTED_THIS_RUN.add(key)
+    return result
+
+
+def _expected_vs_measured(result: dict) -> list[dict]:
+    """Per new class of a draw: what ``inject()`` expected (its ``reliability`` record) and what the photos gave."""
+    if "reliability" not in result:
+        return []
+    return [
+        {
+            "name": name,
+            "expected_precision": expected.get("expected_precision"),
+            "expected_recall": expected.get("expected_recall"),
+            **measured,
+        }
+        for name, expected, measured in zip(
+            result["names"], result["reliability"], result["counts"]["per_class"], strict=True
+        )
+    ]
+
+
+def user_entry(per_draw: list[dict]) -> dict:
+    """A method's rates at the default scale and its precision-recall curve over :data:`SCALES`."""
+    curve = [{"scale": scale, **summarize([d[str(scale)] for d in per_draw])} for scale in SCALES]
+    return {"summary": summarize([d["1.0"] for d in per_draw]), "curve": curve}
+
+
+def run_user(
+    methods: list[str],
+    max_draws: int | None,
+    cases: list[str] | None,
+    fresh: bool,
+    into: dict,
+    on_update: Callable[[], None],
+) -> None:
+    """Fill ``into[model][K]`` with the ceiling and ``[regime][method]`` entries, every draw of :data:`USER_PLAN`
+    (or of its ``cases``, ``"model:K"``)."""
+    from benchmarks.harness.data import head_data
+    from classifier_injection import default_embedder
+
+    embedder = default_embedder()
+    for model, k, planned, planned_methods in USER_PLAN:
+        if cases is not None and f"{model}:{k}" not in cases:
+            continue
+        draws = range(min(planned, max_draws or planned))
+        table = into.setdefault(model, {}).setdefault(str(k), {"planned_draws": planned})
+        rows = head_data(model).rows
+        specs = [make_draw(model, k, d) for d in draws]
+        table["ceiling"] = user_entry([score_rows(spec, rows[torch.as_tensor(spec.removed)]) for spec in specs])
+        for draw in draws:
+            for regime in REGIMES:
+                for name in (m for m in planned_methods if m in methods):
+                    result = run_user_draw(model, k, draw, regime, METHODS[name], embedder, fresh)
+                    entry = table.setdefault(regime, {}).setdefault(
+                        name, {"per_draw": [], "seconds": [], "reliability": []}
+                    )
+                    entry["per_draw"].append(result["counts"])
+                    entry["seconds"].append(round(result["seconds"], 1))
+                    entry["reliability"].append(_expected_vs_measured(result))
+                    entry.update(user_entry(entry["per_draw"]))
+                    s = entry["summary"]
+                    _log(
+                        f"user {model} K={k} draw {draw} {regime} {name}: recall {s['recall']:.0f} "
+                        f"precision {s['precision']:.0f} top-5 {s['top5_recall']:.0f} ({result['seconds']:.0f}s)"
+                    )
             on_update()
 
 
@@ -287,6 +409,8 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{k} new: {v:.1f} s" for k, v in s["inject_latency_seconds"].items()),
         ]
         lines += [*_later_lines(s["inject_latency_seconds"], s.get("inject_latency_later_seconds", {})), ""]
+    if "user" in report:
+        lines += user_markdown(report["user"])
     if "latency" in report:
         first = report["latency"]["first"]
         lines += [
@@ -297,6 +421,86 @@ def markdown(report: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def user_markdown(user: dict) -> list[str]:
+    """The user regime's tables: one per model and ``K``, the ceiling first."""
+    lines = []
+    for model, by_k in user.items():
+        for k, table in by_k.items():
+            draws = table["ceiling"]["summary"]["draws"]
+            lines += [
+                f"## User regime: {model}, K = {k} classes removed and injected back by name",
+                "",
+                f"Draws 0..{draws - 1} of the {table['planned_draws']} planned; `inject()` with the library defaults "
+                "(baselines as `injector=`), full head, one photo per class. Recall / precision / top-5 recall in %, "
+                "pooled over the draws; stolen: old photos taken by a new class, per new class; old Δ: old-class "
+                "accuracy change in points.",
+                "",
+                "| regime | method | recall | precision | top-5 recall | stolen / class | old Δ | s / draw |",
+                "|---|---|---|---|---|---|---|---|",
+                _user_line("true rows", "ceiling", table["ceiling"]),
+            ]
+            for regime in REGIMES:
+                for name, entry in table.get(regime, {}).items():
+                    lines.append(_user_line(regime, name, entry))
+            lines += ["", *_reliability_lines(table), ""]
+    return lines
+
+
+def reliability_groups(classes: list[dict], groups: int = 3) -> list[dict]:
+    """New classes sorted by expected precision and cut into ``groups``: expected vs measured rates (%) per group.
+
+    Measured: recall = own photos won; precision = own photos won / photos won (pooled within the group).
+    """
+    rated = sorted((c for c in classes if c["expected_precision"] is not None), key=lambda c: c["expected_precision"])
+    out = []
+    for part in np.array_split(np.arange(len(rated)), groups) if rated else []:
+        members = [rated[i] for i in part]
+        wins = sum(c["wins"] for c in members)
+        out.append(
+            {
+                "classes": len(members),
+                "expected_precision": float(np.mean([c["expected_precision"] for c in members])),
+                "measured_precision": 100 * sum(c["hit"] for c in members) / wins if wins else float("nan"),
+                "expected_recall": float(np.mean([c["expected_recall"] or 0.0 for c in members])),
+                "measured_recall": 100 * float(np.mean([c["hit"] for c in members])),
+            }
+        )
+    return out
+
+
+def _reliability_lines(table: dict) -> list[str]:
+    lines = []
+    for regime in REGIMES:
+        entry = table.get(regime, {}).get("icis")
+        classes = [c for draw in entry.get("reliability", []) for c in draw] if entry else []
+        groups = reliability_groups(classes)
+        if not groups:
+            continue
+        lines += [
+            f"ICIS, {regime}: what `inject()` expected of each new class (its `reliability` record) against the "
+            "photos, classes in thirds by expected precision:",
+            "",
+            "| classes | expected precision | measured precision | expected recall | measured recall |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {g['classes']} | {g['expected_precision']:.1f} | {g['measured_precision']:.1f} | "
+                f"{g['expected_recall']:.1f} | {g['measured_recall']:.1f} |"
+                for g in groups
+            ),
+            "",
+        ]
+    return lines
+
+
+def _user_line(regime: str, name: str, entry: dict) -> str:
+    s = entry["summary"]
+    seconds = f"{np.mean(entry['seconds']):.0f}" if entry.get("seconds") else ""
+    return (
+        f"| {regime} | {name} | {s['recall']:.1f} | {s['precision']:.1f} | {s['top5_recall']:.1f} | "
+        f"{s['stolen_per_class']:.2f} | {s['old_change']:+.2f} | {seconds} |"
+    )
 
 
 _LATER_CALLS = {
@@ -347,11 +551,15 @@ def run(args: argparse.Namespace, command: str) -> dict:
         report["speed"] = speed(args.fresh)
     if "latency" in stages and "speed" not in stages:  # the speed stage measures it too
         report["latency"] = inject_latency()
+    if "user" in stages:
+        run_user(args.user_methods, args.user_draws, args.user_cases, args.fresh, report.setdefault("user", {}), save)
     save()
     if not args.no_plots:
-        from benchmarks.harness.plots import plot_report
+        from benchmarks.harness.plots import plot_report, plot_user_curves
 
         plot_report(report, study_dir(STUDY))
+        if "user" in report:
+            plot_user_curves(report, study_dir(STUDY))
     return report
 
 
@@ -362,6 +570,15 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
         "--sources", nargs="+", default=["minilm-name", "minilm-ensemble", "conceptnet", "wiki2vec", "glove"]
+    )
+    parser.add_argument("--user-methods", nargs="+", default=list(USER_METHODS), choices=USER_METHODS)
+    parser.add_argument("--user-draws", type=int, default=None, help="user stage: at most N draws per (model, K)")
+    parser.add_argument(
+        "--user-cases",
+        nargs="+",
+        default=None,
+        choices=[f"{m}:{k}" for m, k, _, _ in USER_PLAN],
+        help="user stage: MODEL:K",
     )
     parser.add_argument("--folds", type=int, default=5, choices=range(1, 6), help="number of folds (from fold 0)")
     parser.add_argument("--name", default=None, help="run name in benchmarks/results/benchmark (default: benchmark)")

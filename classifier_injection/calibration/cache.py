@@ -39,6 +39,7 @@ _SIMULATION_MODULES = (
     "calibration/base.py",
     "calibration/simulation.py",
     "calibration/rules.py",
+    "calibration/reliability.py",
     "icis.py",
     "baselines.py",
     "injector.py",

@@ -29,6 +29,7 @@ from .base import (
     raise_unfitted,
     register_calibration,
 )
+from .reliability import prototype_wins, reliability_table, synthetic_wins
 from .simulation import (
     DEFAULT_FACTORS,
     largest_keeping,
@@ -148,6 +149,14 @@ class SimulatedCalibration:
         injections = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)
         return torch.stack([prototype_gzsl_curve(seen_rows, h, p, self.factors) for h, p in injections]).mean(0)
 
+    def reliability(self, context: CalibrationContext, factor: float) -> dict:
+        """:func:`reliability_table` of the first simulated injection at ``factor``, on the rows' directions."""
+        context = simulated_head(context)
+        held, predicted = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)[0]
+        seen_rows = context.seen_rows.detach().float().cpu()
+        wins = prototype_wins(seen_rows, held, predicted, factor)
+        return reliability_table(wins, torch.arange(len(seen_rows)), seen_rows, held, predicted)
+
     def choose(self, curve: torch.Tensor) -> int:
         """Index into ``factors`` of the smallest factor whose simulated H is within ``tolerance`` of the best."""
         top = float(curve[:, 2].max())
@@ -159,7 +168,7 @@ class SimulatedCalibration:
         curve = self.simulated_curve(context)
         best = self.choose(curve)
         factor = float(self.factors[best])
-        diagnostics = simulation_diagnostics(self, context, curve[best])
+        diagnostics = simulation_diagnostics(self, context, curve[best], reliability=self.reliability(context, factor))
         _logger.info("simulate calibration: factor %.3f (%s)", factor, diagnostics)
         return FactorChoice(self.name, factor, self.bias, 0.0, diagnostics)
 
@@ -246,6 +255,15 @@ class SynthesizedCalibration:
             ]
         ).mean(0)
 
+    def reliability(self, context: CalibrationContext, factor: float) -> dict:
+        """:func:`reliability_table` of the first simulated injection at ``factor``: what new rows can expect."""
+        features, labels = self.synthesized_features(context)
+        context = simulated_head(context)
+        held, predicted = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)[0]
+        seen_rows, mean = context.seen_rows.detach().float().cpu(), context.feature_mean.detach().float().cpu()
+        wins = synthetic_wins(seen_rows, held, predicted, features, mean, factor, self.offset)
+        return reliability_table(wins, labels, seen_rows, held, predicted)
+
     def _floor(self) -> SimulatedCalibration | None:
         if self.floor_tolerance is None:
             return None
@@ -276,6 +294,7 @@ class SynthesizedCalibration:
                 extra["floor_factor_with_offset"] = self.factors[floor_index]
             if self.factors[floor_index] > self.factors[best]:
                 best = floor_index
+        extra["reliability"] = self.reliability(context, self.factors[best])
         diagnostics = simulation_diagnostics(self, context, curve[best], offset=self.offset, **extra)
         _logger.info("synthesize calibration: factor %.3f (%s)", self.factors[best], diagnostics)
         return FactorChoice(self.name, float(self.factors[best]), "feature-mean", self.offset, diagnostics)

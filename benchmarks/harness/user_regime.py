@@ -1,0 +1,210 @@
+"""The user regime: a few classes removed from a real head and injected back by name through ``inject()``.
+
+A draw removes ``K`` classes from the 1000 of an ImageNet model and keeps a model whose head has the other
+``1000 - K`` (its ``label_names`` their WordNet ids, as a head on a subset of ImageNet). The removed classes are
+injected back by name (their first WordNet lemma) with the public :func:`classifier_injection.inject`, as a user
+adds their own classes, and the grown head is scored on all 1000 photos (one per class), full-size:
+
+* recall: a new class's photo is top-1 for it; top-5 recall: it is among the top 5;
+* precision: when a new class is top-1, it is the photo's own class (pooled over the draws);
+* stolen: photos of old classes whose top-1 became a new class, per new class;
+* old-class change: accuracy on the old classes' photos, grown head minus the head before the injection (points).
+
+Two name regimes: ``wordnet`` (the default: new names looked up in WordNet, seen classes described by their
+definitions) and ``name-only`` (every class by its name alone: what a user's names that WordNet lacks get). The
+``ceiling`` puts the true rows back. Draw ``d`` of any ``K`` removes the first ``K`` distinct names of
+``numpy.random.RandomState(777 + d).permutation(1000)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.harness.data import HeadData, head_data, load_model
+from benchmarks.harness.descriptors import embedding_cache, imagenet_classes
+from classifier_injection import DescriptorConfig, InjectionConfig, find_head, inject
+
+__all__ = [
+    "DRAW_SEED",
+    "REGIMES",
+    "SCALES",
+    "Draw",
+    "draw_classes",
+    "inject_draw",
+    "reduced_model",
+    "score_rows",
+    "summarize",
+]
+
+#: Draw ``d`` uses ``RandomState(DRAW_SEED + d)``.
+DRAW_SEED = 777
+#: The name regimes and the descriptor config each runs ``inject()`` with (``None``: the library default).
+REGIMES: dict[str, DescriptorConfig | None] = {"wordnet": None, "name-only": DescriptorConfig.from_preset("name")}
+#: ``new_class_scale`` values of the precision-recall curve (the rows' logits times the scale).
+SCALES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0)
+#: Counts a draw is scored by (summed over draws before they become rates).
+COUNTS = (
+    "new_photos",
+    "hits",
+    "top5_hits",
+    "new_wins",
+    "right_wins",
+    "stolen",
+    "old_photos",
+    "old_before",
+    "old_after",
+)
+
+
+def draw_classes(k: int, draw: int, num_classes: int = 1000) -> np.ndarray:
+    """The ``k`` classes removed in draw ``draw`` (sorted): the first ``k`` distinct names of the seeded permutation.
+
+    Names are compared as ``inject()`` compares them (ignoring case), so a draw never holds both of ImageNet's
+    "crane"s.
+    """
+    if not 1 <= k < num_classes:
+        raise ValueError(f"k must be in [1, {num_classes}), got {k}")
+    names, _ = imagenet_classes()
+    chosen: list[int] = []
+    keys: set[str] = set()
+    for c in np.random.RandomState(DRAW_SEED + draw).permutation(num_classes):
+        key = " ".join(names[c].split()).casefold()
+        if key not in keys:
+            keys.add(key)
+            chosen.append(int(c))
+        if len(chosen) == k:
+            break
+    return np.sort(np.array(chosen))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One draw: the model, the removed classes, their names, and which photos are whose in the grown head."""
+
+    model_name: str
+    k: int
+    draw: int
+    removed: np.ndarray  # sorted class indices of the 1000
+    names: list[str]  # their names, the order of the new rows
+
+    @property
+    def kept(self) -> torch.Tensor:
+        mask = torch.ones(1000, dtype=torch.bool)
+        mask[torch.as_tensor(self.removed)] = False
+        return mask
+
+    def grown_labels(self) -> torch.Tensor:
+        """Class ``c``'s index in the grown head: kept classes in their order, then the new ones."""
+        index = torch.empty(1000, dtype=torch.long)
+        kept = self.kept
+        index[kept] = torch.arange(int(kept.sum()))
+        index[torch.as_tensor(self.removed)] = int(kept.sum()) + torch.arange(self.k)
+        return index
+
+
+def make_draw(model_name: str, k: int, draw: int) -> Draw:
+    removed = draw_classes(k, draw)
+    names, _ = imagenet_classes()
+    return Draw(model_name, k, draw, removed, [names[c] for c in removed])
+
+
+@functools.cache
+def _full_model(model_name: str) -> nn.Module:
+    return load_model(model_name).eval()
+
+
+def reduced_model(draw: Draw) -> nn.Module:
+    """The model without the removed classes: a ``1000 - K``-class head, ``label_names`` its WordNet ids."""
+    model = copy.deepcopy(_full_model(draw.model_name))
+    rows = find_head(model).rows(model)
+    kept = draw.kept
+    _, wnids = imagenet_classes()
+    model.reset_classifier(int(kept.sum()))
+    layer = model.get_classifier()
+    with torch.no_grad():
+        layer.weight.copy_(rows[kept, :-1])
+        layer.bias.copy_(rows[kept, -1])
+    labels = [w for w, keep in zip(wnids, kept.tolist(), strict=True) if keep]
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": labels, "num_classes": len(labels)}
+    return model.eval()
+
+
+def inject_draw(draw: Draw, regime: str, injector=None, embedder=None, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """The new rows ``[K, D + 1]`` that ``inject()`` puts in the reduced model's head (``injector=None``: ICIS),
+    and its record of the injection."""
+    model = reduced_model(draw)
+    config = InjectionConfig(descriptors=REGIMES[regime], allow_existing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the unreliable-class warning: its record is kept instead
+        grown = inject(
+            model, draw.names, config, injector=injector, embedder=embedder, cache=embedding_cache(), seed=seed
+        )
+    rows = find_head(grown).rows(grown)
+    before = find_head(model).rows(model)
+    if not torch.equal(rows[: len(before)], before):
+        raise RuntimeError("inject() changed the old rows")
+    return rows[len(before) :], grown.classifier_injection["injections"][-1]
+
+
+@torch.no_grad()
+def score_rows(draw: Draw, new_rows: torch.Tensor, scales: Sequence[float] = SCALES) -> dict[str, dict[str, int]]:
+    """The draw's counts (:data:`COUNTS`) per ``new_class_scale`` (as ``inject()`` scales rows), and ``per_class``."""
+    data: HeadData = head_data(draw.model_name)
+    kept = draw.kept
+    old_rows = data.rows[kept]
+    target = draw.grown_labels()[data.labels]
+    is_new = ~kept[data.labels]
+    old_logits = data.logits(old_rows)
+    before = old_logits.argmax(1) == target
+    out: dict = {}
+    for scale in scales:
+        logits = torch.cat([old_logits, data.logits(new_rows.to(data.rows.dtype) * scale)], dim=1)
+        predicted = logits.argmax(1)
+        wins = predicted >= len(old_rows)
+        right = predicted == target
+        top5 = (logits.topk(5, dim=1).indices == target[:, None]).any(1)
+        out[str(scale)] = {
+            "new_photos": int(is_new.sum()),
+            "hits": int((right & is_new).sum()),
+            "top5_hits": int((top5 & is_new).sum()),
+            "new_wins": int(wins.sum()),
+            "right_wins": int((wins & right).sum()),
+            "stolen": int((wins & ~is_new).sum()),
+            "old_photos": int((~is_new).sum()),
+            "old_before": int((before & ~is_new).sum()),
+            "old_after": int((right & ~is_new).sum()),
+        }
+        if scale == 1.0:
+            out["per_class"] = _per_class(draw, predicted, target, is_new, len(old_rows))
+    return out
+
+
+def _per_class(draw: Draw, predicted: torch.Tensor, target: torch.Tensor, is_new: torch.Tensor, num_old: int) -> list:
+    """Per new class at scale 1: its photo won (0/1), and how many photos it won in all."""
+    photo = {int(t): i for i, t in enumerate(target.tolist()) if is_new[i]}
+    return [
+        {"hit": int(predicted[photo[num_old + j]] == num_old + j), "wins": int((predicted == num_old + j).sum())}
+        for j in range(draw.k)
+    ]
+
+
+def summarize(counts: Sequence[dict[str, int]]) -> dict[str, float]:
+    """Rates (%) pooled over draws: recall, precision, top-5 recall, stolen per new class, old-class change."""
+    total = {key: sum(c[key] for c in counts) for key in COUNTS}
+    new, old = max(total["new_photos"], 1), max(total["old_photos"], 1)
+    return {
+        "recall": 100 * total["hits"] / new,
+        "precision": 100 * total["right_wins"] / total["new_wins"] if total["new_wins"] else float("nan"),
+        "top5_recall": 100 * total["top5_hits"] / new,
+        "stolen_per_class": total["stolen"] / new,
+        "old_change": 100 * (total["old_after"] - total["old_before"]) / old,
+        "draws": len(counts),
+    }
