@@ -20,7 +20,7 @@ from torch import nn
 from ._version import __version__
 from .cache import EmbeddingCache, resolve_cache
 from .calibration import CalibrationCache, get_calibration
-from .calibration.reliability import assess
+from .calibration.reliability import assess, least_reliable
 from .config import InjectionConfig
 from .core import RowPrediction, head_fingerprint, needs_context, predict_rows
 from .descriptors import default_config_for, describe_injection, embed_classes, seen_class_names
@@ -33,9 +33,6 @@ from .injector import Injector
 __all__ = ["MAX_NEW_CLASSES", "check_new_class_names", "existing_names", "inject"]
 
 _logger = logging.getLogger(__name__)
-
-#: Expected precision (%) below which inject() warns about a new class (see the ``reliability`` record).
-UNRELIABLE_PRECISION = 25
 
 #: Most classes one inject() call adds (ImageNet-21k fits). Bounds memory and time: every new class costs a
 #: text embedding, a latent vector and a head row. Larger sets go in batches that reuse one trained injector.
@@ -232,23 +229,21 @@ def _reliability(
 ) -> dict[str, dict]:
     """Per new class: its nearest old classes and, from the calibration's simulation, expected precision / recall.
 
-    Warns about the classes expected to be wrong most often when they win; the rates hold at
-    ``new_class_scale=1`` only, so other scales get the neighbours alone.
+    Warns about the classes in the simulation's least precise bin; the rates hold at ``new_class_scale=1`` only,
+    so other scales get the neighbours alone.
     """
     table = getattr(prediction.calibration, "diagnostics", {}).get("reliability") if new_class_scale == 1 else None
     entries = assess(prediction.rows, seen_rows, seen_names, table)
-    unreliable = sorted(
-        (e["expected_precision"], name, e["nearest"][0][0])
-        for name, e in zip(names, entries, strict=True)
-        if e.get("expected_precision") is not None and e["expected_precision"] < UNRELIABLE_PRECISION
-    )
-    if unreliable:
-        listing = ", ".join(f"{name!r} ({p:.0f} %, near {near!r})" for p, name, near in unreliable[:5])
-        more = f" and {len(unreliable) - 5} more" if len(unreliable) > 5 else ""
+    worst = [(names[i], entries[i]) for i in least_reliable(entries, table)]
+    if worst:
+        listing = ", ".join(f"{name!r} (near {e['nearest'][0][0]!r})" for name, e in worst[:5])
+        more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
         warnings.warn(
-            f"new classes expected to be right less than {UNRELIABLE_PRECISION} % of the times they win: {listing}"
-            f"{more}. Their rows sit close to the old classes named; pass descriptions={{name: '...'}} saying what "
-            "tells each apart from them (model.classifier_injection['injections'][-1]['reliability'] has the details)",
+            f"least reliable new classes: {listing}{more}. Their rows sit closest to the old classes named, and "
+            f"the calibration's simulation expects rows like them to be right {worst[0][1]['expected_precision']:.0f} "
+            "% of the times they win (photos are harder than the simulation: expect less). Pass "
+            "descriptions={name: '...'} saying what tells each apart from its neighbours; "
+            "model.classifier_injection['injections'][-1]['reliability'] has every class",
             UserWarning,
             stacklevel=3,
         )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -38,29 +40,36 @@ def test_inject_extends_head_and_keeps_old_logits(resnet, embedder, fast_icis):
     assert record["names"] == NEW and record["method"] == "icis" and record["embedder"] == embedder.id
 
 
-def test_inject_records_each_new_class_reliability_and_warns_about_unreliable_ones(
-    resnet, embedder, fast_icis, monkeypatch
-):
-    import warnings
-
-    from classifier_injection import api
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing below the threshold at the default
-        monkeypatch.setattr(api, "UNRELIABLE_PRECISION", -1)
-        out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
+def test_inject_records_each_new_class_reliability(resnet, embedder, fast_icis):
+    out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
     reliability = out.classifier_injection["injections"][0]["reliability"]
     assert list(reliability) == NEW
     old_names = resnet.pretrained_cfg["label_names"]
     for entry in reliability.values():
         assert len(entry["nearest"]) == 3 and all(name in old_names for name, _ in entry["nearest"])
         assert {"expected_precision", "expected_recall"} <= set(entry)  # the default calibration simulates
-    monkeypatch.setattr(api, "UNRELIABLE_PRECISION", 101)
-    with pytest.warns(UserWarning, match=r"expected to be right less than 101 %.*'capybara'.*descriptions="):
-        inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
     scaled = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis, new_class_scale=2.0))
     entry = scaled.classifier_injection["injections"][0]["reliability"]["capybara"]
     assert "expected_precision" not in entry and len(entry["nearest"]) == 3  # the rates hold at scale 1 only
+
+
+def test_the_least_reliable_new_classes_get_a_warning_that_suggests_descriptions(monkeypatch):
+    from classifier_injection import api
+    from classifier_injection.calibration import ScaledCalibration
+    from classifier_injection.core import RowPrediction
+
+    seen = torch.eye(4, 5)  # four old rows along the axes, bias 0
+    new = torch.tensor([[1.0, 0.1, 0, 0, 0], [0.5, 0.5, 0.5, 0.5, 0]])  # next to "a", and between all four
+    table = {"statistic": "nearest_cosine", "edges": [0.9], "recall": [40.0, 60.0], "precision": [80.0, 30.0]}
+    prediction = RowPrediction(new, ScaledCalibration("synthesize", 1.0, 0.0, diagnostics={"reliability": table}))
+    with pytest.warns(UserWarning, match=r"least reliable new classes: 'x' \(near 'a'\).* 30 %.*descriptions="):
+        record = api._reliability(prediction, seen, ["a", "b", "c", "d"], ["x", "y"], 1.0)
+    assert record["x"]["expected_precision"] == 30.0 and record["y"]["expected_precision"] == 80.0
+    single = {**table, "edges": [], "recall": [50.0], "precision": [50.0]}
+    prediction = RowPrediction(new, ScaledCalibration("synthesize", 1.0, 0.0, diagnostics={"reliability": single}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one bin: nothing to rank, no warning
+        api._reliability(prediction, seen, ["a", "b", "c", "d"], ["x", "y"], 1.0)
 
 
 def test_inplace_modifies_and_returns_same_model(resnet, embedder, fast_icis):

@@ -235,7 +235,7 @@ def test_user_regime_draws_distinct_names_and_pools_counts_over_draws():
 def test_user_regime_one_draw_through_inject_on_a_real_head():
     """lite0 without 2 classes, injected back by name (ridge: fast): old rows kept, the true rows as the ceiling."""
     from benchmarks.harness.data import CACHE, head_data, shared_data_available
-    from benchmarks.harness.user_regime import inject_draw, make_draw, reduced_model, score_rows, summarize
+    from benchmarks.harness.user_regime import inject_draw, make_draw, reduced_model, score_rows
     from classifier_injection.baselines import RidgeInjector
     from classifier_injection.descriptors import seen_class_names, seen_class_wnids
 

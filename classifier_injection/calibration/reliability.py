@@ -18,7 +18,15 @@ import torch.nn.functional as F
 
 from .simulation import new_row_responses
 
-__all__ = ["BINS", "assess", "nearest_cosines", "prototype_wins", "reliability_table", "synthetic_wins"]
+__all__ = [
+    "BINS",
+    "assess",
+    "least_reliable",
+    "nearest_cosines",
+    "prototype_wins",
+    "reliability_table",
+    "synthetic_wins",
+]
 
 #: Quantile bins of the nearest-row cosine over the simulated rows.
 BINS = 5
@@ -123,3 +131,15 @@ def assess(
             entry["expected_precision"], entry["expected_recall"] = table["precision"][b], table["recall"][b]
         out.append(entry)
     return out
+
+
+def least_reliable(entries: Sequence[dict], table: dict | None) -> list[int]:
+    """Indices of the :func:`assess` entries in the table's least precise bin (none when it has a single bin).
+
+    The simulation ranks rows better than it rates them (on photos every bin is less precise than simulated), so
+    what it says with confidence is which new classes are the weakest of an injection.
+    """
+    rated = [p for p in (table or {}).get("precision", []) if p is not None]
+    if len(rated) < 2 or min(rated) == max(rated):
+        return []
+    return [i for i, e in enumerate(entries) if e.get("expected_precision") == min(rated)]
