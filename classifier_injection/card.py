@@ -142,20 +142,25 @@ def calibration_markdown(calibration: Any) -> list[str]:
     return lines
 
 
-def _per_class_lines(per_class: Any) -> list[str]:
-    """A table of per-class diagnostics, given as ``{class: {key: value}}`` or ``[{key: value}, ...]``."""
-    if isinstance(per_class, Mapping):
-        items = [(name, values) for name, values in per_class.items() if isinstance(values, Mapping)]
-    elif isinstance(per_class, list):
-        items = [(values.get("name", values.get("class", i)), values) for i, values in enumerate(per_class)]
-        items = [(name, values) for name, values in items if isinstance(values, Mapping)]
-    else:
+def _reliability_lines(reliability: Any) -> list[str]:
+    """A table of the new classes' reliability record (expected precision / recall, nearest old classes)."""
+    if not isinstance(reliability, Mapping):
         return []
-    keys = list(dict.fromkeys(k for _, values in items for k in values if k not in ("name", "class")))
-    if not items or not keys:
+    rows = []
+    for name, entry in reliability.items():
+        if not isinstance(entry, Mapping):
+            continue
+        nearest = entry.get("nearest") if isinstance(entry.get("nearest"), list) else []
+        near = ", ".join(md_text(n[0]) for n in nearest if isinstance(n, list) and n)
+        rates = [
+            _number(entry[k]) if entry.get(k) is not None else "-" for k in ("expected_precision", "expected_recall")
+        ]
+        rows.append([md_text(name), *rates, near])
+    if not rows:
         return []
-    rows = [[md_text(name), *(_number(values[k]) if k in values else "-" for k in keys)] for name, values in items]
-    return ["", "Per-class diagnostics:", "", *_table(["class", *(md_text(k) for k in keys)], rows)]
+    header = ["class", "expected precision (%)", "expected recall (%)", "nearest old classes"]
+    intro = "Reliability (expected from the calibration's simulation, which is optimistic; nearest by row cosine):"
+    return ["", intro, "", *_table(header, rows)]
 
 
 def injection_markdown(number: int, entry: Mapping[str, Any]) -> list[str]:
@@ -173,7 +178,7 @@ def injection_markdown(number: int, entry: Mapping[str, Any]) -> list[str]:
     ]
     lines += [f"- **{label}:** {value}" for label, value in details if value is not None]
     lines += calibration_markdown(entry.get("calibration"))
-    return lines + _per_class_lines(entry.get("per_class"))
+    return lines + _reliability_lines(entry.get("reliability"))
 
 
 def _usage(architecture: str) -> list[str]:

@@ -113,7 +113,7 @@ def test_card_describes_every_injection(saved):
         assert loader in card
 
 
-def test_calibration_and_per_class_diagnostics_are_tabulated():
+def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
     entry = {
         "names": ["okapi", "ka|kapo"],
         "num_classes_before": 3,
@@ -123,13 +123,16 @@ def test_calibration_and_per_class_diagnostics_are_tabulated():
             "biases": [0.1, 0.2],
             "diagnostics": {"simulated_H": 66.666, "fallback_from": None},
         },
-        "per_class": {"okapi": {"margin": 0.5, "rank": 2}, "ka|kapo": {"margin": -0.25}},
+        "reliability": {
+            "okapi": {"nearest": [["zebra", 0.8], ["ox", 0.7]], "expected_precision": 50.5, "expected_recall": 40.0},
+            "ka|kapo": {"nearest": [["kea|x", 0.9]]},
+        },
     }
     card = model_card({"architecture": "resnet18", "num_classes": 5, "classifier_injection": {"injections": [entry]}})
     assert "- **Calibration:** `synthesize` (factor 1.25); one value per class for biases" in card
     assert "| simulated\\_H | 66.67 |" in card and "| fallback\\_from | None |" in card
-    assert "| class | margin | rank |" in card
-    assert "| okapi | 0.5 | 2 |" in card and "| ka\\|kapo | -0.25 | - |" in card
+    assert "| class | expected precision (%) | expected recall (%) | nearest old classes |" in card
+    assert "| okapi | 50.5 | 40 | zebra, ox |" in card and "| ka\\|kapo | - | - | kea\\|x |" in card
     assert "| 3 | okapi | - | - |" in card and "| 4 | ka\\|kapo | - | - |" in card
 
 

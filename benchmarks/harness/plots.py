@@ -87,7 +87,7 @@ def _f1(summary: dict) -> float:
 
 
 def plot_user_curves(report: dict, directory: Path) -> list[Path]:
-    """``<name>_user_<model>_K<k>_pr.png``: precision against recall over ``new_class_scale`` per name regime.
+    """``<name>_<model>_K<k>_pr.png``: precision against recall over ``new_class_scale`` per name regime.
 
     Curves for ICIS (the default) and the strongest baseline of each regime (best F1 at scale 1); the true rows
     as a point.
@@ -130,7 +130,7 @@ def plot_user_curves(report: dict, directory: Path) -> list[Path]:
                 ax.legend(fontsize=7)
             fig.suptitle(f"{model}, K = {k}: new_class_scale {SCALES[0]} to {SCALES[-1]}")
             fig.tight_layout()
-            written.append(directory / f"{report['name']}_user_{model}_K{k}_pr.png")
+            written.append(directory / f"{report['name']}_{model}_K{k}_pr.png")
             fig.savefig(written[-1], dpi=110)
             plt.close(fig)
     return written
