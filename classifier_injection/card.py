@@ -158,7 +158,7 @@ def _reliability_lines(reliability: Any) -> list[str]:
         rows.append([md_text(name), *rates, near])
     if not rows:
         return []
-    header = ["class", "expected precision (%)", "expected recall (%)", "nearest old classes"]
+    header = ["new class", "expected precision (%)", "expected recall (%)", "nearest old classes"]
     intro = "Reliability (expected from the calibration's simulation, which is optimistic; nearest by row cosine):"
     return ["", intro, "", *_table(header, rows)]
 

@@ -112,6 +112,15 @@ def test_simulation_needs_its_context():
         )
     with pytest.raises(RuntimeError, match="fitted first"):
         rule(rows[:1], rows)
+
+    class OneRow(LeastSquares):
+        def predict(self, descriptors):
+            return super().predict(descriptors)[:1]  # one row, whatever it is asked for
+
+    with pytest.raises(ValueError, match=r"one row \[W \| b\] per descriptor"):
+        rule.fit(
+            CalibrationContext(seen_rows=rows, new_rows=rows[:1], seen_descriptors=descriptors, injector_factory=OneRow)
+        )
     with pytest.raises(ValueError, match="at least 3"):
         rule.fit(
             CalibrationContext(

@@ -131,7 +131,7 @@ def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
     card = model_card({"architecture": "resnet18", "num_classes": 5, "classifier_injection": {"injections": [entry]}})
     assert "- **Calibration:** `synthesize` (factor 1.25); one value per class for biases" in card
     assert "| simulated\\_H | 66.67 |" in card and "| fallback\\_from | None |" in card
-    assert "| class | expected precision (%) | expected recall (%) | nearest old classes |" in card
+    assert "| new class | expected precision (%) | expected recall (%) | nearest old classes |" in card
     assert "| okapi | 50.5 | 40 | zebra, ox |" in card and "| ka\\|kapo | - | - | kea\\|x |" in card
     assert "| 3 | okapi | - | - |" in card and "| 4 | ka\\|kapo | - | - |" in card
 

@@ -367,11 +367,14 @@ def markdown(report: dict) -> str:
         f"load average at start {report['machine']['load_average_at_start'][0]:.1f}, "
         f"total {report['total_seconds'] / 60:.1f} min.",
         "",
-        "ZSL: top-1 among the held-out classes; S / U: accuracy on seen / held-out photos with the extended "
-        "1000-way head; H = 2SU/(S+U); cos: mean cosine of injected vs true weight vectors; fit: injector "
-        "training seconds (calibration excluded). Means over the listed folds.",
-        "",
     ]
+    if report["results"]:
+        lines += [
+            "ZSL: top-1 among the held-out classes; S / U: accuracy on seen / held-out photos with the extended "
+            "1000-way head; H = 2SU/(S+U); cos: mean cosine of injected vs true weight vectors; fit: injector "
+            "training seconds (calibration excluded). Means over the listed folds.",
+            "",
+        ]
     for model, sources in report["results"].items():
         for source, table in sources.items():
             lines += [

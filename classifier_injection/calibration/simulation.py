@@ -279,7 +279,13 @@ def _simulate_injections(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed + repeat)
             injector.fit(descriptors[kept], seen_rows[kept], descriptors[held])
-        out.append((held, injector.predict(descriptors[held]).detach().float().cpu()))
+        predicted = injector.predict(descriptors[held]).detach().float().cpu()
+        if predicted.shape != (held_count, seen_rows.shape[1]):
+            raise ValueError(
+                f"the injector predicted rows of shape {tuple(predicted.shape)} for {held_count} held-out classes of a "
+                f"head with rows of width {seen_rows.shape[1]}: predict() must return one row [W | b] per descriptor"
+            )
+        out.append((held, predicted))
     return out
 
 
