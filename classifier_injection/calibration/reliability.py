@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .simulation import new_row_responses
+from .simulation import held_mask, prototype_scores, synthetic_scores
 
 __all__ = [
     "BINS",
@@ -57,24 +57,16 @@ def synthetic_wins(
     offset: float,
 ) -> torch.Tensor:
     """``[M, H]``: held-out row ``i`` at ``factor`` and ``offset`` out-scores every kept row on feature ``m``."""
-    held = torch.zeros(len(seen_rows), dtype=torch.bool)
-    held[held_out] = True
-    kept = seen_rows[~held].float()
-    target, responses = new_row_responses(seen_rows, held_out, predicted_rows, features, feature_mean)
-    best_old = (features @ kept[:, :-1].T + kept[:, -1]).max(dim=1).values
-    return target + offset + factor * responses > best_old[:, None]
+    target, old, responses = synthetic_scores(seen_rows, held_out, predicted_rows, features, feature_mean)
+    return target + offset + factor * responses > old.max(dim=1).values[:, None]
 
 
 def prototype_wins(
     seen_rows: torch.Tensor, held_out: torch.Tensor, predicted_rows: torch.Tensor, factor: float
 ) -> torch.Tensor:
     """``[N, H]``: as :func:`synthetic_wins` on the rows' own directions as features (biases left out)."""
-    held = torch.zeros(len(seen_rows), dtype=torch.bool)
-    held[held_out] = True
-    kept_w = seen_rows[~held, :-1].float()
-    proxies = F.normalize(seen_rows[:, :-1].float(), dim=1)
-    new_w = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept_w.norm(dim=1).mean()
-    return factor * (proxies @ new_w.T) > (proxies @ kept_w.T).max(dim=1).values[:, None]
+    old, new = prototype_scores(seen_rows, held_out, predicted_rows)
+    return factor * new > old.max(dim=1).values[:, None]
 
 
 def reliability_table(
@@ -92,8 +84,7 @@ def reliability_table(
         seen_rows: the simulated head ``[N, D + 1]``.
         held_out: the held-out classes ``[H]``; ``predicted_rows`` ``[H, D + 1]`` are their simulated rows.
     """
-    held = torch.zeros(len(seen_rows), dtype=torch.bool)
-    held[held_out] = True
+    held = held_mask(len(seen_rows), held_out)
     own = labels[:, None] == held_out[None, :]
     hits, stolen, photos = (wins & own).sum(0), (wins & (~held[labels])[:, None]).sum(0), own.sum(0)
     cosine = nearest_cosines(predicted_rows, seen_rows[~held])[0][:, 0]

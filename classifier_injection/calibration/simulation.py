@@ -22,16 +22,18 @@ __all__ = [
     "DEFAULT_FACTORS",
     "MAX_SIMULATED_CLASSES",
     "gzsl_accuracies",
+    "held_mask",
     "largest_keeping",
     "largest_within_budget",
-    "new_row_responses",
     "prototype_gzsl_curve",
+    "prototype_scores",
     "simulate_injections",
     "simulated_features",
     "simulated_head",
     "simulation_diagnostics",
     "synthesize_features",
     "synthetic_gzsl_curve",
+    "synthetic_scores",
 ]
 
 #: Candidate norm factors, 0.5 ... 6.0 in steps of 0.025 (fine enough not to overshoot the smallest good one).
@@ -60,6 +62,13 @@ def simulated_head(context: CalibrationContext) -> CalibrationContext:
     return context.memoized(("subset", MAX_SIMULATED_CLASSES), subset)
 
 
+def held_mask(num: int, held_out: torch.Tensor) -> torch.Tensor:
+    """Boolean mask ``[num]``: True for the ``held_out`` classes."""
+    held = torch.zeros(num, dtype=torch.bool)
+    held[held_out] = True
+    return held
+
+
 def gzsl_accuracies(
     wins: torch.Tensor,
     arg_old: torch.Tensor,
@@ -69,8 +78,7 @@ def gzsl_accuracies(
     num: int,
 ) -> torch.Tensor:
     """S, U, H (%) per factor ``[F, 3]`` from ``wins [F, M]`` (a new row out-scores the kept ones on sample ``m``)."""
-    held = torch.zeros(num, dtype=torch.bool)
-    held[held_out] = True
+    held = held_mask(num, held_out)
     own_kept = torch.full((num,), -1, dtype=torch.long)
     own_kept[~held] = torch.arange(int((~held).sum()))
     own_new = torch.full((num,), -1, dtype=torch.long)
@@ -97,16 +105,22 @@ def prototype_gzsl_curve(
     still won by their own row; U: held-out proxies won by their predicted row.
     """
     num = seen_rows.shape[0]
-    held = torch.zeros(num, dtype=torch.bool)
-    held[held_out] = True
-    kept_w = seen_rows[~held, :-1].float()
-    proxies = F.normalize(seen_rows[:, :-1].float(), dim=1)
-    labels = torch.arange(num)
-    new_w = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept_w.norm(dim=1).mean()
-    best_old, arg_old = (proxies @ kept_w.T).max(dim=1)
-    best_new, arg_new = (proxies @ new_w.T).max(dim=1)
+    old, new = prototype_scores(seen_rows, held_out, predicted_rows)
+    best_old, arg_old = old.max(dim=1)
+    best_new, arg_new = new.max(dim=1)
     wins = torch.tensor(list(factors), dtype=torch.float32)[:, None] * best_new[None] > best_old[None]
-    return gzsl_accuracies(wins, arg_old, arg_new, labels, held_out, num)
+    return gzsl_accuracies(wins, arg_old, arg_new, torch.arange(num), held_out, num)
+
+
+def prototype_scores(
+    seen_rows: torch.Tensor, held_out: torch.Tensor, predicted_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores on every class's proxy (its row's direction): of the kept rows ``[N, N - H]``, and of the predicted
+    rows at factor 1 ``[N, H]`` (normalised to the kept rows' mean norm); no biases."""
+    kept_w = seen_rows[~held_mask(len(seen_rows), held_out), :-1].float()
+    proxies = F.normalize(seen_rows[:, :-1].float(), dim=1)
+    new_w = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept_w.norm(dim=1).mean()
+    return proxies @ kept_w.T, proxies @ new_w.T
 
 
 def synthesize_features(
@@ -165,38 +179,34 @@ def synthetic_gzsl_curve(
     :func:`feature_mean_biases` plus ``offset``, exactly as the real new rows will.
     """
     num = len(seen_rows)
-    held = torch.zeros(num, dtype=torch.bool)
-    held[held_out] = True
-    kept = seen_rows[~held].float()
-    target, responses = new_row_responses(seen_rows, held_out, predicted_rows, features, feature_mean)
+    target, old, responses = synthetic_scores(seen_rows, held_out, predicted_rows, features, feature_mean)
     # The best new row does not depend on the factor, only its margin does.
-    best_old, arg_old = (features @ kept[:, :-1].T + kept[:, -1]).max(dim=1)
+    best_old, arg_old = old.max(dim=1)
     best_new, arg_new = responses.max(dim=1)
     factor = torch.tensor(list(factors), dtype=torch.float32)[:, None]
     wins = target + offset + factor * best_new[None] > best_old[None]
     return gzsl_accuracies(wins, arg_old, arg_new, labels, held_out, num)
 
 
-def new_row_responses(
+def synthetic_scores(
     seen_rows: torch.Tensor,
     held_out: torch.Tensor,
     predicted_rows: torch.Tensor,
     features: torch.Tensor,
     feature_mean: torch.Tensor,
-) -> tuple[float, torch.Tensor]:
-    """How calibrated predicted rows score ``features``: at factor ``f`` and offset ``o`` row ``i``'s logit is
-    ``target + o + f * responses[:, i]``.
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """How the kept rows and the calibrated predicted rows score ``features``: ``(target, old, responses)``.
 
-    ``target`` is the kept rows' mean logit at the mean feature (the feature-mean bias rule); ``responses``
-    ``[M, H]`` is ``n * u_i . (x - mu)``, with ``u_i`` row ``i``'s unit direction and ``n`` the kept rows' mean norm.
+    ``old`` ``[M, N - H]`` are the kept rows' logits. At factor ``f`` and offset ``o`` predicted row ``i``'s logit
+    is ``target + o + f * responses[:, i]``: ``target`` is the kept rows' mean logit at the mean feature (the
+    feature-mean bias rule), ``responses`` ``[M, H]`` is ``n * u_i . (x - mu)``, with ``u_i`` row ``i``'s unit
+    direction and ``n`` the kept rows' mean norm.
     """
-    held = torch.zeros(len(seen_rows), dtype=torch.bool)
-    held[held_out] = True
-    kept = seen_rows[~held].float()
+    kept = seen_rows[~held_mask(len(seen_rows), held_out)].float()
     mean = feature_mean.float()
     target = float((kept[:, :-1] @ mean + kept[:, -1]).mean())
     units = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept[:, :-1].norm(dim=1).mean()
-    return target, (features - mean) @ units.T
+    return target, features @ kept[:, :-1].T + kept[:, -1], (features - mean) @ units.T
 
 
 def num_held(holdout_fraction: float, num: int) -> int:
