@@ -70,6 +70,8 @@ class ICISConfig:
         mixture_dense_up_to: heads of up to this many seen classes blend all their rows.
         classes_per_epoch: an epoch visits at most this many seen classes, drawn anew each epoch (``None``: all),
             so that training time does not grow with the head.
+        exclude_own_row: train the mixture decoder to rebuild each seen row from the *other* seen rows, as it must
+            for a new class, whose row is never in the basis (ablation; less precise new rows).
     """
 
     latent_dim: int = 256
@@ -89,6 +91,7 @@ class ICISConfig:
     mixture_top_k: int | None = 64
     mixture_dense_up_to: int = 2048
     classes_per_epoch: int | None = 1024
+    exclude_own_row: bool = False
 
     @classmethod
     def paper(cls, **overrides) -> ICISConfig:
@@ -147,17 +150,26 @@ class _MixtureDecoder(nn.Module):
         self.logits = nn.Linear(latent_dim, basis.shape[0])
         self.register_buffer("basis", basis)
 
-    def weights(self, z: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """The mixture weights ``[B, k]`` over each ``z``'s candidate rows."""
+    def weights(self, z: torch.Tensor, candidates: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixture weights ``[B, k]`` over each ``z``'s candidate rows, none on basis row ``exclude [B]``."""
         # embedding() rather than indexing: its backward accumulates the sparse gradient far faster.
         weight = F.embedding(candidates, self.logits.weight)
         bias = F.embedding(candidates, self.logits.bias[:, None]).squeeze(-1)
-        return torch.softmax(torch.einsum("bke,be->bk", weight, z) + bias, dim=-1)
+        logits = torch.einsum("bke,be->bk", weight, z) + bias
+        if exclude is not None:
+            logits = logits.masked_fill(candidates == exclude[:, None], float("-inf"))
+        return torch.softmax(logits, dim=-1)
 
-    def forward(self, z: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        if candidates is None:
-            return torch.softmax(self.logits(z), dim=-1) @ self.basis
-        return torch.einsum("bk,bkd->bd", self.weights(z, candidates), self.basis[candidates])
+    def forward(
+        self, z: torch.Tensor, candidates: torch.Tensor | None = None, exclude: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Blend the basis rows for each ``z`` (over its ``candidates`` if given), never basis row ``exclude``."""
+        if candidates is not None:
+            return torch.einsum("bk,bkd->bd", self.weights(z, candidates, exclude), self.basis[candidates])
+        logits = self.logits(z)
+        if exclude is not None:
+            logits = logits.scatter(1, exclude[:, None], float("-inf"))
+        return torch.softmax(logits, dim=-1) @ self.basis
 
 
 @dataclass(frozen=True)
@@ -272,8 +284,13 @@ class ICISModel(nn.Module):
         loss: Literal["cosine", "mse"],
         cross_reconstruction: bool,
         blend: tuple[torch.Tensor, _BlendTargets] | None = None,
+        own: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The summed losses of one batch; ``blend = (candidates, targets)`` of its classes for the top-k mixture."""
+        """The summed losses of one batch.
+
+        ``blend = (candidates, targets)`` of its classes for the top-k mixture; ``own``: the batch's basis indices,
+        which the mixture may not blend into its own row (``None``: it may).
+        """
         distance = _cosine_distance if loss == "cosine" else _mse
         z_a = self.descriptor_ae.encoder(descriptors)
         z_w = self.weight_ae.encoder(rows)
@@ -281,10 +298,11 @@ class ICISModel(nn.Module):
         z_aa = z_a if extra_descriptors is None else torch.cat([z_a, self.descriptor_ae.encoder(extra_descriptors)])
 
         def row_loss(z: torch.Tensor) -> torch.Tensor:
+            decoder = self.weight_ae.decoder
             if blend is None:
-                return distance(self.weight_ae.decoder(z), rows)
+                return distance(decoder(z) if own is None else decoder(z, exclude=own), rows)
             candidates, targets = blend
-            return targets.distance(self.weight_ae.decoder.weights(z, candidates), loss, rows.shape[1])
+            return targets.distance(decoder.weights(z, candidates, own), loss, rows.shape[1])
 
         total = distance(self.descriptor_ae.decoder(z_aa), a_for_aa) + row_loss(z_w)
         if cross_reconstruction:
@@ -415,6 +433,7 @@ class ICISInjector:
         generator = torch.Generator().manual_seed(self.seed)
         n = a.shape[0]
         batch = min(cfg.batch_size, n)
+        mixture_own = cfg.exclude_own_row and isinstance(model.weight_ae.decoder, _MixtureDecoder)
         history: list[float] = []
         flat_epochs = 0
         bar = tqdm(range(cfg.max_epochs), desc="ICIS", unit="epoch", disable=not self.progress, leave=False)
@@ -432,7 +451,8 @@ class ICISInjector:
                     offset = (steps * k) % len(new_order)
                     extra = a_new[new_order.roll(-offset)[:k]]
                 blend = (candidates[idx], targets.select(idx)) if targets is not None else None
-                loss = model.losses(a[idx], r[idx], extra, cfg.loss, cfg.cross_reconstruction, blend)
+                own = idx if mixture_own else None
+                loss = model.losses(a[idx], r[idx], extra, cfg.loss, cfg.cross_reconstruction, blend, own)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

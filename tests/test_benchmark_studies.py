@@ -252,3 +252,28 @@ def test_user_regime_one_draw_through_inject_on_a_real_head():
     assert len(ceiling["per_class"]) == 2 and ceiling["1.0"]["new_photos"] == 2 and ceiling["1.0"]["old_photos"] == 998
     counts = score_rows(draw, rows)
     assert counts["2.0"]["new_wins"] >= counts["0.5"]["new_wins"]  # a larger scale lets new rows win more
+
+
+def test_research_injectors_predict_one_row_per_descriptor_and_temper_the_mixture():
+    from benchmarks.harness.research_injectors import DirectionEnsemble, NeighbourContrast, TemperedICIS
+    from classifier_injection import ICISConfig, ICISInjector
+
+    g = torch.Generator().manual_seed(0)
+    seen_a, new_a = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    seen_rows = torch.randn(40, 9, generator=g)
+    config = ICISConfig(latent_dim=8, max_epochs=3)
+    plain = ICISInjector(config, seed=0).fit(seen_a, seen_rows, new_a)
+    tempered = TemperedICIS(0.5, config, seed=0).fit(seen_a, seen_rows, new_a)
+    torch.testing.assert_close(
+        tempered.model.weight_ae.decoder.logits.weight, plain.model.weight_ae.decoder.logits.weight / 0.5
+    )
+    assert tempered.hparams()["temperature"] == 0.5
+    with pytest.raises(ValueError, match="temperature"):
+        TemperedICIS(0.0)
+    ensemble = DirectionEnsemble([LeastSquares(), LeastSquares()]).fit(seen_a, seen_rows, new_a)
+    single = LeastSquares().fit(seen_a, seen_rows, new_a).predict(new_a)
+    rows = ensemble.predict(new_a)
+    torch.testing.assert_close(rows[:, :-1], torch.nn.functional.normalize(single[:, :-1], dim=1))
+    contrast = NeighbourContrast(LeastSquares(), share=0.5, neighbours=3).fit(seen_a, seen_rows, new_a)
+    assert contrast.predict(new_a).shape == (5, 9)
+    assert not torch.allclose(contrast.predict(new_a), single)

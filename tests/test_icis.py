@@ -79,7 +79,8 @@ def test_early_stopping_stops_before_max_epochs():
 
 
 @pytest.mark.parametrize(
-    "variant", [dict(loss="mse"), dict(cross_reconstruction=False), dict(include_new_descriptors=False)]
+    "variant",
+    [dict(loss="mse"), dict(cross_reconstruction=False), dict(include_new_descriptors=False), dict(exclude_own_row=True)],
 )
 def test_ablations_train(variant):
     a_seen, r_seen, a_new, _ = _synthetic()
@@ -188,6 +189,39 @@ def test_large_heads_blend_their_nearest_rows_and_visit_a_bounded_share_per_epoc
     assert torch.equal(ICISInjector.load(str(path)).predict(a_new), predicted)
     dense = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3, mixture_dense_up_to=96), seed=1).fit(a_seen, r_seen)
     assert dense.model.top_k is None, "heads up to mixture_dense_up_to blend all their rows"
+
+
+@pytest.mark.parametrize("top_k", [None, 6])
+def test_exclude_own_row_puts_no_weight_on_the_excluded_basis_row(top_k):
+    from classifier_injection.icis import _MixtureDecoder, nearest
+
+    _, r_seen, _, _ = _synthetic(num_seen=20)
+    decoder = _MixtureDecoder(8, r_seen)
+    z, own = torch.randn(20, 8), torch.arange(20)
+    keys = torch.nn.functional.normalize(r_seen, dim=1)
+    candidates = None if top_k is None else nearest(keys, r_seen, top_k)
+    rows = decoder(z, candidates, exclude=own)
+    logits = decoder.logits(z)
+    if candidates is None:
+        weights = torch.softmax(logits.scatter(1, own[:, None], float("-inf")), dim=1)
+        expected = weights @ r_seen
+        assert (weights[own, own] == 0).all()
+    else:
+        weights = decoder.weights(z, candidates, own)
+        assert (weights[candidates == own[:, None]] == 0).all() and (candidates[:, 0] == own).all()
+        expected = torch.einsum("bk,bkd->bd", weights, r_seen[candidates])
+    torch.testing.assert_close(rows, expected)
+    assert not torch.allclose(rows, decoder(z, candidates)), "without exclude a row may use its own basis row"
+
+
+def test_exclude_own_row_changes_training_only_when_asked():
+    a_seen, r_seen, a_new, _ = _synthetic()
+    config = ICISConfig(latent_dim=16, max_epochs=3)
+    plain = ICISInjector(config).fit(a_seen, r_seen, a_new).predict(a_new)
+    again = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3, exclude_own_row=False)).fit(a_seen, r_seen, a_new)
+    assert torch.equal(again.predict(a_new), plain)
+    loo = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3, exclude_own_row=True)).fit(a_seen, r_seen, a_new)
+    assert not torch.equal(loo.predict(a_new), plain)
 
 
 def test_an_epoch_visits_at_most_classes_per_epoch(monkeypatch):

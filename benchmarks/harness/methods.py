@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.harness.data import HeadData
 from benchmarks.harness.metrics import check_fold, evaluate_conse, evaluate_rows, seen_mask
+from benchmarks.harness.research_injectors import DirectionEnsemble, NeighbourContrast, TemperedICIS
 from classifier_injection.baselines import (
     ConSE,
     COSTAInjector,
@@ -64,6 +65,23 @@ METHODS: dict[str, Method] = {
             "icis-no-new-descriptors",
             lambda: ICISInjector(ICISConfig(include_new_descriptors=False), seed=0),
             description="ablation: new classes' descriptors not used in training",
+        ),
+        Method(
+            "icis-loo",
+            lambda: ICISInjector(ICISConfig(exclude_own_row=True), seed=0),
+            description="row variant: the mixture learns to rebuild each seen row from the other rows only",
+        ),
+        Method("icis-sharp", lambda: TemperedICIS(0.5), description="row variant: mixture weights at temperature 0.5"),
+        Method("icis-flat", lambda: TemperedICIS(2.0), description="row variant: mixture weights at temperature 2"),
+        Method(
+            "icis+vgse-smo",
+            lambda: DirectionEnsemble([ICISInjector(seed=0), VGSESMOInjector()]),
+            description="row variant: the mean unit direction of ICIS's and VGSE-SMO's rows",
+        ),
+        Method(
+            "icis-contrast",
+            lambda: NeighbourContrast(ICISInjector(seed=0)),
+            description="row variant: descriptors minus half the mean of their 10 nearest seen descriptors",
         ),
         Method("icis-mse", lambda: ICISInjector(ICISConfig(loss="mse"), seed=0), description="ablation: MSE loss"),
         Method(

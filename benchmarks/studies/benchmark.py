@@ -28,7 +28,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -186,10 +186,13 @@ def run_grid(
 USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo", "mlp", "subreg")
 #: The closed-form ones (a second each; MLP and Sub.Reg. train for about a minute per injection).
 FAST_USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo")
+#: Ways to make ICIS rows discriminate against their neighbours (``benchmarks.harness.research_injectors``); run on
+#: the main case when asked for (``--user-methods``).
+ROW_VARIANTS = ("icis-loo", "icis-sharp", "icis-flat", "icis+vgse-smo", "icis-contrast")
 #: (model, K, draws, methods) of the user regime: what the protocol asks for (issue "New classes a user can
 #: trust"); every baseline on the main case, the closed-form ones elsewhere.
 USER_PLAN: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
-    ("tf_efficientnet_lite0", 10, 8, USER_METHODS),
+    ("tf_efficientnet_lite0", 10, 8, USER_METHODS + ROW_VARIANTS),
     ("tf_efficientnet_lite0", 50, 4, FAST_USER_METHODS),
     ("tf_efficientnet_lite0", 1, 40, FAST_USER_METHODS),
     ("tf_efficientnet_lite1", 10, 8, FAST_USER_METHODS),
@@ -256,6 +259,7 @@ def run_user(
     fresh: bool,
     into: dict,
     on_update: Callable[[], None],
+    regimes: Sequence[str] = tuple(REGIMES),
 ) -> None:
     """Fill ``into[model][K]`` with the ceiling and ``[regime][method]`` entries, every draw of :data:`USER_PLAN`
     (or of its ``cases``, ``"model:K"``)."""
@@ -273,7 +277,7 @@ def run_user(
         table["ceiling"] = user_entry([score_rows(spec, rows[torch.as_tensor(spec.removed)]) for spec in specs])
         results: dict[tuple[str, str], list[dict]] = {}  # the draws so far; the report keeps their rates
         for draw in draws:
-            for regime in REGIMES:
+            for regime in regimes:
                 for name in (m for m in planned_methods if m in methods):
                     result = run_user_draw(model, k, draw, regime, METHODS[name], embedder, fresh)
                     done = results.setdefault((regime, name), [])
@@ -565,7 +569,15 @@ def run(args: argparse.Namespace, command: str) -> dict:
     if "latency" in stages and "speed" not in stages:  # the speed stage measures it too
         report["latency"] = inject_latency()
     if "user" in stages:
-        run_user(args.user_methods, args.user_draws, args.user_cases, args.fresh, report.setdefault("user", {}), save)
+        run_user(
+            args.user_methods,
+            args.user_draws,
+            args.user_cases,
+            args.fresh,
+            report.setdefault("user", {}),
+            save,
+            regimes=args.user_regimes,
+        )
     save()
     if not args.no_plots:
         from benchmarks.harness.plots import plot_report, plot_user_curves
@@ -580,11 +592,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser = argparse.ArgumentParser(prog=prog, description="ICIS vs the paper's baselines on real ImageNet heads")
     parser.add_argument("--quick", action="store_true", help="one fold, lite0, main descriptors: ICIS, ridge, ConSE")
     parser.add_argument("--stages", nargs="+", default=["main", "sources", "models", "speed"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=[m for m in METHODS if m not in ROW_VARIANTS], choices=list(METHODS)
+    )
     parser.add_argument(
         "--sources", nargs="+", default=["minilm-name", "minilm-ensemble", "conceptnet", "wiki2vec", "glove"]
     )
-    parser.add_argument("--user-methods", nargs="+", default=list(USER_METHODS), choices=USER_METHODS)
+    parser.add_argument("--user-methods", nargs="+", default=list(USER_METHODS), choices=USER_METHODS + ROW_VARIANTS)
+    parser.add_argument("--user-regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--user-draws", type=int, default=None, help="user stage: at most N draws per (model, K)")
     parser.add_argument(
         "--user-cases",

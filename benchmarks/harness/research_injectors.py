@@ -1,0 +1,106 @@
+"""Research injectors: ways to make ICIS rows discriminate against their neighbours, measured and not adopted.
+
+Each is an :class:`~classifier_injection.injector.Injector`, so it runs through ``inject()`` and its calibration
+like any other (the user regime's ``--user-methods``). What they gave: ``docs/decisions.md``.
+
+* :class:`TemperedICIS`: the mixture decoder's weights sharpened (``temperature < 1``) or flattened (``> 1``) at
+  prediction, so a new row leans more, or less, on its nearest old rows.
+* :class:`DirectionEnsemble`: the mean of several injectors' unit row directions.
+* :class:`NeighbourContrast`: descriptors minus a share of the mean descriptor of their nearest seen classes, so
+  the injector sees what sets a class apart from its neighbours (seen classes leave themselves out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from classifier_injection.icis import ICISConfig, ICISInjector
+from classifier_injection.injector import Injector
+
+__all__ = ["DirectionEnsemble", "NeighbourContrast", "TemperedICIS"]
+
+
+class TemperedICIS(ICISInjector):
+    """ICIS whose fitted mixture logits are divided by ``temperature`` before it predicts."""
+
+    name = "icis-tempered"
+
+    def __init__(self, temperature: float, config: ICISConfig | None = None, *, seed: int = 0) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        super().__init__(config, seed=seed)
+        self.temperature = temperature
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "temperature": self.temperature}
+
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None) -> TemperedICIS:
+        super().fit(seen_descriptors, seen_rows, new_descriptors)
+        logits = self.model.weight_ae.decoder.logits  # logits(z) / t == (W / t) z + b / t
+        with torch.no_grad():
+            logits.weight.div_(self.temperature)
+            logits.bias.div_(self.temperature)
+        return self
+
+
+class DirectionEnsemble:
+    """Rows whose weights are the ``weights``-mean of the members' unit directions, biases the mean bias."""
+
+    name = "direction-ensemble"
+    cacheable = True
+
+    def __init__(self, members: Sequence[Injector], weights: Sequence[float] | None = None) -> None:
+        if not members:
+            raise ValueError("members must name at least one injector")
+        self.members = list(members)
+        self.weights = list(weights) if weights is not None else [1 / len(members)] * len(members)
+        if len(self.weights) != len(self.members):
+            raise ValueError(f"got {len(self.weights)} weights for {len(self.members)} members")
+
+    def hparams(self) -> dict:
+        return {"members": [[m.name, m.hparams()] for m in self.members], "weights": self.weights}
+
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None) -> DirectionEnsemble:
+        for member in self.members:
+            member.fit(seen_descriptors, seen_rows, new_descriptors)
+        return self
+
+    def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
+        rows = [member.predict(descriptors) for member in self.members]
+        directions = sum(w * F.normalize(r[:, :-1], dim=1) for w, r in zip(self.weights, rows, strict=True))
+        biases = sum(w * r[:, -1:] for w, r in zip(self.weights, rows, strict=True))
+        return torch.cat([directions, biases], dim=1)
+
+
+class NeighbourContrast:
+    """``inner`` fitted on ``a - share * mean(a of the nearest seen classes)`` (seen classes leave themselves out)."""
+
+    name = "neighbour-contrast"
+    cacheable = True
+
+    def __init__(self, inner: Injector, share: float = 0.5, neighbours: int = 10) -> None:
+        self.inner, self.share, self.neighbours = inner, share, neighbours
+        self.seen: torch.Tensor | None = None
+
+    def hparams(self) -> dict:
+        return {"inner": [self.inner.name, self.inner.hparams()], "share": self.share, "neighbours": self.neighbours}
+
+    def _contrast(self, descriptors: torch.Tensor, seen: bool) -> torch.Tensor:
+        similarity = F.normalize(descriptors.float(), dim=1) @ F.normalize(self.seen, dim=1).T
+        skip = int(seen)  # a seen class is its own nearest
+        index = similarity.topk(self.neighbours + skip, dim=1).indices[:, skip:]
+        return descriptors.float() - self.share * self.seen[index].mean(1)
+
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None) -> NeighbourContrast:
+        self.seen = seen_descriptors.detach().float()
+        new = None if new_descriptors is None else self._contrast(new_descriptors, seen=False)
+        self.inner.fit(self._contrast(seen_descriptors, seen=True), seen_rows, new)
+        return self
+
+    def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
+        if self.seen is None:
+            raise RuntimeError("NeighbourContrast.predict() called before fit()")
+        return self.inner.predict(self._contrast(descriptors, seen=False))
