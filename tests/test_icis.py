@@ -80,7 +80,12 @@ def test_early_stopping_stops_before_max_epochs():
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(loss="mse"), dict(cross_reconstruction=False), dict(include_new_descriptors=False), dict(exclude_own_row=True)],
+    [
+        dict(loss="mse"),
+        dict(cross_reconstruction=False),
+        dict(include_new_descriptors=False),
+        dict(exclude_own_row=True),
+    ],
 )
 def test_ablations_train(variant):
     a_seen, r_seen, a_new, _ = _synthetic()

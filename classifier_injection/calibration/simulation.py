@@ -131,13 +131,16 @@ def synthesize_features(
     samples: int = 4,
     seed: int = 0,
     max_steps: int = 2000,
+    stride: int = 1,
+    refinements: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N * samples, D]`` and labels ``[N * samples]`` synthesised for every class of the head.
 
     Each starts at ``feature_mean + feature_spread * z`` (``z ~ N(0, I)``: a feature of no class in particular)
     and climbs the head's log-softmax of its class by normalised gradient steps (``w_c - sum_j p_j w_j``, so it
     moves away from the classes the head confuses it with, as trained features do) until the head gives the
-    class probability ``confidence``. Step length: 1/250 of the expected norm of the start's spread.
+    class probability ``confidence``. Step length: ``stride`` / 250 of the expected norm of the start's spread;
+    ``refinements`` bisections of the last step then bring an overshooting feature back to the confidence.
     """
     weights, biases = seen_rows[:, :-1].float(), seen_rows[:, -1].float()
     num, dim = weights.shape
@@ -149,7 +152,8 @@ def synthesize_features(
     labels = torch.arange(num).repeat_interleave(samples)
     generator = torch.Generator().manual_seed(seed)
     features = mean + spread * torch.randn(len(labels), dim, generator=generator)
-    step = float(spread.norm()) / 250
+    step = float(spread.norm()) / 250 * stride
+    last_step = torch.zeros_like(features) if refinements else None
     active = torch.arange(len(labels))
     for _ in range(max_steps):
         x, own = features[active], labels[active]
@@ -158,8 +162,41 @@ def synthesize_features(
         if not climbing.any():
             break
         active, x, own, probs = active[climbing], x[climbing], own[climbing], probs[climbing]
-        features[active] = x + step * F.normalize(weights[own] - probs @ weights, dim=1)
+        move = step * F.normalize(weights[own] - probs @ weights, dim=1)
+        features[active] = x + move
+        if last_step is not None:
+            last_step[active] = move
+    if last_step is not None:
+        _bisect_last_step(features, labels, last_step, weights, biases, confidence, refinements)
     return features, labels
+
+
+def _bisect_last_step(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    last_step: torch.Tensor,
+    weights: torch.Tensor,
+    biases: torch.Tensor,
+    confidence: float,
+    refinements: int,
+) -> None:
+    """Move each feature back along its last step to the shortest fraction of it that still reaches ``confidence``.
+
+    Bisection on the fraction ``t`` in ``(0, 1]``; features that never stepped are left as they are.
+    """
+    moved = last_step.abs().sum(1) > 0
+    index = moved.nonzero().squeeze(1)
+    if not len(index):
+        return
+    start, move, own = features[index] - last_step[index], last_step[index], labels[index]
+    low, high = torch.zeros(len(index)), torch.ones(len(index))
+    for _ in range(refinements):
+        middle = (low + high) / 2
+        probs = torch.softmax((start + middle[:, None] * move) @ weights.T + biases, dim=1)
+        reached = probs[torch.arange(len(index)), own] >= confidence
+        high = torch.where(reached, middle, high)
+        low = torch.where(reached, low, middle)
+    features[index] = start + high[:, None] * move
 
 
 def synthetic_gzsl_curve(
