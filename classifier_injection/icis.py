@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -150,8 +151,14 @@ class _MixtureDecoder(nn.Module):
         self.logits = nn.Linear(latent_dim, basis.shape[0])
         self.register_buffer("basis", basis)
 
-    def weights(self, z: torch.Tensor, candidates: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """The mixture weights ``[B, k]`` over each ``z``'s candidate rows, none on basis row ``exclude [B]``."""
+    def weights(
+        self, z: torch.Tensor, candidates: torch.Tensor | None = None, exclude: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The mixture weights over each ``z``'s candidate rows ``[B, k]`` (all rows ``[B, S]`` without
+        ``candidates``), none on basis row ``exclude [B]``."""
+        if candidates is None:
+            logits = self.logits(z)
+            return torch.softmax(logits if exclude is None else logits.scatter(1, exclude[:, None], -torch.inf), 1)
         # embedding() rather than indexing: its backward accumulates the sparse gradient far faster.
         weight = F.embedding(candidates, self.logits.weight)
         bias = F.embedding(candidates, self.logits.bias[:, None]).squeeze(-1)
@@ -166,19 +173,17 @@ class _MixtureDecoder(nn.Module):
         """Blend the basis rows for each ``z`` (over its ``candidates`` if given), never basis row ``exclude``."""
         if candidates is not None:
             return torch.einsum("bk,bkd->bd", self.weights(z, candidates, exclude), self.basis[candidates])
-        logits = self.logits(z)
-        if exclude is not None:
-            logits = logits.scatter(1, exclude[:, None], float("-inf"))
-        return torch.softmax(logits, dim=-1) @ self.basis
+        return self.weights(z, exclude=exclude) @ self.basis
 
 
 @dataclass(frozen=True)
 class _BlendTargets:
-    """What a row loss needs of each seen class ``i`` and its candidates ``c``, so blends are never built.
+    """What a row loss needs of each class ``i`` of a batch and its candidates ``c``, so blends are never built.
 
-    ``inner [S, k]``: ``basis[c_j] . r_i``; ``gram [S, k, k]``: ``basis[c_j] . basis[c_l]``; ``sq_norm [S]``:
-    ``|r_i|^2``. A blend ``x = sum_j w_j basis[c_j]`` then has ``x . r_i = w . inner`` and ``|x|^2 = w' gram w``:
-    a step costs ``k^2`` per class instead of ``k x row width``.
+    ``inner [B, k]``: ``basis[c_j] . r_i``; ``gram``: ``basis[c_j] . basis[c_l]``, per class ``[B, k, k]``, or one
+    ``[S, S]`` shared by all when every class blends the whole basis (``c = 0..S-1``); ``sq_norm [B]``: ``|r_i|^2``.
+    A blend ``x = sum_j w_j basis[c_j]`` then has ``x . r_i = w . inner`` and ``|x|^2 = w' gram w``: a step costs
+    ``k^2`` per class instead of ``2 k x row width``.
     """
 
     inner: torch.Tensor
@@ -186,9 +191,9 @@ class _BlendTargets:
     sq_norm: torch.Tensor
 
     @classmethod
-    def build(
-        cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 128
-    ) -> _BlendTargets:
+    @torch.no_grad()
+    def build(cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 64) -> _BlendTargets:
+        """Targets of ``rows`` blending their ``candidates [B, k]`` rows of ``basis`` (gathered ``chunk`` at a time)."""
         inner, gram = [], []
         for r, c in zip(rows.split(chunk), candidates.split(chunk), strict=True):
             blocks = basis[c]  # [chunk, k, D]
@@ -196,17 +201,42 @@ class _BlendTargets:
             gram.append(blocks @ blocks.transpose(1, 2))
         return cls(torch.cat(inner), torch.cat(gram), rows.pow(2).sum(1))
 
+    @classmethod
+    @torch.no_grad()
+    def dense(cls, basis: torch.Tensor) -> _BlendTargets:
+        """Targets of the basis' own rows, each blending the whole basis (select a batch with :meth:`select`)."""
+        gram = basis @ basis.T
+        return cls(gram, gram, gram.diagonal().clone())
+
     def select(self, idx: torch.Tensor) -> _BlendTargets:
-        """The targets of the seen classes ``idx`` (one batch)."""
-        return _BlendTargets(self.inner[idx], self.gram[idx], self.sq_norm[idx])
+        """The dense targets of the basis rows ``idx`` (one batch)."""
+        return _BlendTargets(self.inner[idx], self.gram, self.sq_norm[idx])
 
     def distance(self, weights: torch.Tensor, loss: str, row_dim: int) -> torch.Tensor:
         """The row loss of the blends with ``weights [B, k]`` against these targets' rows."""
         dot = (weights * self.inner).sum(1)
-        sq = torch.einsum("bk,bkl,bl->b", weights, self.gram, weights).clamp_min(0)
+        if self.gram.dim() == 2:
+            sq = _QuadraticForm.apply(weights, self.gram).clamp_min(0)
+        else:
+            sq = torch.einsum("bk,bkl,bl->b", weights, self.gram, weights).clamp_min(0)
         if loss == "mse":
             return (sq - 2 * dot + self.sq_norm).sum() / (len(weights) * row_dim)
         return (1 - dot / (sq.sqrt() * self.sq_norm.sqrt()).clamp_min(1e-8)).mean()
+
+
+class _QuadraticForm(torch.autograd.Function):
+    """``w' G w`` per row of ``w [B, S]`` for a symmetric ``G [S, S]``: its gradient reuses ``w G``."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        product = weights @ gram
+        ctx.save_for_backward(product)
+        return (product * weights).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (product,) = ctx.saved_tensors
+        return 2 * grad[:, None] * product, None
 
 
 class _AutoEncoder(nn.Module):
@@ -288,8 +318,9 @@ class ICISModel(nn.Module):
     ) -> torch.Tensor:
         """The summed losses of one batch.
 
-        ``blend = (candidates, targets)`` of its classes for the top-k mixture; ``own``: the batch's basis indices,
-        which the mixture may not blend into its own row (``None``: it may).
+        ``blend = (candidates, targets)`` of its classes, to score the mixture's blends without building them
+        (``candidates`` ``None``: the whole basis); ``own``: the batch's basis indices, which the mixture may not blend
+        into its own row (``None``: it may).
         """
         distance = _cosine_distance if loss == "cosine" else _mse
         z_a = self.descriptor_ae.encoder(descriptors)
@@ -399,7 +430,7 @@ class ICISInjector:
                     a.shape[1],
                     r.shape[1],
                     cfg.latent_dim,
-                    basis=r.cpu().clone() if mixture else None,
+                    basis=r.cpu() if mixture else None,  # the seen rows themselves: a head of 22k rows is not copied
                     dropout=cfg.dropout,
                     top_k=_top_k(cfg, len(r)) if mixture else None,
                     basis_keys=keys.cpu() if mixture else None,
@@ -427,7 +458,7 @@ class ICISInjector:
 
         ``candidates [S, k]``: the basis rows each seen class's mixture may blend (``None``: all).
         """
-        targets = None if candidates is None else _BlendTargets.build(model.weight_ae.decoder.basis, r, candidates)
+        targets = _blend_targets(model.weight_ae.decoder, r, candidates)
         cfg = self.config
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(self.seed)
@@ -450,7 +481,9 @@ class ICISInjector:
                     k = min(len(idx), len(new_order))
                     offset = (steps * k) % len(new_order)
                     extra = a_new[new_order.roll(-offset)[:k]]
-                blend = (candidates[idx], targets.select(idx)) if targets is not None else None
+                blend = None
+                if targets is not None:
+                    blend = (candidates[idx] if candidates is not None else None, targets(idx))
                 own = idx if mixture_own else None
                 loss = model.losses(a[idx], r[idx], extra, cfg.loss, cfg.cross_reconstruction, blend, own)
                 optimizer.zero_grad(set_to_none=True)
@@ -547,6 +580,22 @@ def _empty_model(config: ICISConfig, descriptor_dim: int, row_dim: int, basis_ro
     keys = torch.ones(basis_rows, descriptor_dim) if basis_rows else None
     top_k = _top_k(config, basis_rows)
     return ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis, top_k=top_k, basis_keys=keys)
+
+
+def _blend_targets(
+    decoder: nn.Module, rows: torch.Tensor, candidates: torch.Tensor | None
+) -> Callable[[torch.Tensor], _BlendTargets] | None:
+    """The targets of a batch of seen classes, to score the mixture's blends without building them (``None``: build
+    them, as for the linear decoder).
+
+    Top-k targets are gathered per batch, so memory does not grow with the head; blending the whole basis, its Gram
+    matrix pays only while the basis is not much wider than the rows are long.
+    """
+    if not isinstance(decoder, _MixtureDecoder):
+        return None
+    if candidates is not None:
+        return lambda idx: _BlendTargets.build(decoder.basis, rows[idx], candidates[idx])
+    return _BlendTargets.dense(decoder.basis).select if len(decoder.basis) <= 2 * rows.shape[1] else None
 
 
 def _top_k(config: ICISConfig, seen_classes: int) -> int | None:

@@ -326,25 +326,6 @@ def test_synthesized_features_climb_to_the_requested_confidence_and_are_determin
         synthesize_features(rows, mean[:3], spread, confidence=0.5)
 
 
-def test_coarse_climb_with_bisection_stops_near_the_confidence_where_a_plain_coarse_climb_overshoots():
-    from classifier_injection.calibration import synthesize_features
-
-    context = _context_with_statistics()
-    rows, mean, spread = context.seen_rows, context.feature_mean, 3.8 * context.feature_std
-
-    def own_probability(features, labels):
-        probs = torch.softmax(features @ rows[:, :-1].T + rows[:, -1], dim=1)
-        return probs[torch.arange(len(labels)), labels]
-
-    fine, labels = synthesize_features(rows, mean, spread, confidence=0.5, samples=3)
-    coarse, _ = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, stride=10)
-    refined, _ = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, stride=10, refinements=6)
-    p_fine, p_coarse, p_refined = (own_probability(f, labels) for f in (fine, coarse, refined))
-    assert (p_refined >= 0.5).all(), "bisection keeps every feature at or above the confidence"
-    assert (p_refined <= p_coarse + 1e-6).all() and p_refined.mean() < p_coarse.mean()
-    assert abs(float(p_refined.mean() - p_fine.mean())) < abs(float(p_coarse.mean() - p_fine.mean()))
-
-
 def test_a_second_context_on_the_same_head_reuses_the_synthesised_features(monkeypatch):
     from classifier_injection.calibration import simulation
 

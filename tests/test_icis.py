@@ -173,9 +173,34 @@ def test_blend_targets_give_the_loss_of_the_blended_rows_without_building_them()
     assert (candidates[:, 0] == torch.arange(40)).all(), "a class is its own nearest neighbour"
     weights = torch.softmax(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)), dim=1)
     blended = torch.einsum("bk,bkd->bd", weights, r_seen[candidates])
-    targets = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7).select(torch.arange(40))
+    targets = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7)
     torch.testing.assert_close(targets.distance(weights, "cosine", 17), _cosine_distance(blended, r_seen))
     torch.testing.assert_close(targets.distance(weights, "mse", 17), _mse(blended, r_seen))
+
+
+def test_dense_blend_targets_give_the_loss_and_gradient_of_blending_the_whole_basis():
+    from classifier_injection.icis import _BlendTargets, _cosine_distance, _mse
+
+    _, r_seen, _, _ = _synthetic(num_seen=12)
+    idx = torch.tensor([3, 0, 7, 7, 11])
+    targets = _BlendTargets.dense(r_seen.double()).select(idx)
+    for loss, reference in (("cosine", _cosine_distance), ("mse", _mse)):
+        logits = torch.randn(len(idx), 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        explicit, gram = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        expected = reference(torch.softmax(explicit, 1) @ r_seen.double(), r_seen[idx].double())
+        got = targets.distance(torch.softmax(gram, 1), loss, r_seen.shape[1])
+        expected.backward(), got.backward()
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(gram.grad, explicit.grad)
+
+
+def test_dense_mixture_trains_on_the_gram_matrix_only_while_it_is_cheaper():
+    from classifier_injection.icis import _blend_targets, _MixtureDecoder
+
+    rows = torch.randn(30, 7)
+    assert _blend_targets(_MixtureDecoder(4, rows[:14]), rows[:14], None)(torch.arange(3)).gram.shape == (14, 14)
+    assert _blend_targets(_MixtureDecoder(4, rows), rows, None) is None, "30 rows of width 7: blends are cheaper"
+    assert _blend_targets(torch.nn.Linear(4, 7), rows, None) is None
 
 
 def test_large_heads_blend_their_nearest_rows_and_visit_a_bounded_share_per_epoch(tmp_path):

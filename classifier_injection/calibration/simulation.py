@@ -131,16 +131,16 @@ def synthesize_features(
     samples: int = 4,
     seed: int = 0,
     max_steps: int = 2000,
-    stride: int = 1,
-    refinements: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N * samples, D]`` and labels ``[N * samples]`` synthesised for every class of the head.
 
     Each starts at ``feature_mean + feature_spread * z`` (``z ~ N(0, I)``: a feature of no class in particular)
     and climbs the head's log-softmax of its class by normalised gradient steps (``w_c - sum_j p_j w_j``, so it
-    moves away from the classes the head confuses it with, as trained features do) until the head gives the
-    class probability ``confidence``. Step length: ``stride`` / 250 of the expected norm of the start's spread;
-    ``refinements`` bisections of the last step then bring an overshooting feature back to the confidence.
+    moves away from the classes the head confuses it with, as trained features do) of 1 / 250 of the expected
+    norm of the start's spread, until the head gives the class probability ``confidence``.
+
+    The climb runs on the logits through the rows' Gram matrix (``N x N`` per step and feature, not
+    ``2 x N x D``); each feature's path is kept as coefficients on the rows and applied once at the end.
     """
     weights, biases = seen_rows[:, :-1].float(), seen_rows[:, -1].float()
     num, dim = weights.shape
@@ -152,51 +152,29 @@ def synthesize_features(
     labels = torch.arange(num).repeat_interleave(samples)
     generator = torch.Generator().manual_seed(seed)
     features = mean + spread * torch.randn(len(labels), dim, generator=generator)
-    step = float(spread.norm()) / 250 * stride
-    last_step = torch.zeros_like(features) if refinements else None
+    step = float(spread.norm()) / 250
+    gram = weights @ weights.T
+    logits = features @ weights.T + biases
+    # A feature's path so far is step * (own[m] * w_label - mix[m] @ weights): its own row and the blends it left.
+    own_coef, mix_coef = torch.zeros(len(labels)), torch.zeros(len(labels), num)
     active = torch.arange(len(labels))
     for _ in range(max_steps):
-        x, own = features[active], labels[active]
-        probs = torch.softmax(x @ weights.T + biases, dim=1)
+        own = labels[active]
+        probs = torch.softmax(logits[active], dim=1)
         climbing = probs[torch.arange(len(active)), own] < confidence
         if not climbing.any():
             break
-        active, x, own, probs = active[climbing], x[climbing], own[climbing], probs[climbing]
-        move = step * F.normalize(weights[own] - probs @ weights, dim=1)
-        features[active] = x + move
-        if last_step is not None:
-            last_step[active] = move
-    if last_step is not None:
-        _bisect_last_step(features, labels, last_step, weights, biases, confidence, refinements)
+        active, own, probs = active[climbing], own[climbing], probs[climbing]
+        # The direction w_own - p @ W, seen through the head: its logits and its squared norm.
+        mixed = probs @ gram
+        direction_logits = gram[own] - mixed
+        sq_norm = gram[own, own] - 2 * mixed[torch.arange(len(active)), own] + (mixed * probs).sum(1)
+        inverse = sq_norm.clamp_min(1e-24).rsqrt()
+        logits[active] += step * inverse[:, None] * direction_logits
+        own_coef[active] += inverse
+        mix_coef[active] += inverse[:, None] * probs
+    features += step * (own_coef[:, None] * weights[labels] - mix_coef @ weights)
     return features, labels
-
-
-def _bisect_last_step(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    last_step: torch.Tensor,
-    weights: torch.Tensor,
-    biases: torch.Tensor,
-    confidence: float,
-    refinements: int,
-) -> None:
-    """Move each feature back along its last step to the shortest fraction of it that still reaches ``confidence``.
-
-    Bisection on the fraction ``t`` in ``(0, 1]``; features that never stepped are left as they are.
-    """
-    moved = last_step.abs().sum(1) > 0
-    index = moved.nonzero().squeeze(1)
-    if not len(index):
-        return
-    start, move, own = features[index] - last_step[index], last_step[index], labels[index]
-    low, high = torch.zeros(len(index)), torch.ones(len(index))
-    for _ in range(refinements):
-        middle = (low + high) / 2
-        probs = torch.softmax((start + middle[:, None] * move) @ weights.T + biases, dim=1)
-        reached = probs[torch.arange(len(index)), own] >= confidence
-        high = torch.where(reached, middle, high)
-        low = torch.where(reached, low, middle)
-    features[index] = start + high[:, None] * move
 
 
 def synthetic_gzsl_curve(
