@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -178,10 +177,10 @@ class _MixtureDecoder(nn.Module):
 
 @dataclass(frozen=True)
 class _BlendTargets:
-    """What a row loss needs of each class ``i`` of a batch and its candidates ``c``, so blends are never built.
+    """What a row loss needs of each seen class ``i`` and its candidates ``c``, so blends are never built.
 
-    ``inner [B, k]``: ``basis[c_j] . r_i``; ``gram``: ``basis[c_j] . basis[c_l]``, per class ``[B, k, k]``, or one
-    ``[S, S]`` shared by all when every class blends the whole basis (``c = 0..S-1``); ``sq_norm [B]``: ``|r_i|^2``.
+    ``inner [S, k]``: ``basis[c_j] . r_i``; ``gram``: ``basis[c_j] . basis[c_l]``, per class ``[S, k, k]``, or one
+    ``[S, S]`` shared by all when every class blends the whole basis (``c = 0..S-1``); ``sq_norm [S]``: ``|r_i|^2``.
     A blend ``x = sum_j w_j basis[c_j]`` then has ``x . r_i = w . inner`` and ``|x|^2 = w' gram w``: a step costs
     ``k^2`` per class instead of ``2 k x row width``.
     """
@@ -193,10 +192,10 @@ class _BlendTargets:
     @classmethod
     @torch.no_grad()
     def build(cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 64) -> _BlendTargets:
-        """Targets of ``rows`` blending their ``candidates [B, k]`` rows of ``basis`` (gathered ``chunk`` at a time)."""
+        """Targets of ``rows`` blending their ``candidates [S, k]`` rows of ``basis`` (gathered ``chunk`` at a time)."""
         inner, gram = [], []
         for r, c in zip(rows.split(chunk), candidates.split(chunk), strict=True):
-            blocks = basis[c]  # [chunk, k, D]
+            blocks = basis.index_select(0, c.flatten()).view(*c.shape, -1)  # [chunk, k, D]
             inner.append(torch.einsum("bkd,bd->bk", blocks, r))
             gram.append(blocks @ blocks.transpose(1, 2))
         return cls(torch.cat(inner), torch.cat(gram), rows.pow(2).sum(1))
@@ -204,13 +203,14 @@ class _BlendTargets:
     @classmethod
     @torch.no_grad()
     def dense(cls, basis: torch.Tensor) -> _BlendTargets:
-        """Targets of the basis' own rows, each blending the whole basis (select a batch with :meth:`select`)."""
+        """Targets of the basis' own rows, each blending the whole basis."""
         gram = basis @ basis.T
         return cls(gram, gram, gram.diagonal().clone())
 
     def select(self, idx: torch.Tensor) -> _BlendTargets:
-        """The dense targets of the basis rows ``idx`` (one batch)."""
-        return _BlendTargets(self.inner[idx], self.gram, self.sq_norm[idx])
+        """The targets of the seen classes ``idx`` (one batch)."""
+        gram = self.gram if self.gram.dim() == 2 else self.gram[idx]
+        return _BlendTargets(self.inner[idx], gram, self.sq_norm[idx])
 
     def distance(self, weights: torch.Tensor, loss: str, row_dim: int) -> torch.Tensor:
         """The row loss of the blends with ``weights [B, k]`` against these targets' rows."""
@@ -483,7 +483,7 @@ class ICISInjector:
                     extra = a_new[new_order.roll(-offset)[:k]]
                 blend = None
                 if targets is not None:
-                    blend = (candidates[idx] if candidates is not None else None, targets(idx))
+                    blend = (candidates[idx] if candidates is not None else None, targets.select(idx))
                 own = idx if mixture_own else None
                 loss = model.losses(a[idx], r[idx], extra, cfg.loss, cfg.cross_reconstruction, blend, own)
                 optimizer.zero_grad(set_to_none=True)
@@ -512,7 +512,9 @@ class ICISInjector:
                 f"{tuple(descriptors.shape)}: use the same embedder as for training"
             )
         device = self.model.descriptor_mean.device
-        return self.model(descriptors.detach().to(device, torch.float32)).cpu()
+        # In chunks: a top-k blend gathers k rows per class, too much at once for thousands of new classes.
+        chunks = descriptors.detach().split(_PREDICT_CHUNK)
+        return torch.cat([self.model(chunk.to(device, torch.float32)).cpu() for chunk in chunks])
 
     def _basis_rows(self) -> int:
         decoder = self.model.weight_ae.decoder if self.model is not None else None
@@ -574,6 +576,10 @@ class ICISInjector:
         return injector
 
 
+#: New classes predicted at a time.
+_PREDICT_CHUNK = 256
+
+
 def _empty_model(config: ICISConfig, descriptor_dim: int, row_dim: int, basis_rows: int) -> ICISModel:
     """An untrained model of the shapes a saved injector declares (on the current default device)."""
     basis = torch.empty(basis_rows, row_dim) if basis_rows else None
@@ -582,20 +588,17 @@ def _empty_model(config: ICISConfig, descriptor_dim: int, row_dim: int, basis_ro
     return ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis, top_k=top_k, basis_keys=keys)
 
 
-def _blend_targets(
-    decoder: nn.Module, rows: torch.Tensor, candidates: torch.Tensor | None
-) -> Callable[[torch.Tensor], _BlendTargets] | None:
-    """The targets of a batch of seen classes, to score the mixture's blends without building them (``None``: build
-    them, as for the linear decoder).
+def _blend_targets(decoder: nn.Module, rows: torch.Tensor, candidates: torch.Tensor | None) -> _BlendTargets | None:
+    """What the row losses need to score the mixture's blends without building them (``None``: build them, as for
+    the linear decoder).
 
-    Top-k targets are gathered per batch, so memory does not grow with the head; blending the whole basis, its Gram
-    matrix pays only while the basis is not much wider than the rows are long.
+    Blending the whole basis, its Gram matrix pays only while the basis is not much wider than the rows are long.
     """
     if not isinstance(decoder, _MixtureDecoder):
         return None
     if candidates is not None:
-        return lambda idx: _BlendTargets.build(decoder.basis, rows[idx], candidates[idx])
-    return _BlendTargets.dense(decoder.basis).select if len(decoder.basis) <= 2 * rows.shape[1] else None
+        return _BlendTargets.build(decoder.basis, rows, candidates)
+    return _BlendTargets.dense(decoder.basis) if len(decoder.basis) <= 2 * rows.shape[1] else None
 
 
 def _top_k(config: ICISConfig, seen_classes: int) -> int | None:

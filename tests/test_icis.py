@@ -173,7 +173,7 @@ def test_blend_targets_give_the_loss_of_the_blended_rows_without_building_them()
     assert (candidates[:, 0] == torch.arange(40)).all(), "a class is its own nearest neighbour"
     weights = torch.softmax(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)), dim=1)
     blended = torch.einsum("bk,bkd->bd", weights, r_seen[candidates])
-    targets = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7)
+    targets = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7).select(torch.arange(40))
     torch.testing.assert_close(targets.distance(weights, "cosine", 17), _cosine_distance(blended, r_seen))
     torch.testing.assert_close(targets.distance(weights, "mse", 17), _mse(blended, r_seen))
 
@@ -198,7 +198,7 @@ def test_dense_mixture_trains_on_the_gram_matrix_only_while_it_is_cheaper():
     from classifier_injection.icis import _blend_targets, _MixtureDecoder
 
     rows = torch.randn(30, 7)
-    assert _blend_targets(_MixtureDecoder(4, rows[:14]), rows[:14], None)(torch.arange(3)).gram.shape == (14, 14)
+    assert _blend_targets(_MixtureDecoder(4, rows[:14]), rows[:14], None).gram.shape == (14, 14)
     assert _blend_targets(_MixtureDecoder(4, rows), rows, None) is None, "30 rows of width 7: blends are cheaper"
     assert _blend_targets(torch.nn.Linear(4, 7), rows, None) is None
 
@@ -273,3 +273,16 @@ def test_fit_runs_on_the_requested_device_and_returns_cpu_rows():
     if torch.cuda.is_available():
         on_gpu = ICISInjector(config, seed=2, device="cuda").fit(a_seen.cuda(), r_seen.cuda(), a_new.cuda())
         assert on_gpu.predict(a_new).device.type == "cpu"
+
+
+def test_predict_in_chunks_gives_the_rows_of_one_pass(monkeypatch):
+    from classifier_injection import icis
+
+    a_seen, r_seen, a_new, _ = _synthetic(num_seen=96)
+    config = ICISConfig(latent_dim=16, max_epochs=2, mixture_top_k=8, mixture_dense_up_to=32)
+    injector = ICISInjector(config, seed=1).fit(a_seen, r_seen, a_new)
+    queries = torch.cat([a_new, a_seen[:7]])
+    with torch.no_grad():
+        whole = injector.model(queries)
+    monkeypatch.setattr(icis, "_PREDICT_CHUNK", 3)
+    torch.testing.assert_close(injector.predict(queries), whole)
