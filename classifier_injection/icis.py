@@ -191,11 +191,13 @@ class _BlendTargets:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 64) -> _BlendTargets:
+    def build(
+        cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 128
+    ) -> _BlendTargets:
         """Targets of ``rows`` blending their ``candidates [S, k]`` rows of ``basis`` (gathered ``chunk`` at a time)."""
         inner, gram = [], []
         for r, c in zip(rows.split(chunk), candidates.split(chunk), strict=True):
-            blocks = basis.index_select(0, c.flatten()).view(*c.shape, -1)  # [chunk, k, D]
+            blocks = basis[c]  # [chunk, k, D]
             inner.append(torch.einsum("bkd,bd->bk", blocks, r))
             gram.append(blocks @ blocks.transpose(1, 2))
         return cls(torch.cat(inner), torch.cat(gram), rows.pow(2).sum(1))
@@ -592,13 +594,13 @@ def _blend_targets(decoder: nn.Module, rows: torch.Tensor, candidates: torch.Ten
     """What the row losses need to score the mixture's blends without building them (``None``: build them, as for
     the linear decoder).
 
-    Blending the whole basis, its Gram matrix pays only while the basis is not much wider than the rows are long.
+    Blending the whole basis, its Gram matrix pays only while the basis has no more rows than they are long.
     """
     if not isinstance(decoder, _MixtureDecoder):
         return None
     if candidates is not None:
         return _BlendTargets.build(decoder.basis, rows, candidates)
-    return _BlendTargets.dense(decoder.basis) if len(decoder.basis) <= 2 * rows.shape[1] else None
+    return _BlendTargets.dense(decoder.basis) if len(decoder.basis) <= rows.shape[1] else None
 
 
 def _top_k(config: ICISConfig, seen_classes: int) -> int | None:

@@ -198,8 +198,8 @@ def test_dense_mixture_trains_on_the_gram_matrix_only_while_it_is_cheaper():
     from classifier_injection.icis import _blend_targets, _MixtureDecoder
 
     rows = torch.randn(30, 7)
-    assert _blend_targets(_MixtureDecoder(4, rows[:14]), rows[:14], None).gram.shape == (14, 14)
-    assert _blend_targets(_MixtureDecoder(4, rows), rows, None) is None, "30 rows of width 7: blends are cheaper"
+    assert _blend_targets(_MixtureDecoder(4, rows[:7]), rows[:7], None).gram.shape == (7, 7)
+    assert _blend_targets(_MixtureDecoder(4, rows[:8]), rows[:8], None) is None, "8 rows of width 7: blends are cheaper"
     assert _blend_targets(torch.nn.Linear(4, 7), rows, None) is None
 
 
