@@ -326,6 +326,26 @@ def test_synthesized_features_climb_to_the_requested_confidence_and_are_determin
         synthesize_features(rows, mean[:3], spread, confidence=0.5)
 
 
+def test_the_climb_on_the_logits_follows_the_climb_in_feature_space():
+    from classifier_injection.calibration import synthesize_features
+
+    context = _context_with_statistics()
+    rows, mean, spread = context.seen_rows.double(), context.feature_mean.double(), 3.8 * context.feature_std.double()
+    features, labels = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, seed=0)
+    # The reference: each feature steps along the normalised w_c - p @ W, logits recomputed from the feature.
+    weights, biases = rows[:, :-1], rows[:, -1]
+    expected = mean + spread * torch.randn(len(labels), len(mean), generator=torch.Generator().manual_seed(0))
+    step = float(spread.norm()) / 250
+    for _ in range(2000):
+        probs = torch.softmax(expected @ weights.T + biases, dim=1)
+        climbing = probs[torch.arange(len(labels)), labels] < 0.5
+        if not climbing.any():
+            break
+        direction = torch.nn.functional.normalize(weights[labels] - probs @ weights, dim=1)
+        expected[climbing] += step * direction[climbing]
+    torch.testing.assert_close(features.double(), expected, rtol=0, atol=1e-5)
+
+
 def test_a_second_context_on_the_same_head_reuses_the_synthesised_features(monkeypatch):
     from classifier_injection.calibration import simulation
 
