@@ -118,7 +118,9 @@ def _in_subprocess(num: int, count: int, cache_dir: str) -> dict:
 
 
 def exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
-    """The least-squares slope of log(seconds) against log(N): time ~ N^exponent."""
+    """The least-squares slope of log(seconds) against log(N): time ~ N^exponent (NaN for fewer than two sizes)."""
+    if len(set(sizes)) < 2:
+        return math.nan
     x = [math.log(n) for n in sizes]
     y = [math.log(s) for s in seconds]
     mx, my = sum(x) / len(x), sum(y) / len(y)
