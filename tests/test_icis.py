@@ -203,6 +203,20 @@ def test_dense_mixture_trains_on_the_gram_matrix_only_while_it_is_cheaper():
     assert _blend_targets(torch.nn.Linear(4, 7), rows, None) is None
 
 
+@pytest.mark.parametrize("exclude_own_row", [False, True])
+def test_training_through_the_gram_matrix_gives_the_rows_of_training_on_built_blends(monkeypatch, exclude_own_row):
+    from classifier_injection import icis
+
+    a_seen, r_seen, a_new, _ = _synthetic(num_seen=24, row_dim=40)  # 24 rows of width 40: the Gram form applies
+    config = ICISConfig(latent_dim=16, max_epochs=4, batch_size=8, exclude_own_row=exclude_own_row)
+    gram = ICISInjector(config, seed=3).fit(a_seen, r_seen, a_new)
+    assert isinstance(icis._blend_targets(gram.model.weight_ae.decoder, r_seen, None), icis._BlendTargets)
+    monkeypatch.setattr(icis, "_blend_targets", lambda decoder, rows, candidates: None)
+    built = ICISInjector(config, seed=3).fit(a_seen, r_seen, a_new)
+    assert len(gram.history) == len(built.history) == 4
+    torch.testing.assert_close(gram.predict(a_new), built.predict(a_new), rtol=1e-4, atol=1e-4)
+
+
 def test_large_heads_blend_their_nearest_rows_and_visit_a_bounded_share_per_epoch(tmp_path):
     a_seen, r_seen, a_new, _ = _synthetic(num_seen=96)
     config = ICISConfig(latent_dim=16, max_epochs=3, mixture_top_k=8, mixture_dense_up_to=32, classes_per_epoch=40)
