@@ -193,7 +193,7 @@ def inject(
     reliability = _reliability(prediction, seen_rows, seen_names, names, config.new_class_scale)
     elapsed = time.perf_counter() - start
 
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy_without_head(model, head)
     _grow(target, head, prediction.rows, seen_names, names, descriptions)
     record = dict(getattr(target, "classifier_injection", None) or {})
     record["library_version"] = __version__
@@ -278,6 +278,12 @@ def _check_trained_on(injector: Injector, model: nn.Module, head: ClassifierHead
             f"this injector was trained on another head (fingerprint {trained_on}, this head "
             f"{head_fingerprint(seen_rows)}): train a new one on this model, or pass injector=None"
         )
+
+
+def _copy_without_head(model: nn.Module, head: ClassifierHead) -> nn.Module:
+    """A deep copy of ``model`` that shares the head's layers, which :func:`_grow` replaces and never modifies."""
+    shared = (model.get_submodule(path) for path in head.paths)
+    return copy.deepcopy(model, memo={id(layer): layer for layer in shared})
 
 
 def _grow(

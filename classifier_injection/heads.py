@@ -208,10 +208,13 @@ def _grown_layer(layer: nn.Module, new_weight: torch.Tensor, new_bias: torch.Ten
     if weight.dim() == 4:
         new_w = new_w[:, :, None, None]
     grown = _segmented_copy(layer, (*_segments_of(layer), new_weight.shape[0]))
-    with torch.no_grad():
-        grown.weight.copy_(torch.cat([weight, new_w], dim=0))
+    num_old = weight.shape[0]
+    with torch.no_grad():  # slice by slice: a head of 22k rows is not concatenated first
+        grown.weight[:num_old].copy_(weight)
+        grown.weight[num_old:].copy_(new_w)
         if layer.bias is not None:
-            grown.bias.copy_(torch.cat([layer.bias.detach(), new_bias.to(grown.bias)], dim=0))
+            grown.bias[:num_old].copy_(layer.bias.detach())
+            grown.bias[num_old:].copy_(new_bias)
     for param in grown.parameters():
         param.requires_grad_(layer.weight.requires_grad)
     grown.train(layer.training)
@@ -225,6 +228,10 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
         parent[int(name)] = module
     else:
         setattr(parent, name, module)
+
+
+#: Classes folded at a time by :meth:`ClassifierHead.rows`.
+_ROW_BLOCK = 2048
 
 
 def _f64(tensor: torch.Tensor) -> torch.Tensor:
@@ -339,11 +346,11 @@ class ClassifierHead:
         raise ValueError(f"unknown mixing {self.mixing!r}")
 
     # ----------------------------------------------------------------------------- rows
-    def _folded(self, model: nn.Module, layer: HeadLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W', b')`` of one layer in float64, with its BatchNorm folded in."""
+    def _folded(self, model: nn.Module, layer: HeadLayer, classes: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W', b')`` of one layer's rows ``classes`` in float64, with its BatchNorm folded in."""
         module = model.get_submodule(layer.path)
-        weight = _f64(_weight_2d(module))
-        bias = _f64(module.bias) if module.bias is not None else weight.new_zeros(weight.shape[0])
+        weight = _f64(_weight_2d(module)[classes])
+        bias = _f64(module.bias[classes]) if module.bias is not None else weight.new_zeros(weight.shape[0])
         if layer.norm_path is not None:
             scale, shift = _bn_scale_shift(model.get_submodule(layer.norm_path))
             bias = bias + weight @ shift
@@ -351,15 +358,23 @@ class ClassifierHead:
         return weight, bias
 
     def rows(self, model: nn.Module) -> torch.Tensor:
-        """The rows ``[W | b]``, shape ``[num_classes, in_features + 1]``, float32 on the CPU (meta if the model is)."""
-        blocks: dict[int, torch.Tensor] = {}
-        bias = None
-        for layer, c in zip(self.layers, self.coefficients(model), strict=True):
-            weight, b = self._folded(model, layer)
-            blocks[layer.group] = blocks[layer.group] + c * weight if layer.group in blocks else c * weight
-            bias = c * b if bias is None else bias + c * b
-        rows = torch.cat([*(blocks[g] for g in sorted(blocks)), bias[:, None]], dim=1).float()
-        return rows if rows.is_meta else rows.cpu()
+        """The rows ``[W | b]``, shape ``[num_classes, in_features + 1]``, float32 on the CPU (meta if the model is).
+
+        Folded in float64 a block of classes at a time, so a large head never exists in float64 whole.
+        """
+        coefficients = self.coefficients(model)
+        device = coefficients[0].device
+        rows = torch.empty(self.num_classes, self.in_features + 1, dtype=torch.float32, device=device)
+        for start in range(0, self.num_classes, _ROW_BLOCK):
+            classes = slice(start, start + _ROW_BLOCK)
+            blocks: dict[int, torch.Tensor] = {}
+            bias = None
+            for layer, c in zip(self.layers, coefficients, strict=True):
+                weight, b = self._folded(model, layer, classes)
+                blocks[layer.group] = blocks[layer.group] + c * weight if layer.group in blocks else c * weight
+                bias = c * b if bias is None else bias + c * b
+            rows[classes] = torch.cat([*(blocks[g] for g in sorted(blocks)), bias[:, None]], dim=1)
+        return rows
 
     # ----------------------------------------------------------------------------- features and logits
     def capture(self, model: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, ...]:

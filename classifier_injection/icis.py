@@ -179,8 +179,9 @@ class _MixtureDecoder(nn.Module):
 class _BlendTargets:
     """What a row loss needs of each seen class ``i`` and its candidates ``c``, so blends are never built.
 
-    ``inner [S, k]``: ``basis[c_j] . r_i``; ``gram``: ``basis[c_j] . basis[c_l]``, per class ``[S, k, k]``, or one
-    ``[S, S]`` shared by all when every class blends the whole basis (``c = 0..S-1``); ``sq_norm [S]``: ``|r_i|^2``.
+    ``inner [S, k]``: ``basis[c_j] . r_i``; ``gram``: ``basis[c_j] . basis[c_l]``, per class (``[B, k, k]`` for a
+    batch, kept as the upper triangles ``[S, k (k + 1) / 2]`` that ``unpack [k, k]`` indexes), or one ``[S, S]``
+    shared by all when every class blends the whole basis (``c = 0..S-1``); ``sq_norm [S]``: ``|r_i|^2``.
     A blend ``x = sum_j w_j basis[c_j]`` then has ``x . r_i = w . inner`` and ``|x|^2 = w' gram w``: a step costs
     ``k^2`` per class instead of ``2 k x row width``.
     """
@@ -188,19 +189,30 @@ class _BlendTargets:
     inner: torch.Tensor
     gram: torch.Tensor
     sq_norm: torch.Tensor
+    unpack: torch.Tensor | None = None
 
     @classmethod
     @torch.no_grad()
     def build(
         cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 128
     ) -> _BlendTargets:
-        """Targets of ``rows`` blending their ``candidates [S, k]`` rows of ``basis`` (gathered ``chunk`` at a time)."""
-        inner, gram = [], []
-        for r, c in zip(rows.split(chunk), candidates.split(chunk), strict=True):
-            blocks = basis[c]  # [chunk, k, D]
-            inner.append(torch.einsum("bkd,bd->bk", blocks, r))
-            gram.append(blocks @ blocks.transpose(1, 2))
-        return cls(torch.cat(inner), torch.cat(gram), rows.pow(2).sum(1))
+        """Targets of ``rows`` blending their ``candidates [S, k]`` rows of ``basis`` (gathered ``chunk`` at a time).
+
+        Written into tensors allocated once, the symmetric Gram matrices as their upper triangles: chunks joined at
+        the end, or whole matrices, would cost about twice the memory.
+        """
+        num, k = candidates.shape
+        upper = torch.triu_indices(k, k, device=rows.device)
+        unpack = torch.empty(k, k, dtype=torch.long, device=rows.device)
+        unpack[upper[0], upper[1]] = unpack[upper[1], upper[0]] = torch.arange(upper.shape[1], device=rows.device)
+        inner = rows.new_empty(num, k)
+        gram = rows.new_empty(num, upper.shape[1])
+        for start in range(0, num, chunk):
+            part = slice(start, start + chunk)
+            blocks = basis[candidates[part]]  # [chunk, k, D]
+            torch.bmm(blocks, rows[part, :, None], out=inner[part, :, None])
+            gram[part] = torch.bmm(blocks, blocks.transpose(1, 2))[:, upper[0], upper[1]]
+        return cls(inner, gram, rows.pow(2).sum(1), unpack)
 
     @classmethod
     @torch.no_grad()
@@ -211,7 +223,7 @@ class _BlendTargets:
 
     def select(self, idx: torch.Tensor) -> _BlendTargets:
         """The targets of the seen classes ``idx`` (one batch)."""
-        gram = self.gram if self.gram.dim() == 2 else self.gram[idx]
+        gram = self.gram if self.unpack is None else self.gram[idx][:, self.unpack]
         return _BlendTargets(self.inner[idx], gram, self.sq_norm[idx])
 
     def distance(self, weights: torch.Tensor, loss: str, row_dim: int) -> torch.Tensor:

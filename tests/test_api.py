@@ -33,6 +33,8 @@ def test_inject_extends_head_and_keeps_old_logits(resnet, embedder, fast_icis):
     # the input model is untouched
     assert resnet.num_classes == 10 and len(resnet.pretrained_cfg["label_names"]) == 10
     assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in state.items())
+    shared = {t.data_ptr() for t in out.state_dict().values()} & {t.data_ptr() for t in resnet.state_dict().values()}
+    assert not shared, "the extended model shares no tensor with the input model"
     # head rows 0..N-1 are the old rows, in timm's layout
     assert isinstance(out.fc, SegmentedLinear) and out.fc.segments == (10, 2)
     assert torch.equal(out.fc.weight[:10], resnet.fc.weight)

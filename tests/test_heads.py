@@ -259,6 +259,17 @@ def test_batchnorm_fold_matches_model_and_handles_zero_scale():
     torch.testing.assert_close(after[:, N:], _apply_rows(features, reachable), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["levit_256d", "deit_tiny_distilled_patch16_224", "resnetv2_18"])
+def test_rows_folded_in_blocks_equal_rows_folded_whole(name, monkeypatch):
+    from classifier_injection import heads
+
+    _, kwargs, _ = ARCHS[name]
+    model = _build(name, **kwargs)
+    whole = find_head(model).rows(model)
+    monkeypatch.setattr(heads, "_ROW_BLOCK", 3)  # N = 10: blocks of 3, 3, 3 and 1 classes
+    assert torch.equal(find_head(model).rows(model), whole)
+
+
 def test_old_logits_bit_identical_in_train_mode_too():
     model = _build("levit_128s", img_size=64)
     head = find_head(model)

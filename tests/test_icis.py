@@ -173,7 +173,11 @@ def test_blend_targets_give_the_loss_of_the_blended_rows_without_building_them()
     assert (candidates[:, 0] == torch.arange(40)).all(), "a class is its own nearest neighbour"
     weights = torch.softmax(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)), dim=1)
     blended = torch.einsum("bk,bkd->bd", weights, r_seen[candidates])
-    targets = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7).select(torch.arange(40))
+    stored = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7)
+    assert stored.gram.shape == (40, 6 * 7 // 2), "each class keeps the upper triangle of its Gram matrix"
+    targets = stored.select(torch.arange(40))
+    blocks = r_seen[candidates]
+    torch.testing.assert_close(targets.gram, blocks @ blocks.transpose(1, 2))
     torch.testing.assert_close(targets.distance(weights, "cosine", 17), _cosine_distance(blended, r_seen))
     torch.testing.assert_close(targets.distance(weights, "mse", 17), _mse(blended, r_seen))
 
