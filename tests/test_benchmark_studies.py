@@ -159,6 +159,37 @@ def test_budget_rule_shares_the_simulated_injection_of_its_context():
     assert len([k for k in context.memo if k[0] == "injections"]) == 1
 
 
+def test_operating_point_scores_the_simulation_with_every_other_true_row_competing():
+    from benchmarks.studies.operating_point import f_half, precision_first, simulated_rates
+    from classifier_injection.calibration.reliability import synthetic_wins
+    from classifier_injection.calibration.simulation import simulate_injections
+
+    descriptors, rows = synthetic_head(num=60)
+    dim = rows.shape[1] - 1
+    context = CalibrationContext(
+        rows,
+        rows[:2],
+        descriptors,
+        injector_factory=LeastSquares,
+        seed=3,
+        feature_mean=torch.zeros(dim),
+        feature_std=torch.ones(dim),
+    )
+    rule = SynthesizedCalibration()
+    rates = simulated_rates(rule, context, 1.5, 1, [1.0])[0]
+    assert 0 < rates["recall"] <= 100 and rates["stolen_per_class"] >= 0
+    # Alone against the kept rows only (the reliability record's scoring), a held-out row wins at least as often
+    # on its own class's features as when the other held-out classes' true rows compete too.
+    features, labels = rule.synthesized_features(context)
+    held, predicted = simulate_injections(context, rule.holdout_fraction, rule.repeats, rule.name)[0]
+    wins = synthetic_wins(rows, held, predicted, features, context.feature_mean, 1.5, rule.offset)
+    own = labels[:, None] == held[None, :]
+    assert rates["recall"] <= 100 * float((wins & own).sum()) / float(own.sum())
+    assert f_half(50.0, 50.0) == pytest.approx(50.0) and f_half(float("nan"), 0.0) == 0.0
+    table = [{"scale": 0.8, "recall": 10.0, "precision": 90.0}, {"scale": 1.0, "recall": 40.0, "precision": 40.0}]
+    assert precision_first(table) == 1.0  # F0.5 34.6 against 40.0
+
+
 def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     """lite0, fold 0, ridge rows (weak: photo-prompt names): ``logit-match`` reaches >= 80 % of the H of the best
     test-picked factor; ``simulate`` keeps the old classes within 15 points of the model and still lets the new

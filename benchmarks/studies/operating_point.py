@@ -1,0 +1,196 @@
+"""Does the calibration's simulation predict the user regime, and where would a precision-first scale land?
+
+For each model and name regime, ``inject()`` adds one name to the full 1000-class head with the library defaults,
+its calibration simulated anew. The default rule's own simulated injection (the 200 held-out classes, their
+predicted rows, the synthesised features) is then scored as the benchmark's user regime scores photos: groups of
+``K`` held-out rows injected among all the other ``1000 - K`` true rows, calibrated as ``inject()`` calibrates
+them, their logits times ``new_class_scale``. Side by side: the photos' numbers of the benchmark's run ``user``
+(same models, regimes, ``K`` and scales), and the scale a precision-first rule (the best simulated F0.5, at most
+1) would choose. Image-free on the simulated side; the photo columns only report.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.operating_point
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.harness.data import RESULTS, load_model
+from benchmarks.harness.descriptors import embedding_cache
+from benchmarks.harness.results import command_line, record
+from benchmarks.harness.user_regime import REGIMES
+from classifier_injection import InjectionConfig, inject
+from classifier_injection.calibration import SynthesizedCalibration
+from classifier_injection.calibration.base import CalibrationContext
+from classifier_injection.calibration.simulation import held_mask, simulate_injections, simulated_head
+
+STUDY = "operating_point"
+MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+COUNTS = (1, 10, 50)
+#: Scales of the table (those of the user regime's curve) and the candidates of the precision-first rule.
+SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
+CANDIDATES = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+
+
+@dataclass(frozen=True)
+class _Recording(SynthesizedCalibration):
+    """The default rule, keeping the context it chose on (so the study can score the same simulation)."""
+
+    def select(self, context: CalibrationContext):
+        choice = super().select(context)
+        _LAST.update(context=context, choice=choice)
+        return choice
+
+
+_LAST: dict = {}
+
+
+def f_half(precision: float, recall: float) -> float:
+    """F0.5: precision weighted twice as much as recall (0 when both are 0 or precision is undefined)."""
+    if math.isnan(precision) or precision + recall == 0:
+        return 0.0
+    return 1.25 * precision * recall / (0.25 * precision + recall)
+
+
+def simulated_rates(
+    rule: SynthesizedCalibration, context: CalibrationContext, factor: float, k: int, scales: Sequence[float]
+) -> list[dict]:
+    """Recall, precision (%) and old features stolen per new row when ``k`` simulated rows join the true ones."""
+    features, labels = rule.synthesized_features(context)
+    context = simulated_head(context)
+    rows = context.seen_rows.detach().float().cpu()
+    mean = context.feature_mean.detach().float().cpu()
+    held, predicted = simulate_injections(context, rule.holdout_fraction, rule.repeats, rule.name)[0]
+    kept = rows[~held_mask(len(rows), held)]
+    target = float((kept[:, :-1] @ mean + kept[:, -1]).mean())  # the feature-mean bias rule, as in the simulation
+    units = torch.nn.functional.normalize(predicted[:, :-1].float(), dim=1) * kept[:, :-1].norm(dim=1).mean()
+    responses = (features - mean) @ units.T
+    old = features @ rows[:, :-1].T + rows[:, -1]
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
+    groups = [order[s : s + k] for s in range(0, len(order) - k + 1, k)]
+    per_class = len(labels) / len(rows)
+    out = []
+    for scale in scales:
+        hits = wins = right = photos = 0
+        for group in groups:
+            classes = held[group]
+            competitors = old.clone()
+            competitors[:, classes] = -math.inf
+            new = scale * (target + rule.offset + factor * responses[:, group])
+            best_new, which = new.max(1)
+            won = best_new > competitors.max(1).values
+            own = (labels[:, None] == classes[None]).any(1)
+            correct = won & (classes[which] == labels)
+            photos += int(own.sum())
+            hits += int((correct & own).sum())
+            wins += int(won.sum())
+            right += int(correct.sum())
+        out.append(
+            {
+                "scale": scale,
+                "recall": 100 * hits / photos,
+                "precision": 100 * right / wins if wins else math.nan,
+                "stolen_per_class": (wins - right) / (len(groups) * k) / per_class,
+            }
+        )
+    return out
+
+
+def precision_first(rates: Sequence[dict]) -> float:
+    """The candidate scale with the best simulated F0.5 (ties: the larger scale)."""
+    return max(rates, key=lambda r: (round(f_half(r["precision"], r["recall"]), 6), r["scale"]))["scale"]
+
+
+def photo_curve(model: str, k: int, regime: str, run: str = "user") -> list[dict | None] | None:
+    """The photos' points of ICIS at :data:`SCALES` in the benchmark's run ``run`` (``None``: not measured)."""
+    path = RESULTS / "benchmark" / "results.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    try:
+        curve = runs[run]["results"]["user"][model][str(k)][regime]["icis"]["curve"]
+    except KeyError:
+        return None
+    points = {point["scale"]: point for point in curve}
+    return [points.get(scale) for scale in SCALES]
+
+
+def measure(model_name: str, regime: str) -> dict:
+    """Simulated rates at each ``K`` of :data:`COUNTS`, the precision-first scale, and the photos' rates."""
+    shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # simulate anew
+    config = InjectionConfig(descriptors=REGIMES[regime], calibration=_Recording())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        inject(load_model(model_name), ["capybara"], config, cache=embedding_cache())
+    context, choice = _LAST["context"], _LAST["choice"]
+    rule = _Recording()
+    out: dict = {"factor": choice.factor, "offset": choice.offset, "counts": {}}
+    for k in COUNTS:
+        rates = simulated_rates(rule, context, choice.factor, k, SCALES)
+        chosen = precision_first(simulated_rates(rule, context, choice.factor, k, CANDIDATES))
+        out["counts"][str(k)] = {
+            "simulated": rates,
+            "precision_first_scale": chosen,
+            "photos": photo_curve(model_name, k, regime),
+        }
+    return out
+
+
+def _cell(point: dict | None) -> str:
+    if point is None:
+        return "-"
+    precision = "-" if math.isnan(point["precision"]) else f"{point['precision']:.0f}"
+    return f"{point['recall']:.0f} / {precision}"
+
+
+def table(results: dict) -> str:
+    """Markdown: per model, regime and K, simulated and photo recall / precision at each scale."""
+    lines = [
+        "### Recall / precision (%) by new_class_scale: the simulation scored as the user regime, and photos",
+        "",
+        "| model | regime | K | | " + " | ".join(f"{s:g}" for s in SCALES) + " | precision-first scale |",
+        "|---|---|---|---|" + "---|" * len(SCALES) + "---|",
+    ]
+    for model, regimes in results.items():
+        for regime, entry in regimes.items():
+            for k, data in entry["counts"].items():
+                simulated = " | ".join(_cell(p) for p in data["simulated"])
+                lines.append(
+                    f"| {model} | {regime} | {k} | simulated | {simulated} | {data['precision_first_scale']:g} |"
+                )
+                if data["photos"] is not None:
+                    photos = " | ".join(_cell(p) for p in data["photos"])
+                    lines.append(f"| | | | photos (run `user`) | {photos} | |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.operating_point") -> dict:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/operating_point")
+    args = parser.parse_args(argv)
+    results = {model: {regime: measure(model, regime) for regime in args.regimes} for model in args.models}
+    text = table(results)
+    print(text)
+    record(
+        STUDY,
+        args.name,
+        results,
+        text,
+        command_line(prog, argv),
+        title="The operating point: simulation against photos",
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()
