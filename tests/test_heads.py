@@ -160,6 +160,8 @@ def test_inject_every_head_family(name, tmp_path):
         after = injected(x)
     assert after.shape == (2, N + K)
     assert torch.equal(after[:, :N], before)
+    shared = {t.data_ptr() for t in injected.state_dict().values() if t.numel()}
+    assert not shared & {t.data_ptr() for t in model.state_dict().values() if t.numel()}, "tensors shared"
 
     grown = find_head(injected)
     assert (grown.family, grown.paths, grown.num_classes) == (family, head.paths, N + K)
