@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -204,10 +205,15 @@ USER_PLAN: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
 _ROWS_KEPT = ("icis", "vgse-smo")
 
 
-def run_user_draw(model: str, k: int, draw: int, regime: str, method: Method, embedder, fresh: bool) -> dict:
-    """One draw's counts per ``new_class_scale`` for one regime and method, from the cache when computed before."""
+def run_user_draw(
+    model: str, k: int, draw: int, regime: str, method: Method, embedder, fresh: bool, embedder_key: str = ""
+) -> dict:
+    """One draw's counts per ``new_class_scale`` for one regime and method, from the cache when computed before.
+
+    ``embedder_key`` names a text embedder other than the default in the cache key.
+    """
     hparams = json.loads(json.dumps(method.build().hparams()))
-    key = f"user__{model}__K{k}__draw{draw}__{regime}__{method.name}"
+    key = f"user__{model}__K{k}__draw{draw}__{regime}__{method.name}" + (f"__{embedder_key}" if embedder_key else "")
     cached = _cached_result(key, method, hparams, fresh)
     if cached is not None and ("rows" in cached or method.name not in _ROWS_KEPT):
         return cached
@@ -260,13 +266,15 @@ def run_user(
     into: dict,
     on_update: Callable[[], None],
     regimes: Sequence[str] = tuple(REGIMES),
+    embedder_path: str | None = None,
 ) -> None:
     """Fill ``into[model][K]`` with the ceiling and ``[regime][method]`` entries, every draw of :data:`USER_PLAN`
-    (or of its ``cases``, ``"model:K"``)."""
+    (or of its ``cases``, ``"model:K"``); ``embedder_path``: a sentence-transformers model instead of the default."""
     from benchmarks.harness.data import head_data
-    from classifier_injection import default_embedder
+    from classifier_injection import SentenceTransformerEmbedder, default_embedder
 
-    embedder = default_embedder()
+    embedder = SentenceTransformerEmbedder(embedder_path) if embedder_path else default_embedder()
+    embedder_key = Path(embedder_path).name if embedder_path else ""
     for model, k, planned, planned_methods in USER_PLAN:
         if cases is not None and f"{model}:{k}" not in cases:
             continue
@@ -279,7 +287,7 @@ def run_user(
         for draw in draws:
             for regime in regimes:
                 for name in (m for m in planned_methods if m in methods):
-                    result = run_user_draw(model, k, draw, regime, METHODS[name], embedder, fresh)
+                    result = run_user_draw(model, k, draw, regime, METHODS[name], embedder, fresh, embedder_key)
                     done = results.setdefault((regime, name), [])
                     done.append(result)
                     table.setdefault(regime, {})[name] = {
@@ -577,6 +585,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             report.setdefault("user", {}),
             save,
             regimes=args.user_regimes,
+            embedder_path=args.user_embedder,
         )
     save()
     if not args.no_plots:
@@ -601,6 +610,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--user-methods", nargs="+", default=list(USER_METHODS), choices=USER_METHODS + ROW_VARIANTS)
     parser.add_argument("--user-regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--user-draws", type=int, default=None, help="user stage: at most N draws per (model, K)")
+    parser.add_argument(
+        "--user-embedder", default=None, help="user stage: a sentence-transformers model (directory or hub name)"
+    )
     parser.add_argument(
         "--user-cases",
         nargs="+",
