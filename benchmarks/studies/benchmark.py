@@ -266,15 +266,18 @@ def run_user(
     into: dict,
     on_update: Callable[[], None],
     regimes: Sequence[str] = tuple(REGIMES),
-    embedder_path: str | None = None,
+    embedders: Sequence[str] = (),
 ) -> None:
     """Fill ``into[model][K]`` with the ceiling and ``[regime][method]`` entries, every draw of :data:`USER_PLAN`
-    (or of its ``cases``, ``"model:K"``); ``embedder_path``: a sentence-transformers model instead of the default."""
+    (or of its ``cases``, ``"model:K"``); ``embedders``: sentence-transformers models (``"default"``: the library's)
+    to use instead of the default, their vectors concatenated when there are several."""
     from benchmarks.harness.data import head_data
     from classifier_injection import SentenceTransformerEmbedder, default_embedder
+    from classifier_injection.descriptors import CombinedEmbedder
 
-    embedder = SentenceTransformerEmbedder(embedder_path) if embedder_path else default_embedder()
-    embedder_key = Path(embedder_path).name if embedder_path else ""
+    parts = [default_embedder() if e == "default" else SentenceTransformerEmbedder(e) for e in embedders]
+    embedder = default_embedder() if not parts else parts[0] if len(parts) == 1 else CombinedEmbedder(parts)
+    embedder_key = "+".join(Path(e).name for e in embedders)
     for model, k, planned, planned_methods in USER_PLAN:
         if cases is not None and f"{model}:{k}" not in cases:
             continue
@@ -585,7 +588,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             report.setdefault("user", {}),
             save,
             regimes=args.user_regimes,
-            embedder_path=args.user_embedder,
+            embedders=args.user_embedders,
         )
     save()
     if not args.no_plots:
@@ -611,7 +614,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--user-regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--user-draws", type=int, default=None, help="user stage: at most N draws per (model, K)")
     parser.add_argument(
-        "--user-embedder", default=None, help="user stage: a sentence-transformers model (directory or hub name)"
+        "--user-embedders",
+        nargs="+",
+        default=[],
+        help="user stage: sentence-transformers models (directories or hub names; 'default': the library's) to use "
+        "instead of the default, concatenated when several",
     )
     parser.add_argument(
         "--user-cases",

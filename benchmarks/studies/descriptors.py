@@ -96,6 +96,12 @@ def variants() -> dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
         mpnet = SentenceTransformerEmbedder(str(MPNET))
         found["mpnet/photo"] = lambda: text_matrices(mpnet, preset("photo"))
         found["mpnet/name+definition"] = lambda: text_matrices(mpnet, preset("name+definition"))
+        found["minilm/name+definition + mpnet/name+definition"] = lambda: concat(
+            text_matrices(minilm, preset("name+definition")), text_matrices(mpnet, preset("name+definition"))
+        )
+        found["minilm/photo + mpnet/photo"] = lambda: concat(
+            text_matrices(minilm, preset("photo")), text_matrices(mpnet, preset("photo"))
+        )
     return found
 
 
