@@ -177,6 +177,8 @@ def inject(
     seen_descriptors = None
     if not trained or needs_context(rule):
         seen_descriptors = embed_classes(embedder, seen_names, descriptor_config, described.seen, cache=disk_cache)
+    choices = CalibrationCache(disk_cache.directory / "calibration") if disk_cache is not None else None
+    del disk_cache  # its copy of the embedding file is done with
     prediction = predict_rows(
         seen_rows,
         seen_descriptors,
@@ -186,12 +188,16 @@ def inject(
         features=feature_statistics(model, head) if needs_context(rule) else None,
         seed=seed,
         new_class_scale=config.new_class_scale,
-        choices=CalibrationCache(disk_cache.directory / "calibration") if disk_cache is not None else None,
+        choices=choices,
     )
     if not trained and hasattr(injector, "fingerprint"):
         injector.fingerprint = fingerprint
     reliability = _reliability(prediction, seen_rows, seen_names, names, config.new_class_scale)
+    method = getattr(injector, "name", type(injector).__name__)
+    hparams = injector.hparams() if hasattr(injector, "hparams") else {}
     elapsed = time.perf_counter() - start
+    # Done with: freed before the grown head is built (the fitted injector holds the rows and the descriptors).
+    del seen_rows, seen_descriptors, injector
 
     target = model if inplace else _copy_without_head(model, head)
     _grow(target, head, prediction.rows, seen_names, names, descriptions)
@@ -202,8 +208,8 @@ def inject(
         {
             "names": names,
             "num_classes_before": head.num_classes,
-            "method": getattr(injector, "name", type(injector).__name__),
-            "hparams": injector.hparams() if hasattr(injector, "hparams") else {},
+            "method": method,
+            "hparams": hparams,
             "embedder": embedder.id,
             "descriptors": descriptor_config.to_dict(),
             "descriptions": described.provenance,

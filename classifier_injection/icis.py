@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -158,10 +159,8 @@ class _MixtureDecoder(nn.Module):
         if candidates is None:
             logits = self.logits(z)
             return torch.softmax(logits if exclude is None else logits.scatter(1, exclude[:, None], -torch.inf), 1)
-        # embedding() rather than indexing: its backward accumulates the sparse gradient far faster.
-        weight = F.embedding(candidates, self.logits.weight)
         bias = F.embedding(candidates, self.logits.bias[:, None]).squeeze(-1)
-        logits = torch.einsum("bke,be->bk", weight, z) + bias
+        logits = _SparseScores.apply(z, candidates, self.logits.weight) + bias
         if exclude is not None:
             logits = logits.masked_fill(candidates == exclude[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1)
@@ -171,48 +170,78 @@ class _MixtureDecoder(nn.Module):
     ) -> torch.Tensor:
         """Blend the basis rows for each ``z`` (over its ``candidates`` if given), never basis row ``exclude``."""
         if candidates is not None:
-            return torch.einsum("bk,bkd->bd", self.weights(z, candidates, exclude), self.basis[candidates])
+            return _SparseBlend.apply(self.weights(z, candidates, exclude), candidates, self.basis)
         return self.weights(z, exclude=exclude) @ self.basis
+
+
+class _SparseBlend(torch.autograd.Function):
+    """``x_b = sum_j w_bj table[c_bj]`` for weights ``w [B, k]`` on candidates ``c [B, k]``; the table gets no
+    gradient (a fixed basis).
+
+    Neither direction gathers the ``B x k`` rows, which would outweigh a 22k-class head.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, candidates: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(candidates, table)
+        return F.embedding_bag(candidates, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        candidates, table = ctx.saved_tensors
+        return _sampled_dot(grad, table, candidates), None, None
+
+
+class _SparseScores(torch.autograd.Function):
+    """``s_bj = x_b . table[c_bj]`` for ``x [B, E]`` on candidates ``c [B, k]``: the transpose of :class:`_SparseBlend`,
+    with the table's gradient (dense, as the optimiser keeps it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, candidates: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, candidates, table)
+        return _sampled_dot(x, table, candidates)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        x, candidates, table = ctx.saved_tensors
+        grad_x = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(candidates, table, per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[2]:
+            grad_table = _pattern(grad, candidates, len(table)).t() @ x
+        return grad_x, None, grad_table
+
+
+def _pattern(values: torch.Tensor, candidates: torch.Tensor, columns: int) -> torch.Tensor:
+    """The sparse ``[B, columns]`` matrix holding ``values [B, k]`` at the columns ``candidates [B, k]``."""
+    num, k = candidates.shape
+    rows = torch.arange(0, num * k + 1, k, device=candidates.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(
+            rows, candidates.reshape(-1), values.reshape(-1), (num, columns), check_invariants=False
+        )
+
+
+def _sampled_dot(x: torch.Tensor, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``x_b . table[c_bj]`` ``[B, k]``: the product ``x @ table.T`` computed on the candidates only."""
+    pattern = _pattern(x.new_zeros(candidates.shape), candidates, len(table))
+    return torch.sparse.sampled_addmm(pattern, x, table.T, beta=0.0).values().reshape(candidates.shape)
 
 
 @dataclass(frozen=True)
 class _BlendTargets:
-    """What a row loss needs of each seen class ``i`` and its candidates ``c``, so blends are never built.
+    """What a row loss needs of each seen class ``i`` when every class blends the whole basis, so blends are
+    never built: ``gram = basis . basis'`` ``[S, S]``, ``inner``: ``basis . r_i`` per class (the Gram's rows, as the
+    rows are the basis), ``sq_norm``: ``|r_i|^2``.
 
-    ``inner [S, k]``: ``basis[c_j] . r_i``; ``gram``: ``basis[c_j] . basis[c_l]``, per class (``[B, k, k]`` for a
-    batch, kept as the upper triangles ``[S, k (k + 1) / 2]`` that ``unpack [k, k]`` indexes), or one ``[S, S]``
-    shared by all when every class blends the whole basis (``c = 0..S-1``); ``sq_norm [S]``: ``|r_i|^2``.
-    A blend ``x = sum_j w_j basis[c_j]`` then has ``x . r_i = w . inner`` and ``|x|^2 = w' gram w``: a step costs
-    ``k^2`` per class instead of ``2 k x row width``.
+    A blend ``x = w . basis`` then has ``x . r_i = w . inner`` and ``|x|^2 = w' gram w``: a step costs ``S^2`` per
+    class instead of ``2 S x row width``.
     """
 
     inner: torch.Tensor
     gram: torch.Tensor
     sq_norm: torch.Tensor
-    unpack: torch.Tensor | None = None
-
-    @classmethod
-    @torch.no_grad()
-    def build(
-        cls, basis: torch.Tensor, rows: torch.Tensor, candidates: torch.Tensor, chunk: int = 128
-    ) -> _BlendTargets:
-        """Targets of ``rows`` blending their ``candidates [S, k]`` rows of ``basis`` (gathered ``chunk`` at a time).
-
-        Written into tensors allocated once, the symmetric Gram matrices as their upper triangles: chunks joined at
-        the end, or whole matrices, would cost about twice the memory.
-        """
-        num, k = candidates.shape
-        upper = torch.triu_indices(k, k, device=rows.device)
-        unpack = torch.empty(k, k, dtype=torch.long, device=rows.device)
-        unpack[upper[0], upper[1]] = unpack[upper[1], upper[0]] = torch.arange(upper.shape[1], device=rows.device)
-        inner = rows.new_empty(num, k)
-        gram = rows.new_empty(num, upper.shape[1])
-        for start in range(0, num, chunk):
-            part = slice(start, start + chunk)
-            blocks = basis[candidates[part]]  # [chunk, k, D]
-            torch.bmm(blocks, rows[part, :, None], out=inner[part, :, None])
-            gram[part] = torch.bmm(blocks, blocks.transpose(1, 2))[:, upper[0], upper[1]]
-        return cls(inner, gram, rows.pow(2).sum(1), unpack)
 
     @classmethod
     @torch.no_grad()
@@ -223,16 +252,12 @@ class _BlendTargets:
 
     def select(self, idx: torch.Tensor) -> _BlendTargets:
         """The targets of the seen classes ``idx`` (one batch)."""
-        gram = self.gram if self.unpack is None else self.gram[idx][:, self.unpack]
-        return _BlendTargets(self.inner[idx], gram, self.sq_norm[idx])
+        return _BlendTargets(self.inner[idx], self.gram, self.sq_norm[idx])
 
     def distance(self, weights: torch.Tensor, loss: str, row_dim: int) -> torch.Tensor:
-        """The row loss of the blends with ``weights [B, k]`` against these targets' rows."""
+        """The row loss of the blends with ``weights [B, S]`` against these targets' rows."""
         dot = (weights * self.inner).sum(1)
-        if self.gram.dim() == 2:
-            sq = _QuadraticForm.apply(weights, self.gram).clamp_min(0)
-        else:
-            sq = torch.einsum("bk,bkl,bl->b", weights, self.gram, weights).clamp_min(0)
+        sq = _QuadraticForm.apply(weights, self.gram).clamp_min(0)
         if loss == "mse":
             return (sq - 2 * dot + self.sq_norm).sum() / (len(weights) * row_dim)
         return (1 - dot / (sq.sqrt() * self.sq_norm.sqrt()).clamp_min(1e-8)).mean()
@@ -295,7 +320,7 @@ class ICISModel(nn.Module):
         if self.top_k is not None:
             if basis_keys is None or tuple(basis_keys.shape) != (len(basis), descriptor_dim):
                 raise ValueError(f"top_k needs basis_keys [{len(basis)}, {descriptor_dim}] (the basis' descriptors)")
-            self.register_buffer("basis_keys", F.normalize(basis_keys, dim=1))
+            self.register_buffer("basis_keys", basis_keys)  # not normalised: a 22k-class head's keys are not copied
         # Offsets removed before encoding / added after decoding, and the norm given to centred predictions
         # (zeros unless ICISConfig.center: then forward() is the plain decode of the paper).
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
@@ -327,14 +352,15 @@ class ICISModel(nn.Module):
         extra_descriptors: torch.Tensor | None,
         loss: Literal["cosine", "mse"],
         cross_reconstruction: bool,
-        blend: tuple[torch.Tensor, _BlendTargets] | None = None,
+        candidates: torch.Tensor | None = None,
+        targets: _BlendTargets | None = None,
         own: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The summed losses of one batch.
 
-        ``blend = (candidates, targets)`` of its classes, to score the mixture's blends without building them
-        (``candidates`` ``None``: the whole basis); ``own``: the batch's basis indices, which the mixture may not blend
-        into its own row (``None``: it may).
+        ``candidates [B, k]``: the basis rows each class's mixture may blend (``None``: all); ``targets``: score
+        the mixture's blends of the whole basis without building them; ``own``: the batch's basis indices, which
+        the mixture may not blend into its own row (``None``: it may).
         """
         distance = _cosine_distance if loss == "cosine" else _mse
         z_a = self.descriptor_ae.encoder(descriptors)
@@ -342,23 +368,30 @@ class ICISModel(nn.Module):
         a_for_aa = descriptors if extra_descriptors is None else torch.cat([descriptors, extra_descriptors])
         z_aa = z_a if extra_descriptors is None else torch.cat([z_a, self.descriptor_ae.encoder(extra_descriptors)])
 
-        def row_loss(z: torch.Tensor) -> torch.Tensor:
+        def row_losses(*codes: torch.Tensor) -> list[torch.Tensor]:
             decoder = self.weight_ae.decoder
-            if blend is None:
-                return distance(decoder(z) if own is None else decoder(z, exclude=own), rows)
-            candidates, targets = blend
-            return targets.distance(decoder.weights(z, candidates, own), loss, rows.shape[1])
+            if targets is not None:
+                return [targets.distance(decoder.weights(z, exclude=own), loss, rows.shape[1]) for z in codes]
+            if candidates is not None:  # one sparse pass for all codes: the logits' dense gradient is made once
+                n = len(codes)
+                blends = decoder(torch.cat(codes), candidates.repeat(n, 1), None if own is None else own.repeat(n))
+                return [distance(x, rows) for x in blends.chunk(n)]
+            if isinstance(decoder, _MixtureDecoder):
+                return [distance(decoder(z, exclude=own), rows) for z in codes]
+            return [distance(decoder(z), rows) for z in codes]
 
-        total = distance(self.descriptor_ae.decoder(z_aa), a_for_aa) + row_loss(z_w)
+        row = row_losses(z_w, z_a) if cross_reconstruction else row_losses(z_w)
+        total = distance(self.descriptor_ae.decoder(z_aa), a_for_aa) + row[0]
         if cross_reconstruction:
-            total = total + row_loss(z_a) + distance(self.descriptor_ae.decoder(z_w), descriptors)
+            total = total + row[1] + distance(self.descriptor_ae.decoder(z_w), descriptors)
         return total
 
 
 def nearest(keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
-    """Indices ``[n, k]`` of the ``k`` rows of unit-norm ``keys`` most cosine-similar to each query."""
-    queries = F.normalize(queries.to(keys), dim=1)
-    return torch.cat([(q @ keys.T).topk(k, dim=1).indices for q in queries.split(chunk)])
+    """Indices ``[n, k]`` of the ``k`` rows of ``keys`` most cosine-similar to each query."""
+    inverse_norms = keys.norm(dim=1).clamp_min(1e-12).reciprocal()
+    queries = queries.to(keys)
+    return torch.cat([((q @ keys.T).mul_(inverse_norms)).topk(k, dim=1).indices for q in queries.split(chunk)])
 
 
 def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -474,7 +507,15 @@ class ICISInjector:
         """
         targets = _blend_targets(model.weight_ae.decoder, r, candidates)
         cfg = self.config
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        # The fused update needs no temporaries the size of a large head's mixture logits; the dense path keeps the
+        # update its defaults were measured with.
+        optimizer = torch.optim.Adam(
+            model.parameters(),
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            weight_decay=cfg.weight_decay,
+            fused=True if candidates is not None else None,
+        )
         generator = torch.Generator().manual_seed(self.seed)
         n = a.shape[0]
         batch = min(cfg.batch_size, n)
@@ -495,11 +536,16 @@ class ICISInjector:
                     k = min(len(idx), len(new_order))
                     offset = (steps * k) % len(new_order)
                     extra = a_new[new_order.roll(-offset)[:k]]
-                blend = None
-                if targets is not None:
-                    blend = (candidates[idx] if candidates is not None else None, targets.select(idx))
-                own = idx if mixture_own else None
-                loss = model.losses(a[idx], r[idx], extra, cfg.loss, cfg.cross_reconstruction, blend, own)
+                loss = model.losses(
+                    a[idx],
+                    r[idx],
+                    extra,
+                    cfg.loss,
+                    cfg.cross_reconstruction,
+                    candidates[idx] if candidates is not None else None,
+                    targets.select(idx) if targets is not None else None,
+                    idx if mixture_own else None,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -603,15 +649,13 @@ def _empty_model(config: ICISConfig, descriptor_dim: int, row_dim: int, basis_ro
 
 
 def _blend_targets(decoder: nn.Module, rows: torch.Tensor, candidates: torch.Tensor | None) -> _BlendTargets | None:
-    """What the row losses need to score the mixture's blends without building them (``None``: build them, as for
-    the linear decoder).
+    """What the row losses need to score blends of the whole basis without building them (``None``: build them, as
+    for the linear decoder and for blends of a few candidates).
 
-    Blending the whole basis, its Gram matrix pays only while the basis has no more rows than they are long.
+    The Gram matrix pays only while the basis has no more rows than they are long.
     """
-    if not isinstance(decoder, _MixtureDecoder):
+    if not isinstance(decoder, _MixtureDecoder) or candidates is not None:
         return None
-    if candidates is not None:
-        return _BlendTargets.build(decoder.basis, rows, candidates)
     return _BlendTargets.dense(decoder.basis) if len(decoder.basis) <= rows.shape[1] else None
 
 

@@ -69,5 +69,5 @@ def check_fit_inputs(
             f"{tuple(new_descriptors.shape)}"
         )
     for name, t in (("seen_descriptors", seen_descriptors), ("seen_rows", seen_rows)):
-        if not torch.isfinite(t).all():
+        if not all(torch.isfinite(block).all() for block in t.split(4096)):  # in blocks: a 22k-class head is large
             raise ValueError(f"{name} contains NaN or infinite values")

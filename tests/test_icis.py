@@ -165,21 +165,38 @@ def test_fit_validates_shapes():
         ICISInjector().fit(torch.randn(5, 4), torch.randn(6, 3))
 
 
-def test_blend_targets_give_the_loss_of_the_blended_rows_without_building_them():
-    from classifier_injection.icis import _BlendTargets, _cosine_distance, _mse, nearest
+def test_sparse_blends_and_their_gradient_equal_blends_of_the_gathered_rows():
+    from classifier_injection.icis import _SparseBlend, nearest
 
     a_seen, r_seen, _, _ = _synthetic(num_seen=40)
-    candidates = nearest(torch.nn.functional.normalize(a_seen, dim=1), a_seen, 6)
+    candidates = nearest(a_seen * 3, a_seen, 6)  # keys of any norm: the nearest by cosine
     assert (candidates[:, 0] == torch.arange(40)).all(), "a class is its own nearest neighbour"
-    weights = torch.softmax(torch.randn(40, 6, generator=torch.Generator().manual_seed(1)), dim=1)
-    blended = torch.einsum("bk,bkd->bd", weights, r_seen[candidates])
-    stored = _BlendTargets.build(r_seen, r_seen, candidates, chunk=7)
-    assert stored.gram.shape == (40, 6 * 7 // 2), "each class keeps the upper triangle of its Gram matrix"
-    targets = stored.select(torch.arange(40))
-    blocks = r_seen[candidates]
-    torch.testing.assert_close(targets.gram, blocks @ blocks.transpose(1, 2))
-    torch.testing.assert_close(targets.distance(weights, "cosine", 17), _cosine_distance(blended, r_seen))
-    torch.testing.assert_close(targets.distance(weights, "mse", 17), _mse(blended, r_seen))
+    logits = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    sparse, gathered = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    basis = r_seen.double()
+    got = _SparseBlend.apply(torch.softmax(sparse, 1), candidates, basis)
+    expected = torch.einsum("bk,bkd->bd", torch.softmax(gathered, 1), basis[candidates])
+    got.sin().sum().backward(), expected.sin().sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(sparse.grad, gathered.grad)
+
+
+def test_sparse_scores_and_their_gradients_equal_scores_of_the_gathered_rows():
+    from classifier_injection.icis import _SparseScores, nearest
+
+    a_seen, _, _, _ = _synthetic(num_seen=40)
+    candidates = nearest(a_seen, a_seen, 6)
+    generator = torch.Generator().manual_seed(2)
+    x, table = torch.randn(40, 5, dtype=torch.float64, generator=generator), torch.randn(40, 5, dtype=torch.float64)
+    x_sparse, table_sparse = x.clone().requires_grad_(), table.clone().requires_grad_()
+    x_gathered, table_gathered = x.clone().requires_grad_(), table.clone().requires_grad_()
+    got = _SparseScores.apply(x_sparse, candidates, table_sparse)
+    expected = torch.einsum("bke,be->bk", table_gathered[candidates], x_gathered)
+    got.sin().sum().backward(), expected.sin().sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(x_sparse.grad, x_gathered.grad)
+    assert table_sparse.grad.layout == torch.strided, "a dense gradient, as the optimiser keeps it"
+    torch.testing.assert_close(table_sparse.grad, table_gathered.grad)
 
 
 def test_dense_blend_targets_give_the_loss_and_gradient_of_blending_the_whole_basis():

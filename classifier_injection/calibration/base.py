@@ -115,11 +115,16 @@ def feature_mean_biases(new_weights: torch.Tensor, seen_rows: torch.Tensor, feat
     component and fires on every image; its bias takes that back, as the old biases did during training.
     """
     mu = feature_mean.to(seen_rows.device, torch.float64)
-    weights = seen_rows[:, :-1].double()
-    if mu.shape != weights.shape[1:]:
-        raise ValueError(f"feature_mean must be [{weights.shape[1]}] (the head's input width), got {tuple(mu.shape)}")
-    target = (weights @ mu + seen_rows[:, -1].double()).mean()
-    return (target - new_weights.double() @ mu).to(new_weights.dtype)
+    width = seen_rows.shape[1] - 1
+    if mu.shape != (width,):
+        raise ValueError(f"feature_mean must be [{width}] (the head's input width), got {tuple(mu.shape)}")
+    # In blocks of rows: the whole head in float64 would weigh twice the head.
+    logits = torch.cat([block[:, :-1].double() @ mu + block[:, -1].double() for block in seen_rows.split(_BLOCK)])
+    return (logits.mean() - new_weights.double() @ mu).to(new_weights.dtype)
+
+
+#: Rows converted to float64 at a time.
+_BLOCK = 2048
 
 
 def mean_norm(seen_rows: torch.Tensor) -> torch.Tensor:

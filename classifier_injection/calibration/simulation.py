@@ -158,22 +158,28 @@ def synthesize_features(
     # A feature's path so far is step * (own[m] * w_label - mix[m] @ weights): its own row and the blends it left.
     own_coef, mix_coef = torch.zeros(len(labels)), torch.zeros(len(labels), num)
     active = torch.arange(len(labels))
+    # In place where a step allows it: its temporaries are [features, N] each.
     for _ in range(max_steps):
         own = labels[active]
         probs = torch.softmax(logits[active], dim=1)
         climbing = probs[torch.arange(len(active)), own] < confidence
         if not climbing.any():
             break
-        active, own, probs = active[climbing], own[climbing], probs[climbing]
+        if not climbing.all():
+            active, own, probs = active[climbing], own[climbing], probs[climbing]
         # The direction w_own - p @ W, seen through the head: its logits and its squared norm.
         mixed = probs @ gram
-        direction_logits = gram[own] - mixed
         sq_norm = gram[own, own] - 2 * mixed[torch.arange(len(active)), own] + (mixed * probs).sum(1)
+        direction_logits = gram[own].sub_(mixed)
+        del mixed
         inverse = sq_norm.clamp_min(1e-24).rsqrt()
-        logits[active] += step * inverse[:, None] * direction_logits
+        logits[active] += direction_logits.mul_(step * inverse[:, None])
+        del direction_logits
         own_coef[active] += inverse
-        mix_coef[active] += inverse[:, None] * probs
-    features += step * (own_coef[:, None] * weights[labels] - mix_coef @ weights)
+        mix_coef[active] += probs.mul_(inverse[:, None])
+    del logits
+    path = weights[labels].mul_(own_coef[:, None]).sub_(mix_coef @ weights)
+    features += path.mul_(step)
     return features, labels
 
 
