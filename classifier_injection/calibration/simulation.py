@@ -154,11 +154,32 @@ def synthesize_features(
     features = mean + spread * torch.randn(len(labels), dim, generator=generator)
     step = float(spread.norm()) / 250
     gram = weights @ weights.T
+    # A feature's climb depends on itself alone: in chunks, its temporaries stay [chunk, N].
+    for start in range(0, len(labels), _CLIMB_CHUNK):
+        part = slice(start, start + _CLIMB_CHUNK)
+        _climb(features[part], labels[part], weights, biases, gram, step, confidence, max_steps)
+    return features, labels
+
+
+#: Features climbed at a time.
+_CLIMB_CHUNK = 1024
+
+
+def _climb(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    biases: torch.Tensor,
+    gram: torch.Tensor,
+    step: float,
+    confidence: float,
+    max_steps: int,
+) -> None:
+    """Move ``features`` (in place) up their ``labels``' log-softmax, as :func:`synthesize_features` describes."""
     logits = features @ weights.T + biases
     # A feature's path so far is step * (own[m] * w_label - mix[m] @ weights): its own row and the blends it left.
-    own_coef, mix_coef = torch.zeros(len(labels)), torch.zeros(len(labels), num)
+    own_coef, mix_coef = torch.zeros(len(labels)), torch.zeros(len(labels), len(weights))
     active = torch.arange(len(labels))
-    # In place where a step allows it: its temporaries are [features, N] each.
     for _ in range(max_steps):
         own = labels[active]
         probs = torch.softmax(logits[active], dim=1)
@@ -171,16 +192,11 @@ def synthesize_features(
         mixed = probs @ gram
         sq_norm = gram[own, own] - 2 * mixed[torch.arange(len(active)), own] + (mixed * probs).sum(1)
         direction_logits = gram[own].sub_(mixed)
-        del mixed
         inverse = sq_norm.clamp_min(1e-24).rsqrt()
         logits[active] += direction_logits.mul_(step * inverse[:, None])
-        del direction_logits
         own_coef[active] += inverse
         mix_coef[active] += probs.mul_(inverse[:, None])
-    del logits
-    path = weights[labels].mul_(own_coef[:, None]).sub_(mix_coef @ weights)
-    features += path.mul_(step)
-    return features, labels
+    features += weights[labels].mul_(own_coef[:, None]).sub_(mix_coef @ weights).mul_(step)
 
 
 def synthetic_gzsl_curve(
