@@ -221,6 +221,25 @@ def _grown_layer(layer: nn.Module, new_weight: torch.Tensor, new_bias: torch.Ten
     return grown
 
 
+def _layer_share(
+    rows: torch.Tensor,
+    columns: tuple[int, int],
+    group_total: torch.Tensor,
+    bias_total: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor] | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's ``(weight, bias)`` in ``dtype`` for float64 ``rows [K, D + 1]`` (see :meth:`ClassifierHead.grow`)."""
+    weight = rows[:, columns[0] : columns[1]] / group_total
+    bias = rows[:, -1] / bias_total
+    if norm is not None:
+        scale, shift = norm
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        weight = torch.where(scale == 0, torch.zeros_like(weight), weight / safe)
+        bias = bias - weight @ shift
+    return weight.to(dtype), bias.to(dtype)
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -481,7 +500,6 @@ class ClassifierHead:
             raise ValueError("new_rows contains NaN or infinite values")
         coefficients = self.coefficients(model)
         device = coefficients[0].device
-        rows = new_rows.detach().to(device=device, dtype=torch.float64)
         offsets, start = {}, 0
         for g, width in enumerate(self.group_widths):
             offsets[g] = (start, start + width)
@@ -493,15 +511,21 @@ class ClassifierHead:
 
         grown = []
         for layer in self.layers:
-            lo, hi = offsets[layer.group]
-            weight = rows[:, lo:hi] / group_total[layer.group]
-            bias = rows[:, -1] / bias_total
-            if layer.norm_path is not None:
-                scale, shift = _bn_scale_shift(model.get_submodule(layer.norm_path))
-                safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-                weight = torch.where(scale == 0, torch.zeros_like(weight), weight / safe)
-                bias = bias - weight @ shift
             old = model.get_submodule(layer.path)
+            norm = _bn_scale_shift(model.get_submodule(layer.norm_path)) if layer.norm_path is not None else None
+            # In blocks of rows, each cast to the layer's dtype: 25k new rows in float64 would outweigh the head.
+            blocks = [
+                _layer_share(
+                    block.detach().to(device=device, dtype=torch.float64),
+                    offsets[layer.group],
+                    group_total[layer.group],
+                    bias_total,
+                    norm,
+                    old.weight.dtype,
+                )
+                for block in new_rows.split(_ROW_BLOCK)
+            ]
+            weight, bias = torch.cat([w for w, _ in blocks]), torch.cat([b for _, b in blocks])
             grown.append((layer.path, old, _grown_layer(old, weight, bias)))
 
         num_new = new_rows.shape[0]

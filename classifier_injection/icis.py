@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .injector import check_fit_inputs
+from .injector import check_fit_inputs, top_cosines
 
 __all__ = ["ICISConfig", "ICISInjector", "ICISModel"]
 
@@ -335,7 +335,7 @@ class ICISModel(nn.Module):
         """Indices ``[n, k]`` of the basis rows each descriptor's mixture may blend (``None``: all of them)."""
         if self.top_k is None:  # set only with a basis, i.e. for the mixture decoder
             return None
-        return nearest(self.basis_keys, descriptors, self.top_k)
+        return top_cosines(self.basis_keys, descriptors, self.top_k)[1]
 
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
         z = self.descriptor_ae.encoder(descriptors - self.descriptor_mean)
@@ -385,13 +385,6 @@ class ICISModel(nn.Module):
         if cross_reconstruction:
             total = total + row[1] + distance(self.descriptor_ae.decoder(z_w), descriptors)
         return total
-
-
-def nearest(keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 512) -> torch.Tensor:
-    """Indices ``[n, k]`` of the ``k`` rows of ``keys`` most cosine-similar to each query."""
-    inverse_norms = keys.norm(dim=1).clamp_min(1e-12).reciprocal()
-    queries = queries.to(keys)
-    return torch.cat([((q @ keys.T).mul_(inverse_norms)).topk(k, dim=1).indices for q in queries.split(chunk)])
 
 
 def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -505,7 +498,7 @@ class ICISInjector:
 
         ``candidates [S, k]``: the basis rows each seen class's mixture may blend (``None``: all).
         """
-        targets = _blend_targets(model.weight_ae.decoder, r, candidates)
+        targets = _blend_targets(model.weight_ae.decoder, r) if candidates is None else None
         cfg = self.config
         # The fused update needs no temporaries the size of a large head's mixture logits; the dense path keeps the
         # update its defaults were measured with.
@@ -648,13 +641,13 @@ def _empty_model(config: ICISConfig, descriptor_dim: int, row_dim: int, basis_ro
     return ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis, top_k=top_k, basis_keys=keys)
 
 
-def _blend_targets(decoder: nn.Module, rows: torch.Tensor, candidates: torch.Tensor | None) -> _BlendTargets | None:
+def _blend_targets(decoder: nn.Module, rows: torch.Tensor) -> _BlendTargets | None:
     """What the row losses need to score blends of the whole basis without building them (``None``: build them, as
-    for the linear decoder and for blends of a few candidates).
+    for the linear decoder).
 
     The Gram matrix pays only while the basis has no more rows than they are long.
     """
-    if not isinstance(decoder, _MixtureDecoder) or candidates is not None:
+    if not isinstance(decoder, _MixtureDecoder):
         return None
     return _BlendTargets.dense(decoder.basis) if len(decoder.basis) <= rows.shape[1] else None
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["Injector", "check_fit_inputs"]
+__all__ = ["Injector", "check_fit_inputs", "top_cosines"]
 
 
 @runtime_checkable
@@ -71,3 +72,21 @@ def check_fit_inputs(
     for name, t in (("seen_descriptors", seen_descriptors), ("seen_rows", seen_rows)):
         if not all(torch.isfinite(block).all() for block in t.split(4096)):  # in blocks: a 22k-class head is large
             raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def top_cosines(
+    keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest cosines ``[n, k]`` between each query and the rows of ``keys``, and their indices.
+
+    Computed a chunk of queries at a time against the keys as they are (scaled by their inverse norms), so memory
+    stays near one chunk of scores: a normalised copy of a 22k-class head would outweigh the head.
+    """
+    inverse_norms = keys.norm(dim=1).clamp_min(1e-12).reciprocal()
+    k = min(k, len(keys))
+    values, indices = [], []
+    for part in queries.split(chunk):
+        top = (F.normalize(part.to(keys), dim=1) @ keys.T).mul_(inverse_norms).topk(k, dim=1)
+        values.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(values), torch.cat(indices)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from classifier_injection import ICISConfig, ICISInjector
 from classifier_injection.icis import _slope_says_stop
@@ -165,11 +166,25 @@ def test_fit_validates_shapes():
         ICISInjector().fit(torch.randn(5, 4), torch.randn(6, 3))
 
 
+def test_top_cosines_equal_the_cosines_of_normalised_rows_in_any_chunking():
+    from classifier_injection.injector import top_cosines
+
+    generator = torch.Generator().manual_seed(3)
+    keys, queries = torch.randn(50, 7, generator=generator) * 4, torch.randn(23, 7, generator=generator)
+    expected = (F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).T).topk(5, dim=1)
+    for chunk in (1, 4, 256):
+        values, indices = top_cosines(keys, queries, 5, chunk=chunk)
+        torch.testing.assert_close(values, expected.values)
+        assert torch.equal(indices, expected.indices)
+    assert top_cosines(keys[:3], queries, 5)[0].shape == (23, 3), "k is capped at the number of keys"
+
+
 def test_sparse_blends_and_their_gradient_equal_blends_of_the_gathered_rows():
-    from classifier_injection.icis import _SparseBlend, nearest
+    from classifier_injection.icis import _SparseBlend
+    from classifier_injection.injector import top_cosines
 
     a_seen, r_seen, _, _ = _synthetic(num_seen=40)
-    candidates = nearest(a_seen * 3, a_seen, 6)  # keys of any norm: the nearest by cosine
+    candidates = top_cosines(a_seen * 3, a_seen, 6)[1]  # keys of any norm: the nearest by cosine
     assert (candidates[:, 0] == torch.arange(40)).all(), "a class is its own nearest neighbour"
     logits = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     sparse, gathered = logits.clone().requires_grad_(), logits.clone().requires_grad_()
@@ -182,10 +197,11 @@ def test_sparse_blends_and_their_gradient_equal_blends_of_the_gathered_rows():
 
 
 def test_sparse_scores_and_their_gradients_equal_scores_of_the_gathered_rows():
-    from classifier_injection.icis import _SparseScores, nearest
+    from classifier_injection.icis import _SparseScores
+    from classifier_injection.injector import top_cosines
 
     a_seen, _, _, _ = _synthetic(num_seen=40)
-    candidates = nearest(a_seen, a_seen, 6)
+    candidates = top_cosines(a_seen, a_seen, 6)[1]
     generator = torch.Generator().manual_seed(2)
     x, table = torch.randn(40, 5, dtype=torch.float64, generator=generator), torch.randn(40, 5, dtype=torch.float64)
     x_sparse, table_sparse = x.clone().requires_grad_(), table.clone().requires_grad_()
@@ -219,9 +235,9 @@ def test_dense_mixture_trains_on_the_gram_matrix_only_while_it_is_cheaper():
     from classifier_injection.icis import _blend_targets, _MixtureDecoder
 
     rows = torch.randn(30, 7)
-    assert _blend_targets(_MixtureDecoder(4, rows[:7]), rows[:7], None).gram.shape == (7, 7)
-    assert _blend_targets(_MixtureDecoder(4, rows[:8]), rows[:8], None) is None, "8 rows of width 7: blends are cheaper"
-    assert _blend_targets(torch.nn.Linear(4, 7), rows, None) is None
+    assert _blend_targets(_MixtureDecoder(4, rows[:7]), rows[:7]).gram.shape == (7, 7)
+    assert _blend_targets(_MixtureDecoder(4, rows[:8]), rows[:8]) is None, "8 rows of width 7: blends are cheaper"
+    assert _blend_targets(torch.nn.Linear(4, 7), rows) is None
 
 
 @pytest.mark.parametrize("exclude_own_row", [False, True])
@@ -231,8 +247,8 @@ def test_training_through_the_gram_matrix_gives_the_rows_of_training_on_built_bl
     a_seen, r_seen, a_new, _ = _synthetic(num_seen=24, row_dim=40)  # 24 rows of width 40: the Gram form applies
     config = ICISConfig(latent_dim=16, max_epochs=4, batch_size=8, exclude_own_row=exclude_own_row)
     gram = ICISInjector(config, seed=3).fit(a_seen, r_seen, a_new)
-    assert isinstance(icis._blend_targets(gram.model.weight_ae.decoder, r_seen, None), icis._BlendTargets)
-    monkeypatch.setattr(icis, "_blend_targets", lambda decoder, rows, candidates: None)
+    assert isinstance(icis._blend_targets(gram.model.weight_ae.decoder, r_seen), icis._BlendTargets)
+    monkeypatch.setattr(icis, "_blend_targets", lambda decoder, rows: None)
     built = ICISInjector(config, seed=3).fit(a_seen, r_seen, a_new)
     assert len(gram.history) == len(built.history) == 4
     torch.testing.assert_close(gram.predict(a_new), built.predict(a_new), rtol=1e-4, atol=1e-4)
@@ -258,13 +274,14 @@ def test_large_heads_blend_their_nearest_rows_and_visit_a_bounded_share_per_epoc
 
 @pytest.mark.parametrize("top_k", [None, 6])
 def test_exclude_own_row_puts_no_weight_on_the_excluded_basis_row(top_k):
-    from classifier_injection.icis import _MixtureDecoder, nearest
+    from classifier_injection.icis import _MixtureDecoder
+    from classifier_injection.injector import top_cosines
 
     _, r_seen, _, _ = _synthetic(num_seen=20)
     decoder = _MixtureDecoder(8, r_seen)
     z, own = torch.randn(20, 8), torch.arange(20)
     keys = torch.nn.functional.normalize(r_seen, dim=1)
-    candidates = None if top_k is None else nearest(keys, r_seen, top_k)
+    candidates = None if top_k is None else top_cosines(keys, r_seen, top_k)[1]
     rows = decoder(z, candidates, exclude=own)
     logits = decoder.logits(z)
     if candidates is None:

@@ -103,7 +103,7 @@ def norm_rows(new_rows: torch.Tensor, norm: torch.Tensor | float, bias: torch.Te
     """Rows with weight vectors rescaled to ``norm`` (scalar or ``[K]``) and biases set to ``bias``."""
     new_w = new_rows[:, :-1]
     norm = torch.as_tensor(norm, dtype=new_w.dtype, device=new_w.device)
-    new_w = new_w / new_w.norm(dim=1, keepdim=True).clamp_min(1e-12) * norm.reshape(-1, 1)
+    new_w = (new_w / new_w.norm(dim=1, keepdim=True).clamp_min(1e-12)).mul_(norm.reshape(-1, 1))
     new_b = torch.as_tensor(bias, dtype=new_w.dtype, device=new_w.device).expand(len(new_rows))
     return torch.cat([new_w, new_b[:, None]], dim=1)
 
@@ -118,9 +118,10 @@ def feature_mean_biases(new_weights: torch.Tensor, seen_rows: torch.Tensor, feat
     width = seen_rows.shape[1] - 1
     if mu.shape != (width,):
         raise ValueError(f"feature_mean must be [{width}] (the head's input width), got {tuple(mu.shape)}")
-    # In blocks of rows: the whole head in float64 would weigh twice the head.
+    # In blocks of rows: the whole head (or 25k new rows) in float64 would weigh twice as much.
     logits = torch.cat([block[:, :-1].double() @ mu + block[:, -1].double() for block in seen_rows.split(_BLOCK)])
-    return (logits.mean() - new_weights.double() @ mu).to(new_weights.dtype)
+    new_logits = torch.cat([block.double() @ mu for block in new_weights.split(_BLOCK)])
+    return (logits.mean() - new_logits).to(new_weights.dtype)
 
 
 #: Rows converted to float64 at a time.

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from ..injector import top_cosines
 from .simulation import held_mask, prototype_scores, synthetic_scores
 
 __all__ = [
@@ -33,20 +33,10 @@ BINS = 5
 
 
 def nearest_cosines(rows: torch.Tensor, seen_rows: torch.Tensor, top: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``top`` largest cosines ``[K, top]`` between each row's weights and the seen rows', and their indices.
-
-    Computed in chunks of rows against the head as it is (its norms apart), so memory stays near one chunk of
-    scores: a normalised copy of a 22k-class head would outweigh the head.
-    """
+    """The ``top`` largest cosines ``[K, top]`` between each row's weights and the seen rows', and their indices."""
     seen = seen_rows[:, :-1].detach().float()
-    inverse_norms = seen.norm(dim=1).clamp_min(1e-12).reciprocal()
-    units = F.normalize(rows[:, :-1].detach().float().to(seen.device), dim=1)
-    k = min(top, len(seen))
-    chunks = [((chunk @ seen.T) * inverse_norms).topk(k, dim=1) for chunk in units.split(_CHUNK)]
-    return torch.cat([c.values for c in chunks]).cpu(), torch.cat([c.indices for c in chunks]).cpu()
-
-
-_CHUNK = 256
+    values, indices = top_cosines(seen, rows[:, :-1].detach().float(), top)
+    return values.cpu(), indices.cpu()
 
 
 def synthetic_wins(
