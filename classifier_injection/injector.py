@@ -79,14 +79,18 @@ def top_cosines(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest cosines ``[n, k]`` between each query and the rows of ``keys``, and their indices.
 
-    Computed a chunk of queries at a time against the keys as they are (scaled by their inverse norms), so memory
-    stays near one chunk of scores: a normalised copy of a 22k-class head would outweigh the head.
+    A chunk of queries at a time against the keys as they are (scaled by their inverse norms), in buffers
+    allocated once: a normalised copy of a 22k-class head would outweigh the head, and a fresh block of scores per
+    chunk leaves the allocator holding hundreds of MiB after 10,000 queries.
     """
     inverse_norms = keys.norm(dim=1).clamp_min(1e-12).reciprocal()
     k = min(k, len(keys))
-    values, indices = [], []
-    for part in queries.split(chunk):
-        top = (F.normalize(part.to(keys), dim=1) @ keys.T).mul_(inverse_norms).topk(k, dim=1)
-        values.append(top.values)
-        indices.append(top.indices)
-    return torch.cat(values), torch.cat(indices)
+    values = keys.new_empty(len(queries), k)
+    indices = torch.empty(len(queries), k, dtype=torch.long, device=keys.device)
+    scores = keys.new_empty(min(chunk, len(queries)), len(keys))
+    for start in range(0, len(queries), chunk):
+        part = F.normalize(queries[start : start + chunk].to(keys), dim=1)
+        block = scores[: len(part)]
+        torch.matmul(part, keys.T, out=block).mul_(inverse_norms)
+        torch.topk(block, k, dim=1, out=(values[start : start + chunk], indices[start : start + chunk]))
+    return values, indices

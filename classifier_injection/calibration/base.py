@@ -118,10 +118,9 @@ def feature_mean_biases(new_weights: torch.Tensor, seen_rows: torch.Tensor, feat
     width = seen_rows.shape[1] - 1
     if mu.shape != (width,):
         raise ValueError(f"feature_mean must be [{width}] (the head's input width), got {tuple(mu.shape)}")
-    # In blocks of rows: the whole head (or 25k new rows) in float64 would weigh twice as much.
+    # In blocks of rows: the whole head in float64 would weigh twice the head.
     logits = torch.cat([block[:, :-1].double() @ mu + block[:, -1].double() for block in seen_rows.split(_BLOCK)])
-    new_logits = torch.cat([block.double() @ mu for block in new_weights.split(_BLOCK)])
-    return (logits.mean() - new_logits).to(new_weights.dtype)
+    return (logits.mean() - new_weights.double() @ mu).to(new_weights.dtype)
 
 
 #: Rows converted to float64 at a time.
@@ -210,8 +209,11 @@ def fitted(
     if bias_rule == "feature-mean" and context.feature_mean is not None:
         new_rows = context.new_rows.detach().float().cpu()
         check_rows(new_rows, seen_rows)
-        scaled = norm_rows(new_rows, mean_norm(seen_rows) * factor, 0.0)[:, :-1]
-        biases = tuple(float(b) + offset for b in feature_mean_biases(scaled, seen_rows, context.feature_mean))
+        norm = mean_norm(seen_rows) * factor
+        # A block at a time: a scaled copy of 25k new rows would weigh a quarter of a 22k-class head.
+        scaled = (norm_rows(block, norm, 0.0)[:, :-1] for block in new_rows.split(_BLOCK))
+        new_biases = torch.cat([feature_mean_biases(s, seen_rows, context.feature_mean) for s in scaled])
+        biases = tuple(float(b) + offset for b in new_biases)
         used = "feature-mean"
     diagnostics = {**diagnostics, "bias_rule": used}
     if used == "feature-mean":
