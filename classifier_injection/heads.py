@@ -513,7 +513,7 @@ class ClassifierHead:
         for layer in self.layers:
             old = model.get_submodule(layer.path)
             norm = _bn_scale_shift(model.get_submodule(layer.norm_path)) if layer.norm_path is not None else None
-            # In blocks of rows, each cast to the layer's dtype: 25k new rows in float64 would outweigh the head.
+            # In blocks of rows, each cast to the layer's dtype: thousands of new rows in float64 weigh twice as much.
             blocks = [
                 _layer_share(
                     block.detach().to(device=device, dtype=torch.float64),

@@ -272,6 +272,24 @@ def test_rows_folded_in_blocks_equal_rows_folded_whole(name, monkeypatch):
     assert torch.equal(find_head(model).rows(model), whole)
 
 
+@pytest.mark.parametrize("name", ["levit_256d", "deit_tiny_distilled_patch16_224", "resnetv2_18"])
+def test_rows_grown_in_blocks_equal_rows_grown_whole(name, monkeypatch):
+    from classifier_injection import heads
+
+    _, kwargs, _ = ARCHS[name]
+    head = find_head(_build(name, **kwargs))
+    new_rows = torch.randn(7, head.in_features + 1, generator=torch.Generator().manual_seed(2))
+
+    def grown_parameters() -> list[torch.Tensor]:
+        model = _build(name, **kwargs)
+        head.grow(model, new_rows)
+        return [p for layer in head.layers for p in model.get_submodule(layer.path).parameters()]
+
+    whole = grown_parameters()
+    monkeypatch.setattr(heads, "_ROW_BLOCK", 3)  # 7 new rows: blocks of 3, 3 and 1
+    assert all(torch.equal(a, b) for a, b in zip(grown_parameters(), whole, strict=True))
+
+
 def test_old_logits_bit_identical_in_train_mode_too():
     model = _build("levit_128s", img_size=64)
     head = find_head(model)

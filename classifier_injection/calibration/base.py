@@ -210,7 +210,7 @@ def fitted(
         new_rows = context.new_rows.detach().float().cpu()
         check_rows(new_rows, seen_rows)
         norm = mean_norm(seen_rows) * factor
-        # A block at a time: a scaled copy of 25k new rows would weigh a quarter of a 22k-class head.
+        # A block at a time: a scaled copy of thousands of new rows would hold them twice.
         scaled = (norm_rows(block, norm, 0.0)[:, :-1] for block in new_rows.split(_BLOCK))
         new_biases = torch.cat([feature_mean_biases(s, seen_rows, context.feature_mean) for s in scaled])
         biases = tuple(float(b) + offset for b in new_biases)
