@@ -36,7 +36,7 @@ _logger = logging.getLogger(__name__)
 
 #: Most classes one inject() call adds: the most that was measured to stay within 4 x a 22k-class head's memory
 #: (benchmarks/results/scaling). Larger sets go in batches that reuse one trained injector.
-MAX_NEW_CLASSES = 5_000
+MAX_NEW_CLASSES = 2_000
 
 
 def _key(name: str) -> str:

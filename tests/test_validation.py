@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import warnings
 
 import pytest
@@ -110,19 +109,17 @@ def test_too_many_names_fail_fast_without_touching_anything():
     snapshot = _snapshot(model)
     embedder = FakeEmbedder()
     names = [f"species {i}" for i in range(100_000)]
-    start = time.perf_counter()
     with pytest.raises(ValueError, match=rf"100000 names, more than MAX_NEW_CLASSES={MAX_NEW_CLASSES}.*batches"):
         _inject(model, names, embedder=embedder, inplace=True)
-    assert time.perf_counter() - start < 2
-    assert embedder.calls == []
+    assert embedder.calls == []  # refused before any text was embedded
     _assert_unchanged(model, snapshot)
 
 
-def test_many_names_within_the_limit_work():
-    names = [f"species {i}" for i in range(3000)]
+def test_as_many_names_as_the_limit_work():
+    names = [f"species {i}" for i in range(MAX_NEW_CLASSES)]
     out = _inject(_model(), names)
-    assert out.num_classes == len(NAMES) + 3000
-    assert out.pretrained_cfg["label_names"][-1] == "species 2999"
+    assert out.num_classes == len(NAMES) + MAX_NEW_CLASSES
+    assert out.pretrained_cfg["label_names"][-1] == f"species {MAX_NEW_CLASSES - 1}"
 
 
 # ---- models -----------------------------------------------------------------------------------------
