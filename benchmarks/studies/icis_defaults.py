@@ -44,6 +44,11 @@ CONFIGS: dict[str, ICISConfig] = {
     "mixture row decoder, no dropout": replace(ICISConfig(), dropout=0.0),
     "mixture row decoder, dropout 0.5": replace(ICISConfig(), dropout=0.5),
     "mixture, E=1024": replace(ICISConfig(), latent_dim=1024),
+    "fixed 30 epochs": replace(ICISConfig(), max_epochs=30, early_stop_slope=0.0),
+    "fixed 40 epochs": replace(ICISConfig(), max_epochs=40, early_stop_slope=0.0),
+    "fixed 50 epochs": replace(ICISConfig(), max_epochs=50, early_stop_slope=0.0),
+    "lr 6e-3, fixed 30 epochs": replace(ICISConfig(), lr=6e-3, max_epochs=30, early_stop_slope=0.0),
+    "lr 1e-2, fixed 20 epochs": replace(ICISConfig(), lr=1e-2, max_epochs=20, early_stop_slope=0.0),
 }
 
 
