@@ -308,3 +308,23 @@ def test_research_injectors_predict_one_row_per_descriptor_and_temper_the_mixtur
     contrast = NeighbourContrast(LeastSquares(), share=0.5, neighbours=3).fit(seen_a, seen_rows, new_a)
     assert contrast.predict(new_a).shape == (5, 9)
     assert not torch.allclose(contrast.predict(new_a), single)
+
+
+def test_separation_term_changes_the_fit_and_weight_zero_is_plain_icis():
+    from benchmarks.harness.research_injectors import SeparatedICIS
+    from classifier_injection import ICISConfig, ICISInjector
+
+    g = torch.Generator().manual_seed(0)
+    seen_a, new_a = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    seen_rows = torch.randn(40, 9, generator=g)
+    config = ICISConfig(latent_dim=8, max_epochs=3, early_stop_slope=0.0)
+    plain = ICISInjector(config, seed=0).fit(seen_a, seen_rows, new_a)
+    zero = SeparatedICIS(0.0, config=config, seed=0).fit(seen_a, seen_rows, new_a)
+    separated = SeparatedICIS(1.0, config=config, seed=0).fit(seen_a, seen_rows, new_a)
+    torch.testing.assert_close(zero.predict(new_a), plain.predict(new_a))
+    assert not torch.allclose(separated.predict(new_a), plain.predict(new_a))
+    assert "losses" not in vars(separated.model)  # the wrapped loss does not outlive the fit
+    with pytest.raises(ValueError, match="dense mixture"):
+        SeparatedICIS(1.0, config=ICISConfig(latent_dim=8, max_epochs=1, row_decoder="linear")).fit(
+            seen_a, seen_rows, new_a
+        )

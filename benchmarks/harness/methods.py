@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.harness.data import HeadData
 from benchmarks.harness.metrics import check_fold, evaluate_conse, evaluate_rows, seen_mask
-from benchmarks.harness.research_injectors import DirectionEnsemble, NeighbourContrast, TemperedICIS
+from benchmarks.harness.research_injectors import DirectionEnsemble, NeighbourContrast, SeparatedICIS, TemperedICIS
 from classifier_injection.baselines import (
     ConSE,
     COSTAInjector,
@@ -82,6 +82,11 @@ METHODS: dict[str, Method] = {
             "icis-contrast",
             lambda: NeighbourContrast(ICISInjector(seed=0)),
             description="row variant: descriptors minus half the mean of their 10 nearest seen descriptors",
+        ),
+        Method(
+            "icis-separated",
+            lambda: SeparatedICIS(1.0, 10.0, leave_out=True),
+            description="row variant: a separation term (each seen row rebuilt from the others nearest its own row)",
         ),
         Method("icis-mse", lambda: ICISInjector(ICISConfig(loss="mse"), seed=0), description="ablation: MSE loss"),
         Method(

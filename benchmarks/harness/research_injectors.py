@@ -8,6 +8,9 @@ like any other (the user regime's ``--user-methods``). What they gave: ``docs/de
 * :class:`DirectionEnsemble`: the mean of several injectors' unit row directions.
 * :class:`NeighbourContrast`: descriptors minus a share of the mean descriptor of their nearest seen classes, so
   the injector sees what sets a class apart from its neighbours (seen classes leave themselves out).
+* :class:`SeparatedICIS`: ICIS trained with a separation term: each seen class's row predicted from its descriptor
+  must be nearer (by cosine) to its own true row than to any other seen row, the seen rows standing in for the
+  features of their classes (the counterfactual extension of ICIS pushes rows of different classes apart).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from classifier_injection.icis import ICISConfig, ICISInjector
+from classifier_injection.icis import ICISConfig, ICISInjector, _MixtureDecoder
 from classifier_injection.injector import Injector
 
-__all__ = ["DirectionEnsemble", "NeighbourContrast", "TemperedICIS"]
+__all__ = ["DirectionEnsemble", "NeighbourContrast", "SeparatedICIS", "TemperedICIS"]
 
 
 class TemperedICIS(ICISInjector):
@@ -104,3 +107,50 @@ class NeighbourContrast:
         if self.seen is None:
             raise RuntimeError("NeighbourContrast.predict() called before fit()")
         return self.inner.predict(self._contrast(descriptors, seen=False))
+
+
+class SeparatedICIS(ICISInjector):
+    """ICIS plus ``weight`` x a softmax cross-entropy over ``scale`` x the cosines of each batch class's A->W row to
+    every seen row, its own row the target; with ``leave_out``, the blend that is scored may not use its own row
+    (as a new class's cannot)."""
+
+    name = "icis-separated"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        scale: float = 10.0,
+        leave_out: bool = True,
+        config: ICISConfig | None = None,
+        *,
+        seed: int = 0,
+    ) -> None:
+        if not weight >= 0 or not scale > 0:
+            raise ValueError(f"weight must be >= 0 and scale > 0, got {weight}, {scale}")
+        super().__init__(config, seed=seed)
+        self.weight, self.scale, self.leave_out = weight, scale, leave_out
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "separation": [self.weight, self.scale, self.leave_out]}
+
+    def _train(self, model, a, r, a_new, candidates) -> list[float]:
+        if candidates is not None or not isinstance(model.weight_ae.decoder, _MixtureDecoder):
+            raise ValueError("SeparatedICIS needs the dense mixture decoder (heads of up to mixture_dense_up_to rows)")
+        if self.weight == 0:
+            return super()._train(model, a, r, a_new, candidates)
+        prototypes = F.normalize(r[:, :-1], dim=1)
+        original = model.losses
+
+        def losses(descriptors, rows, *args):
+            total = original(descriptors, rows, *args)
+            own = (F.normalize(rows[:, :-1], dim=1) @ prototypes.T).argmax(1)  # each batch row is a seen row
+            decoder = model.weight_ae.decoder
+            blend = decoder(model.descriptor_ae.encoder(descriptors), exclude=own if self.leave_out else None)
+            logits = self.scale * F.normalize(blend[:, :-1], dim=1) @ prototypes.T
+            return total + self.weight * F.cross_entropy(logits, own)
+
+        model.losses = losses
+        try:
+            return super()._train(model, a, r, a_new, candidates)
+        finally:
+            del model.losses
