@@ -328,3 +328,31 @@ def test_separation_term_changes_the_fit_and_weight_zero_is_plain_icis():
         SeparatedICIS(1.0, config=ICISConfig(latent_dim=8, max_epochs=1, row_decoder="linear")).fit(
             seen_a, seen_rows, new_a
         )
+
+
+def test_scaling_exponent_and_table_report_what_was_measured():
+    from benchmarks.studies.scaling import exponent, table
+
+    assert exponent([1000, 2000, 4000], [1.0, 4.0, 16.0]) == pytest.approx(2.0)
+    assert exponent([1000], [1.0]) != exponent([1000], [1.0])  # NaN: one size fits no slope
+    row = {"num": 21843, "count": 1, "seconds": 30.0, "peak_mb": 900.0, "extra_peak_mb": 300.0, "head_mb": 100.0}
+    results = {
+        "device": "cuda",
+        "forward_seconds": 0.01,
+        "rows": [{**row, "epochs": 200, "gpu_peak_mb": 512.0}],
+        "exponents": {"1": float("nan")},
+        "cold_embedding_seconds": {"21843": 60.0},
+        "ratios": {"11821_over_1000": float("nan")},
+    }
+    text = table(results)
+    assert "Device: cuda" in text and "| 21843 | 1 | 30.0 | 3000.0 | 900 | 300 | 100 | 3.0 | 200 |" in text
+    assert "- N = 21843, K = 1: 512" in text
+
+
+def test_scaling_refuses_cuda_where_there_is_none(monkeypatch, capsys):
+    from benchmarks.studies import scaling
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        scaling.main(["--device", "cuda", "--sizes", "1000", "--counts", "1"])
+    assert "no CUDA device is available here" in capsys.readouterr().err

@@ -5,9 +5,12 @@ feature statistics) under random rows drawn like the real ones, named by real Im
 timm. New classes get a name and a description each. Every measurement runs in a fresh process (peak memory is
 per process), with the text embeddings already cached (their first computation is reported apart) and the
 calibration's cache emptied, so each one fits ICIS and simulates the calibration anew. Times are also given as
-ratios to one lite0 forward pass of 32 images measured in the same run.
+ratios to one lite0 forward pass of 32 images measured in the same run, on the same device.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.scaling
+
+On a machine with a GPU, ``--device cuda`` puts the model there first, so ICIS trains there too (the check of
+the issue: ``--sizes 21843 --counts 1 --device cuda --name cuda``); the GPU's peak memory is reported as well.
 """
 
 from __future__ import annotations
@@ -67,11 +70,18 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def measure(num: int, count: int, cache_dir: str) -> dict:
-    """One ``inject()`` of ``count`` new classes into a head of ``num`` classes: seconds and memory (this process)."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(num: int, count: int, cache_dir: str, device: str = "cpu") -> dict:
+    """One ``inject()`` of ``count`` new classes into a head of ``num`` classes on ``device``: seconds and memory
+    (this process; on CUDA also the GPU's peak)."""
     from classifier_injection import default_embedder, find_head, inject
 
-    model = _model(num)
+    device = torch.device(device)
+    model = _model(num).to(device)
     names = _head_names(num)
     embedder = default_embedder()
     embedder.encode(["warm-up"])
@@ -80,12 +90,18 @@ def measure(num: int, count: int, cache_dir: str) -> dict:
     shutil.rmtree(Path(cache_dir) / "calibration", ignore_errors=True)
     head_mb = find_head(model).rows(model).numel() * 4 / 2**20
     before = _rss_mb("VmRSS")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _synchronize(device)
     start = time.perf_counter()
     out = inject(model, new, descriptions=descriptions, class_names=names, embedder=embedder, cache=cache_dir)
+    _synchronize(device)
     seconds = time.perf_counter() - start
     record = out.classifier_injection["injections"][-1]
+    gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
     return {
         "seconds": seconds,
+        **gpu,
         "rss_before_mb": before,
         "peak_mb": _rss_mb("VmHWM"),
         "extra_peak_mb": _rss_mb("VmHWM") - before,
@@ -95,22 +111,26 @@ def measure(num: int, count: int, cache_dir: str) -> dict:
     }
 
 
-def forward_seconds(repeats: int = 3) -> float:
-    """The best of ``repeats`` lite0 forward passes of 32 images (224 px), after a warm-up."""
-    model = load_model("tf_efficientnet_lite0")
-    images = torch.randn(32, 3, 224, 224)
+def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
+    """The best of ``repeats`` lite0 forward passes of 32 images (224 px) on ``device``, after a warm-up."""
+    device = torch.device(device)
+    model = load_model("tf_efficientnet_lite0").to(device)
+    images = torch.randn(32, 3, 224, 224, device=device)
     with torch.no_grad():
         model(images)
         times = []
         for _ in range(repeats):
+            _synchronize(device)
             start = time.perf_counter()
             model(images)
+            _synchronize(device)
             times.append(time.perf_counter() - start)
     return min(times)
 
 
-def _in_subprocess(num: int, count: int, cache_dir: str) -> dict:
+def _in_subprocess(num: int, count: int, cache_dir: str, device: str = "cpu") -> dict:
     command = [sys.executable, "-m", "benchmarks.studies.scaling", "--worker", str(num), str(count), cache_dir]
+    command += ["--device", device]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measurement N={num} K={count} failed:\n{done.stderr[-3000:]}")
@@ -130,10 +150,11 @@ def exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
 def table(results: dict) -> str:
     """The markdown table of a run."""
     forward = results["forward_seconds"]
+    device = results.get("device", "cpu")
     lines = [
         "### inject() against the head size (embeddings cached, calibration simulated anew, one process each)",
         "",
-        f"One lite0 forward pass of 32 images: {forward:.2f} s.",
+        f"Device: {device}. One lite0 forward pass of 32 images there: {forward:.2f} s.",
         "",
         "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -144,6 +165,10 @@ def table(results: dict) -> str:
             f"{row['peak_mb']:.0f} | {row['extra_peak_mb']:.0f} | {row['head_mb']:.0f} | "
             f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} |"
         )
+    gpu = [r for r in results["rows"] if "gpu_peak_mb" in r]
+    if gpu:
+        lines += ["", "GPU peak memory (MiB) during inject():", ""]
+        lines += [f"- N = {r['num']}, K = {r['count']}: {r['gpu_peak_mb']:.0f}" for r in gpu]
     lines += ["", "Fitted exponent of time vs N (least squares on log-log):", ""]
     lines += [f"- K = {k}: {e:.2f}" for k, e in results["exponents"].items()]
     lines += ["", "First injection (K = 1) before the class texts were embedded, whole process:", ""]
@@ -160,27 +185,31 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
     parser.add_argument("--sizes", type=int, nargs="+", default=list(HEAD_SIZES), help="head sizes N")
     parser.add_argument("--counts", type=int, nargs="+", default=list(NEW_COUNTS), help="new classes K")
     parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/scaling")
+    parser.add_argument("--device", default="cpu", help="where the model (and so ICIS) runs: cpu or cuda")
     parser.add_argument("--worker", nargs=3, metavar=("N", "K", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     if args.worker:
         num, count, cache_dir = int(args.worker[0]), int(args.worker[1]), args.worker[2]
-        print(json.dumps(measure(num, count, cache_dir)))
+        print(json.dumps(measure(num, count, cache_dir, args.device)))
         return
     cache_dir = tempfile.mkdtemp(prefix="scaling-cache-")
     rows, cold = [], {}
     for num in args.sizes:
         start = time.perf_counter()
-        _in_subprocess(num, 1, cache_dir)  # embeds the head's class texts once
+        _in_subprocess(num, 1, cache_dir, args.device)  # embeds the head's class texts once
         cold[str(num)] = time.perf_counter() - start
         print(f"N={num}: first injection with cold embeddings {cold[str(num)]:.1f} s (process included)", flush=True)
         for count in args.counts:
-            row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir)}
+            row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir, args.device)}
             rows.append(row)
             print(f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB", flush=True)
     shutil.rmtree(cache_dir, ignore_errors=True)
     by_count = {k: [r for r in rows if r["count"] == k] for k in args.counts}
     results = {
-        "forward_seconds": forward_seconds(),
+        "device": args.device,
+        "forward_seconds": forward_seconds(device=args.device),
         "rows": rows,
         "cold_embedding_seconds": cold,
         "exponents": {
