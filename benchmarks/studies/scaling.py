@@ -97,14 +97,15 @@ def measure(num: int, count: int, cache_dir: str, device: str = "cpu") -> dict:
     out = inject(model, new, descriptions=descriptions, class_names=names, embedder=embedder, cache=cache_dir)
     _synchronize(device)
     seconds = time.perf_counter() - start
+    peak = _rss_mb("VmHWM")
     record = out.classifier_injection["injections"][-1]
     gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
     return {
         "seconds": seconds,
         **gpu,
         "rss_before_mb": before,
-        "peak_mb": _rss_mb("VmHWM"),
-        "extra_peak_mb": _rss_mb("VmHWM") - before,
+        "peak_mb": peak,
+        "extra_peak_mb": peak - before,
         "head_mb": head_mb,
         "epochs": record["hparams"].get("epochs_trained"),
         "simulated_classes": record["calibration"]["diagnostics"].get("simulated_classes", num),
