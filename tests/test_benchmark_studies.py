@@ -330,6 +330,26 @@ def test_separation_term_changes_the_fit_and_weight_zero_is_plain_icis():
         )
 
 
+def test_residual_map_adds_to_plain_icis_and_vanishes_under_a_large_penalty():
+    from benchmarks.harness.research_injectors import ResidualICIS
+    from classifier_injection import ICISConfig, ICISInjector
+
+    g = torch.Generator().manual_seed(0)
+    seen_a, new_a = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    seen_rows = torch.randn(40, 9, generator=g)
+    config = ICISConfig(latent_dim=8, max_epochs=3, early_stop_slope=0.0)
+    plain = ICISInjector(config, seed=0).fit(seen_a, seen_rows, new_a).predict(new_a)
+    residual = ResidualICIS(1.0, config, seed=0).fit(seen_a, seen_rows, new_a)
+    assert residual.residual_map.shape == (6, 9) and residual.hparams()["residual_alpha"] == 1.0
+    assert not torch.allclose(residual.predict(new_a), plain)
+    damped = ResidualICIS(1e12, config, seed=0).fit(seen_a, seen_rows, new_a)
+    torch.testing.assert_close(damped.predict(new_a), plain)
+    with pytest.raises(ValueError, match="alpha"):
+        ResidualICIS(0.0)
+    with pytest.raises(ValueError, match="dense mixture"):
+        ResidualICIS(1.0, ICISConfig(latent_dim=8, max_epochs=1, row_decoder="linear")).fit(seen_a, seen_rows, new_a)
+
+
 def test_scaling_exponent_and_table_report_what_was_measured():
     from benchmarks.studies.scaling import exponent, table
 

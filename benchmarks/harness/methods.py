@@ -17,7 +17,13 @@ import torch
 
 from benchmarks.harness.data import HeadData
 from benchmarks.harness.metrics import check_fold, evaluate_conse, evaluate_rows, seen_mask
-from benchmarks.harness.research_injectors import DirectionEnsemble, NeighbourContrast, SeparatedICIS, TemperedICIS
+from benchmarks.harness.research_injectors import (
+    DirectionEnsemble,
+    NeighbourContrast,
+    ResidualICIS,
+    SeparatedICIS,
+    TemperedICIS,
+)
 from classifier_injection.baselines import (
     ConSE,
     COSTAInjector,
@@ -87,6 +93,16 @@ METHODS: dict[str, Method] = {
             "icis-separated",
             lambda: SeparatedICIS(1.0, 10.0, leave_out=True),
             description="row variant: a separation term (each seen row rebuilt from the others nearest its own row)",
+        ),
+        Method(
+            "icis-residual",
+            lambda: ResidualICIS(3.0),
+            description="row variant: plus a ridge map from descriptor residuals to row residuals (alpha 3)",
+        ),
+        Method(
+            "icis-residual10",
+            lambda: ResidualICIS(10.0),
+            description="row variant: plus a ridge map from descriptor residuals to row residuals (alpha 10)",
         ),
         Method("icis-mse", lambda: ICISInjector(ICISConfig(loss="mse"), seed=0), description="ablation: MSE loss"),
         Method(

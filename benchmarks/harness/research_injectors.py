@@ -11,6 +11,9 @@ like any other (the user regime's ``--user-methods``). What they gave: ``docs/de
 * :class:`SeparatedICIS`: ICIS trained with a separation term: each seen class's row predicted from its descriptor
   must be nearer (by cosine) to its own true row than to any other seen row, the seen rows standing in for the
   features of their classes (the counterfactual extension of ICIS pushes rows of different classes apart).
+* :class:`ResidualICIS`: ICIS's blend plus a ridge map from what a class's descriptor says beyond the blend of its
+  neighbours' descriptors to what its row holds beyond the blend of their rows (fitted on the seen classes, each
+  blended without its own row), so the text can add what sets a class apart from the rows it mixes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from classifier_injection.icis import ICISConfig, ICISInjector, _MixtureDecoder
 from classifier_injection.injector import Injector
 
-__all__ = ["DirectionEnsemble", "NeighbourContrast", "SeparatedICIS", "TemperedICIS"]
+__all__ = ["DirectionEnsemble", "NeighbourContrast", "ResidualICIS", "SeparatedICIS", "TemperedICIS"]
 
 
 class TemperedICIS(ICISInjector):
@@ -154,3 +157,46 @@ class SeparatedICIS(ICISInjector):
             return super()._train(model, a, r, a_new, candidates)
         finally:
             del model.losses
+
+
+class ResidualICIS(ICISInjector):
+    """ICIS rows plus ``d M``: ``d`` a descriptor minus the mixture's blend of the seen descriptors, ``M`` the ridge
+    map (penalty ``alpha``) from those descriptor residuals to the row residuals of the seen classes."""
+
+    name = "icis-residual"
+
+    def __init__(self, alpha: float, config: ICISConfig | None = None, *, seed: int = 0) -> None:
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        super().__init__(config, seed=seed)
+        self.alpha = alpha
+        self.keys: torch.Tensor | None = None
+        self.residual_map: torch.Tensor | None = None
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "residual_alpha": self.alpha}
+
+    def _mixture(self, descriptors: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        decoder = self.model.weight_ae.decoder
+        if not isinstance(decoder, _MixtureDecoder) or self.model.top_k is not None:
+            raise ValueError("ResidualICIS needs the dense mixture decoder (heads of up to mixture_dense_up_to rows)")
+        return decoder.weights(self.model.descriptor_ae.encoder(descriptors), exclude=exclude)
+
+    @torch.no_grad()
+    def fit(self, seen_descriptors, seen_rows, new_descriptors=None) -> ResidualICIS:
+        with torch.enable_grad():
+            super().fit(seen_descriptors, seen_rows, new_descriptors)
+        keys, rows = seen_descriptors.detach().float(), seen_rows.detach().float()
+        weights = self._mixture(keys, exclude=torch.arange(len(keys)))
+        d, e = keys - weights @ keys, rows - weights @ rows
+        gram = d.T @ d + self.alpha * torch.eye(d.shape[1])
+        self.keys, self.residual_map = keys, torch.linalg.solve(gram, d.T @ e)
+        return self
+
+    @torch.no_grad()
+    def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
+        rows = super().predict(descriptors)
+        if self.residual_map is None:
+            raise RuntimeError("ResidualICIS.predict() called before fit()")
+        a = descriptors.detach().float()
+        return rows + (a - self._mixture(a) @ self.keys) @ self.residual_map

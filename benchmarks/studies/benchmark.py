@@ -189,7 +189,16 @@ USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo", "mlp", "subre
 FAST_USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo")
 #: Ways to make ICIS rows discriminate against their neighbours (``benchmarks.harness.research_injectors``); run on
 #: the main case when asked for (``--user-methods``).
-ROW_VARIANTS = ("icis-loo", "icis-sharp", "icis-flat", "icis+vgse-smo", "icis-contrast", "icis-separated")
+ROW_VARIANTS = (
+    "icis-loo",
+    "icis-sharp",
+    "icis-flat",
+    "icis+vgse-smo",
+    "icis-contrast",
+    "icis-separated",
+    "icis-residual",
+    "icis-residual10",
+)
 #: (model, K, draws, methods) of the user regime: what the protocol asks for (issue "New classes a user can
 #: trust"); every baseline on the main case, the closed-form ones elsewhere.
 USER_PLAN: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
