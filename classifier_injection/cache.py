@@ -1,4 +1,4 @@
-"""On-disk cache of text embeddings, keyed by (embedder id, text).
+"""On-disk caches: text embeddings keyed by (embedder id, text), and the rows a library injector predicted.
 
 Injecting into an ImageNet head embeds the descriptors of its 1000 seen classes every time; with the cache
 only texts never seen before are encoded. One safetensors file per embedder id holds a ``[n, d]`` float32
@@ -8,22 +8,29 @@ The cache trusts the embedder id: an id must change whenever the vectors would (
 So only embedders that declare ``cacheable = True`` are cached (the library's sentence-transformers and
 open_clip embedders with real weights do); others, e.g. a randomly initialised text tower or a user's own
 embedder whose id may not say which weights it runs, are encoded every time.
+
+:class:`RowCache` keeps the new rows of a fit, keyed by everything the fit reads (the head, both descriptor
+matrices, the injector's class, settings, device and seed, the library version and the source that runs the
+fit), so an unchanged injection run again (a script or a notebook cell) skips the fit and gets the same rows.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .serialization import atomic_save_safetensors
+from ._version import __version__
+from .serialization import atomic_save_safetensors, read_safetensors
 
-__all__ = ["CachedEmbedder", "EmbeddingCache", "default_cache_dir", "resolve_cache"]
+__all__ = ["CachedEmbedder", "EmbeddingCache", "RowCache", "default_cache_dir", "resolve_cache", "source_digest"]
 
 _logger = logging.getLogger(__name__)
 
@@ -184,3 +191,107 @@ def resolve_cache(cache: EmbeddingCache | str | os.PathLike | bool | None) -> Em
         f"cache must be True (the default folder), False (off), a directory or an EmbeddingCache, "
         f"got {type(cache).__name__}"
     )
+
+
+@functools.cache
+def source_digest(modules: tuple[str, ...], injector_type: type) -> str | None:
+    """A hash of the library version, the package's ``modules`` (paths such as ``"icis.py"``) and the source of
+    ``injector_type``'s classes, or ``None`` when a source cannot be read (then nothing may be cached)."""
+    package = Path(__file__).resolve().parent
+    files = {package / module for module in modules}
+    for cls in injector_type.__mro__:  # a user's subclass that changes the fit changes the key
+        module = sys.modules.get(cls.__module__)
+        source = getattr(module, "__file__", None)
+        if source and source.endswith(".py"):
+            files.add(Path(source))
+    h = hashlib.sha256(__version__.encode())
+    try:
+        for path in sorted(files):
+            h.update(path.read_bytes())
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def hash_tensor(h: hashlib._Hash, tensor: torch.Tensor | None) -> None:
+    """Feed ``tensor``'s shape and float32 bytes to ``h`` (without copying them)."""
+    if tensor is None:
+        h.update(b"none")
+        return
+    data = tensor.detach().float().cpu().contiguous()
+    h.update(str(tuple(data.shape)).encode())
+    h.update(data.numpy())
+
+
+#: Modules whose code decides a fit's rows, besides the injector's own (seeding and the fit's inputs).
+_FIT_MODULES = ("core.py", "injector.py", "icis.py", "baselines.py")
+#: ``hparams()`` entries that report a fit's outcome rather than a setting.
+FIT_RESULTS = frozenset({"epochs_trained"})
+
+
+class RowCache:
+    """New rows predicted by a fitted injector, on disk: one safetensors file per fit (rows and JSON ``hparams``).
+
+    Only injectors that declare ``cacheable = True`` (their fit is fixed by their class, ``hparams()``, device
+    and seed) are cached. A damaged file is ignored and rewritten; nothing is unpickled.
+
+    Args:
+        directory: where the files live; created on first write.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory).expanduser()
+
+    def key(
+        self,
+        injector: object,
+        seen_rows: torch.Tensor,
+        seen_descriptors: torch.Tensor,
+        new_descriptors: torch.Tensor,
+        seed: int,
+    ) -> str | None:
+        """The key of ``injector``'s fit on these inputs, or ``None`` when it cannot be cached safely."""
+        if getattr(injector, "cacheable", False) is not True or not callable(getattr(injector, "hparams", None)):
+            return None
+        code = source_digest(_FIT_MODULES, type(injector))
+        if code is None:
+            return None
+        settings = {k: v for k, v in injector.hparams().items() if k not in FIT_RESULTS}
+        description = [type(injector).__module__, type(injector).__qualname__, settings, seed]
+        description.append(str(getattr(injector, "device", None)))
+        h = hashlib.sha256(code.encode())
+        h.update(json.dumps(description, sort_keys=True, default=str).encode())
+        for tensor in (seen_rows, seen_descriptors, new_descriptors):
+            hash_tensor(h, tensor)
+        return h.hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def get(self, key: str) -> tuple[torch.Tensor, dict] | None:
+        """``(rows, hparams)`` stored under ``key``, or ``None``."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors, metadata = read_safetensors(path)
+            rows, hparams = tensors["rows"], json.loads(metadata["hparams"])
+            if set(tensors) != {"rows"} or rows.dim() != 2 or rows.dtype != torch.float32:
+                raise ValueError("not a file of this cache")
+            if not isinstance(hparams, dict):
+                raise ValueError("its hparams are not a JSON object")
+        except (OSError, KeyError, ValueError, TypeError) as err:  # damaged or foreign: refit, the put rewrites it
+            _logger.warning("ignoring unreadable row cache %s (%s)", path, err)
+            return None
+        return rows, hparams
+
+    def put(self, key: str, rows: torch.Tensor, hparams: dict) -> None:
+        """Store ``rows`` and ``hparams`` atomically; a folder that cannot be written only warns."""
+        metadata = {"hparams": json.dumps(hparams, sort_keys=True, default=str)}
+        try:
+            atomic_save_safetensors({"rows": rows.detach().float()}, self.path(key), metadata, overwrite=True)
+        except OSError as err:  # a read-only or broken cache folder must not stop the injection
+            _logger.warning("could not write the row cache %s (%s): continuing without it", self, err)
+
+    def __repr__(self) -> str:
+        return f"RowCache({str(self.directory)!r})"

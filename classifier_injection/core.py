@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import RowCache
 from .calibration import (
     Calibration,
     CalibrationContext,
@@ -44,12 +45,15 @@ class RowPrediction:
     Attributes:
         rows: the calibrated new rows ``[K, D + 1]``, ``new_class_scale`` applied.
         calibration: the fitted rule that produced them (its ``to_dict()`` is the provenance).
-        seconds: wall time of the ``fit`` (0 for a trained injector), ``predict`` and ``calibration`` steps.
+        seconds: wall time of the ``fit`` (0 for a trained injector or cached rows), ``predict`` and
+            ``calibration`` steps.
+        hparams: the injector's ``hparams()`` after its fit (as stored with cached rows).
     """
 
     rows: torch.Tensor
     calibration: Calibration
     seconds: dict[str, float] = field(default_factory=dict)
+    hparams: dict = field(default_factory=dict)
 
 
 def head_fingerprint(rows: torch.Tensor) -> str:
@@ -106,6 +110,7 @@ def predict_rows(
     seed: int = 0,
     new_class_scale: float = 1.0,
     choices: ChoiceStore | None = None,
+    fits: RowCache | None = None,
 ) -> RowPrediction:
     """Predict and calibrate the rows of new classes from the head's rows and the descriptors.
 
@@ -120,6 +125,8 @@ def predict_rows(
         seed: seed of the fit and of the calibration's random choices.
         new_class_scale: factor on the new classes' logits after calibration (the trade-off knob).
         choices: where simulation rules keep their choice per head (a ``CalibrationCache``).
+        fits: where the rows of an unfitted injector's fit are kept; a fit made before on the same inputs is
+            skipped (the injector then stays unfitted).
     """
     rule = get_calibration(calibration)
     contextual = needs_context(rule)
@@ -128,16 +135,16 @@ def predict_rows(
         raise ValueError("seen_descriptors are needed to fit the injector or a calibration that simulates an injection")
     # Taken before the fit: the simulation rules refit fresh copies of the injector as it was given.
     factory = copying_factory(injector) if contextual else None
-    seconds = {"fit": 0.0}
-    start = time.perf_counter()
-    if not fitted:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            injector.fit(seen_descriptors, seen_rows, new_descriptors)
-        seconds["fit"] = time.perf_counter() - start
-    start = time.perf_counter()
-    predicted = injector.predict(new_descriptors)
-    seconds["predict"] = time.perf_counter() - start
+    key = None if fitted or fits is None else fits.key(injector, seen_rows, seen_descriptors, new_descriptors, seed)
+    cached = fits.get(key) if key is not None else None
+    if cached is not None:
+        predicted, hparams = cached
+        seconds = {"fit": 0.0, "predict": 0.0}
+    else:
+        predicted, seconds = _fit_predict(injector, fitted, seen_rows, seen_descriptors, new_descriptors, seed)
+        hparams = injector.hparams() if callable(getattr(injector, "hparams", None)) else {}
+        if key is not None:
+            fits.put(key, predicted, hparams)
     start = time.perf_counter()
     if contextual:
         context = calibration_context(
@@ -148,4 +155,26 @@ def predict_rows(
     seconds["calibration"] = time.perf_counter() - start
     if not torch.isfinite(rows).all():
         raise RuntimeError("the injector produced non-finite rows; try another seed or injector")
-    return RowPrediction(rows, rule, seconds)
+    return RowPrediction(rows, rule, seconds, hparams)
+
+
+def _fit_predict(
+    injector: Injector,
+    fitted: bool,
+    seen_rows: torch.Tensor,
+    seen_descriptors: torch.Tensor | None,
+    new_descriptors: torch.Tensor,
+    seed: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Fit ``injector`` (seeded, the caller's RNG untouched) unless ``fitted``; its rows for ``new_descriptors``."""
+    seconds = {"fit": 0.0}
+    start = time.perf_counter()
+    if not fitted:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            injector.fit(seen_descriptors, seen_rows, new_descriptors)
+        seconds["fit"] = time.perf_counter() - start
+    start = time.perf_counter()
+    predicted = injector.predict(new_descriptors)
+    seconds["predict"] = time.perf_counter() - start
+    return predicted, seconds

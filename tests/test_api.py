@@ -90,8 +90,9 @@ def test_inject_twice_keeps_all_earlier_logits(resnet, embedder, fast_icis):
 
 
 def test_deterministic_given_seed(resnet, embedder, fast_icis):
-    a = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis), seed=1)
-    b = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis), seed=1)
+    # No cache: both calls fit (a cached fit would return the first call's rows).
+    a = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis), seed=1, cache=False)
+    b = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis), seed=1, cache=False)
     assert torch.equal(a.fc.weight, b.fc.weight) and torch.equal(a.fc.bias, b.fc.bias)
 
 

@@ -1,4 +1,4 @@
-"""The on-disk cache of calibration choices: reused exactly for the same head, never for another."""
+"""The on-disk caches of calibration choices and of fitted rows: reused exactly for the same inputs only."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 import classifier_injection.calibration as calibration
 from classifier_injection import ICISConfig, ICISInjector, InjectionConfig, find_head, inject
+from classifier_injection.cache import source_digest
 from classifier_injection.calibration import FactorChoice, simulation
 from classifier_injection.calibration import cache as calibration_cache
 
@@ -147,10 +148,10 @@ def test_the_key_follows_the_code_of_the_injector_class(tmp_path, monkeypatch):
     before = calibration_cache._code_digest(own)
     assert before is not None and before != calibration_cache._code_digest(ICISInjector)
     source.write_text(source.read_text() + "\n# the fit changed\n")
-    calibration_cache._code_digest.cache_clear()
+    source_digest.cache_clear()
     assert calibration_cache._code_digest(own) != before, "editing the injector's module changes the key"
     source.unlink()
-    calibration_cache._code_digest.cache_clear()
+    source_digest.cache_clear()
     assert calibration_cache._code_digest(own) is None, "no readable source: no caching"
 
 
@@ -165,4 +166,80 @@ def test_a_cache_folder_that_cannot_be_written_only_warns(lite0, tmp_path, caplo
     assert model.num_classes == 13
     assert "could not write the embedding cache" in caplog.text
     assert "could not write the calibration cache" in caplog.text
+    assert "could not write the row cache" in caplog.text
     assert blocked.read_text() == "a file where the cache folder should be"
+
+
+@pytest.fixture
+def fits(monkeypatch) -> list[int]:
+    """Counts ICIS fits (the step the row cache skips)."""
+    calls: list[int] = []
+    original = ICISInjector.fit
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ICISInjector, "fit", counting)
+    return calls
+
+
+def test_the_same_injection_again_skips_the_fit_and_gives_the_same_model(lite0, embedder, tmp_path, fits):
+    first = _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
+    assert len(fits) == 2, "the injection's fit and the calibration's simulated one"
+    (path,) = (tmp_path / "rows").glob("*.safetensors")
+    again = _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
+    assert len(fits) == 2, "neither fit ran again"
+    fresh = _inject(lite0, ["capybara", "okapi"], embedder, False)
+    for model in (again, fresh):
+        torch.testing.assert_close(_new_rows(model), _new_rows(first), rtol=0, atol=0)
+        record, reference = model.classifier_injection["injections"][-1], first.classifier_injection["injections"][-1]
+        assert record["hparams"] == reference["hparams"] and record["hparams"]["epochs_trained"] == 3
+    assert list((tmp_path / "rows").glob("*.safetensors")) == [path]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"names": ["capybara", "tapir"]}, {"seed": 1}, {"icis": ICISConfig(latent_dim=16, max_epochs=4)}],
+    ids=["names", "seed", "settings"],
+)
+def test_other_names_seed_or_settings_fit_again(lite0, embedder, tmp_path, fits, change):
+    _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
+    fitted = len(fits)
+    config = InjectionConfig(icis=change.get("icis", ICISConfig(latent_dim=16, max_epochs=3)))
+    names = change.get("names", ["capybara", "okapi"])
+    inject(lite0, names, config, embedder=embedder, class_names=NAMES, cache=tmp_path, seed=change.get("seed", 0))
+    assert len(fits) > fitted
+    assert len(list((tmp_path / "rows").glob("*.safetensors"))) == 2
+
+
+def test_an_injector_the_caller_passes_is_always_fitted(lite0, embedder, tmp_path):
+    config = ICISConfig(latent_dim=16, max_epochs=3)
+    for _ in range(2):
+        injector = ICISInjector(config)
+        _inject(lite0, ["capybara"], embedder, tmp_path, injector=injector)
+        assert injector.is_fitted, "the caller's injector comes back trained"
+    assert not (tmp_path / "rows").exists()
+
+
+def test_damaged_row_files_are_ignored_and_rewritten(lite0, embedder, tmp_path, fits, caplog):
+    from safetensors.torch import save_file
+
+    reference = _inject(lite0, ["capybara"], embedder, tmp_path)
+    (path,) = (tmp_path / "rows").glob("*.safetensors")
+    damages = [
+        lambda: path.write_bytes(b"not a safetensors file"),
+        lambda: save_file({"rows": torch.zeros(1, 4)}, str(path)),  # no hparams
+        lambda: save_file({"rows": torch.zeros(4)}, str(path), metadata={"hparams": "{}"}),
+        lambda: save_file({"rows": torch.zeros(1, 4)}, str(path), metadata={"hparams": "[]"}),
+    ]
+    for damage in damages:
+        damage()
+        with caplog.at_level(logging.WARNING, logger="classifier_injection.cache"):
+            again = _inject(lite0, ["capybara"], embedder, tmp_path)
+        assert "ignoring unreadable row cache" in caplog.text
+        caplog.clear()
+        torch.testing.assert_close(_new_rows(again), _new_rows(reference), rtol=0, atol=0)
+    assert len(fits) == 2 + len(damages), "each damaged file cost one fit (the calibration's choice stayed cached)"
+    again = _inject(lite0, ["capybara"], embedder, tmp_path)
+    assert len(fits) == 2 + len(damages), "rewritten: served again"

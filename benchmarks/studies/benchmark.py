@@ -360,7 +360,8 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     has not seen (its cached choices are cleared, so it simulates); ``same_head``, into the same head again (the
     calibration's choice is read from :mod:`classifier_injection.calibration.cache`); ``trained_injector``, passing
     an ICIS injector trained on this head before (no refit either: how batches of new classes are meant to be
-    injected).
+    injected); ``same_call``, the ``first`` call again, names included (a script run again: its fit's rows are read
+    from :class:`classifier_injection.cache.RowCache`).
     """
     import shutil
 
@@ -373,13 +374,15 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     trained = ICISInjector(seed=0)
     # Caches the seen classes' embeddings and trains `trained` on this head.
     inject(model, ["warm-up class"], embedder=embedder, cache=cache, injector=trained)
-    out: dict = {"first": {}, "same_head": {}, "trained_injector": {}}
-    calls = (("first", None), ("same_head", None), ("trained_injector", trained))
+    out: dict = {"first": {}, "same_head": {}, "trained_injector": {}, "same_call": {}}
+    calls = (("first", None), ("same_head", None), ("trained_injector", trained), ("same_call", None))
     unused = iter(new_class_names(sum(counts) * len(calls)))  # fresh names: their embeddings are not cached
     for count in counts:
         shutil.rmtree(cache.directory / "calibration", ignore_errors=True)
+        named: dict[str, list[str]] = {}
         for call, injector in calls:
-            names = [next(unused) for _ in range(count)]
+            names = named["first"] if call == "same_call" else [next(unused) for _ in range(count)]
+            named[call] = names
             start = time.perf_counter()
             inject(model, names, embedder=embedder, cache=cache, injector=injector)
             out[call][str(count)] = time.perf_counter() - start
@@ -543,6 +546,7 @@ def _user_line(regime: str, name: str, entry: dict) -> str:
 _LATER_CALLS = {
     "same_head": "another injection into the same head (calibration choice cached)",
     "trained_injector": "with an ICIS injector trained on this head before (no refit, choice cached)",
+    "same_call": "the first call again, same names (its fit's rows and the choice read from the cache)",
 }
 
 

@@ -13,26 +13,19 @@ key; nothing is unpickled; a damaged file is ignored and rewritten.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
-import torch
-
-from .._version import __version__
+from ..cache import FIT_RESULTS, hash_tensor, source_digest
 from ..serialization import atomic_write_text
 from .base import CalibrationContext, FactorChoice
 
 __all__ = ["CalibrationCache"]
 
 _logger = logging.getLogger(__name__)
-
-#: ``hparams()`` entries that report a fit's outcome rather than a setting.
-_FIT_RESULTS = frozenset({"epochs_trained"})
 
 #: Files whose code decides a simulation rule's choice; a change to any of them invalidates the cache.
 _SIMULATION_MODULES = (
@@ -46,34 +39,10 @@ _SIMULATION_MODULES = (
 )
 
 
-@functools.cache
 def _code_digest(injector_type: type) -> str | None:
     """The library version and the source of the simulation's modules and of ``injector_type``'s classes, or
     ``None`` when a source cannot be read (e.g. a build that ships bytecode only: then nothing is cached)."""
-    package = Path(__file__).resolve().parent.parent
-    files = {package / module for module in _SIMULATION_MODULES}
-    for cls in injector_type.__mro__:  # a user's subclass that changes the fit changes the key
-        module = sys.modules.get(cls.__module__)
-        source = getattr(module, "__file__", None)
-        if source and source.endswith(".py"):
-            files.add(Path(source))
-    h = hashlib.sha256(__version__.encode())
-    try:
-        for path in sorted(files):
-            h.update(path.read_bytes())
-    except OSError:
-        return None
-    return h.hexdigest()
-
-
-def _hash_tensor(h: hashlib._Hash, tensor: torch.Tensor | None) -> None:
-    """Feed ``tensor``'s shape and float32 bytes to ``h`` (without copying them)."""
-    if tensor is None:
-        h.update(b"none")
-        return
-    data = tensor.detach().float().cpu().contiguous()
-    h.update(str(tuple(data.shape)).encode())
-    h.update(data.numpy())
+    return source_digest(_SIMULATION_MODULES, injector_type)
 
 
 def choice_key(rule: object, context: CalibrationContext) -> str | None:
@@ -85,7 +54,7 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
         return None
     # The simulation refits fresh copies, so a trained injector simulates as an untrained one: what its last fit
     # gave (ICIS's ``epochs_trained``) is not part of the key.
-    settings = {k: v for k, v in injector.hparams().items() if k not in _FIT_RESULTS}
+    settings = {k: v for k, v in injector.hparams().items() if k not in FIT_RESULTS}
     description = {
         "rule": [type(rule).__module__, type(rule).__qualname__, rule.to_dict()],
         "injector": [type(injector).__module__, type(injector).__qualname__, settings],
@@ -98,7 +67,7 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
     h = hashlib.sha256(code.encode())
     h.update(json.dumps(description, sort_keys=True, default=str).encode())
     for tensor in (context.seen_rows, context.seen_descriptors, context.feature_mean, context.feature_std):
-        _hash_tensor(h, tensor)
+        hash_tensor(h, tensor)
     return h.hexdigest()[:32]
 
 
