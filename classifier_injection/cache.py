@@ -257,8 +257,8 @@ class RowCache:
         if code is None:
             return None
         settings = {k: v for k, v in injector.hparams().items() if k not in FIT_RESULTS}
-        description = [type(injector).__module__, type(injector).__qualname__, settings, seed]
-        description.append(str(getattr(injector, "device", None)))
+        device = str(getattr(injector, "device", None))
+        description = [type(injector).__module__, type(injector).__qualname__, settings, seed, device]
         h = hashlib.sha256(code.encode())
         h.update(json.dumps(description, sort_keys=True, default=str).encode())
         for tensor in (seen_rows, seen_descriptors, new_descriptors):
@@ -268,16 +268,16 @@ class RowCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def get(self, key: str) -> tuple[torch.Tensor, dict] | None:
-        """``(rows, hparams)`` stored under ``key``, or ``None``."""
+    def get(self, key: str, shape: tuple[int, int]) -> tuple[torch.Tensor, dict] | None:
+        """``(rows, hparams)`` stored under ``key``, or ``None``; the rows must be float32 of ``shape``."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
             tensors, metadata = read_safetensors(path)
             rows, hparams = tensors["rows"], json.loads(metadata["hparams"])
-            if set(tensors) != {"rows"} or rows.dim() != 2 or rows.dtype != torch.float32:
-                raise ValueError("not a file of this cache")
+            if set(tensors) != {"rows"} or tuple(rows.shape) != tuple(shape) or rows.dtype != torch.float32:
+                raise ValueError(f"not rows of shape {tuple(shape)}")
             if not isinstance(hparams, dict):
                 raise ValueError("its hparams are not a JSON object")
         except (OSError, KeyError, ValueError, TypeError) as err:  # damaged or foreign: refit, the put rewrites it

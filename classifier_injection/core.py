@@ -136,7 +136,7 @@ def predict_rows(
     # Taken before the fit: the simulation rules refit fresh copies of the injector as it was given.
     factory = copying_factory(injector) if contextual else None
     key = None if fitted or fits is None else fits.key(injector, seen_rows, seen_descriptors, new_descriptors, seed)
-    cached = fits.get(key) if key is not None else None
+    cached = fits.get(key, (len(new_descriptors), seen_rows.shape[1])) if key is not None else None
     if cached is not None:
         predicted, hparams = cached
         seconds = {"fit": 0.0, "predict": 0.0}

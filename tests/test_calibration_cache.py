@@ -229,9 +229,10 @@ def test_damaged_row_files_are_ignored_and_rewritten(lite0, embedder, tmp_path, 
     (path,) = (tmp_path / "rows").glob("*.safetensors")
     damages = [
         lambda: path.write_bytes(b"not a safetensors file"),
-        lambda: save_file({"rows": torch.zeros(1, 4)}, str(path)),  # no hparams
+        lambda: save_file({"rows": torch.zeros(1, 1281)}, str(path)),  # no hparams
+        lambda: save_file({"rows": torch.zeros(2, 1281)}, str(path), metadata={"hparams": "{}"}),  # one row too many
         lambda: save_file({"rows": torch.zeros(4)}, str(path), metadata={"hparams": "{}"}),
-        lambda: save_file({"rows": torch.zeros(1, 4)}, str(path), metadata={"hparams": "[]"}),
+        lambda: save_file({"rows": torch.zeros(1, 1281)}, str(path), metadata={"hparams": "[]"}),
     ]
     for damage in damages:
         damage()
