@@ -143,7 +143,7 @@ def predict_rows(
     else:
         predicted, seconds = _fit_predict(injector, fitted, seen_rows, seen_descriptors, new_descriptors, seed)
         hparams = injector.hparams() if callable(getattr(injector, "hparams", None)) else {}
-        if key is not None:
+        if key is not None and torch.isfinite(predicted).all():
             fits.put(key, predicted, hparams)
     start = time.perf_counter()
     if contextual:
