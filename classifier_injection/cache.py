@@ -30,7 +30,15 @@ import torch
 from ._version import __version__
 from .serialization import atomic_save_safetensors, read_safetensors
 
-__all__ = ["CachedEmbedder", "EmbeddingCache", "RowCache", "default_cache_dir", "resolve_cache", "source_digest"]
+__all__ = [
+    "CachedEmbedder",
+    "EmbeddingCache",
+    "RowCache",
+    "default_cache_dir",
+    "fit_key",
+    "resolve_cache",
+    "source_digest",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -213,7 +221,7 @@ def source_digest(modules: tuple[str, ...], injector_type: type) -> str | None:
     return h.hexdigest()
 
 
-def hash_tensor(h: hashlib._Hash, tensor: torch.Tensor | None) -> None:
+def _hash_tensor(h: hashlib._Hash, tensor: torch.Tensor | None) -> None:
     """Feed ``tensor``'s shape and float32 bytes to ``h`` (without copying them)."""
     if tensor is None:
         h.update(b"none")
@@ -223,10 +231,34 @@ def hash_tensor(h: hashlib._Hash, tensor: torch.Tensor | None) -> None:
     h.update(data.numpy())
 
 
+#: ``hparams()`` entries that report a fit's outcome rather than a setting.
+_FIT_RESULTS = frozenset({"epochs_trained"})
+
+
+def fit_key(
+    injector: object, modules: tuple[str, ...], description: dict, tensors: Sequence[torch.Tensor | None]
+) -> str | None:
+    """A cache key for work fixed by ``injector``'s fit, or ``None`` when it cannot be cached safely.
+
+    The key covers the injector's class and settings (not what its last fit gave), ``description``, ``tensors`` and
+    :func:`source_digest` of ``modules``. Only injectors that declare ``cacheable = True`` get one.
+    """
+    if getattr(injector, "cacheable", False) is not True or not callable(getattr(injector, "hparams", None)):
+        return None
+    code = source_digest(modules, type(injector))
+    if code is None:
+        return None
+    settings = {k: v for k, v in injector.hparams().items() if k not in _FIT_RESULTS}
+    payload = {"injector": [type(injector).__module__, type(injector).__qualname__, settings], **description}
+    h = hashlib.sha256(code.encode())
+    h.update(json.dumps(payload, sort_keys=True, default=str).encode())
+    for tensor in tensors:
+        _hash_tensor(h, tensor)
+    return h.hexdigest()[:32]
+
+
 #: Modules whose code decides a fit's rows, besides the injector's own (seeding and the fit's inputs).
 _FIT_MODULES = ("core.py", "injector.py", "icis.py", "baselines.py")
-#: ``hparams()`` entries that report a fit's outcome rather than a setting.
-FIT_RESULTS = frozenset({"epochs_trained"})
 
 
 class RowCache:
@@ -251,19 +283,8 @@ class RowCache:
         seed: int,
     ) -> str | None:
         """The key of ``injector``'s fit on these inputs, or ``None`` when it cannot be cached safely."""
-        if getattr(injector, "cacheable", False) is not True or not callable(getattr(injector, "hparams", None)):
-            return None
-        code = source_digest(_FIT_MODULES, type(injector))
-        if code is None:
-            return None
-        settings = {k: v for k, v in injector.hparams().items() if k not in FIT_RESULTS}
-        device = str(getattr(injector, "device", None))
-        description = [type(injector).__module__, type(injector).__qualname__, settings, seed, device]
-        h = hashlib.sha256(code.encode())
-        h.update(json.dumps(description, sort_keys=True, default=str).encode())
-        for tensor in (seen_rows, seen_descriptors, new_descriptors):
-            hash_tensor(h, tensor)
-        return h.hexdigest()[:32]
+        description = {"seed": seed, "device": str(getattr(injector, "device", None))}
+        return fit_key(injector, _FIT_MODULES, description, (seen_rows, seen_descriptors, new_descriptors))
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"

@@ -145,14 +145,15 @@ def test_the_key_follows_the_code_of_the_injector_class(tmp_path, monkeypatch):
     source = tmp_path / "own_injector.py"
     source.write_text("from classifier_injection import ICISInjector\n\nclass Own(ICISInjector):\n    pass\n")
     own = importlib.import_module("own_injector").Own
-    before = calibration_cache._code_digest(own)
-    assert before is not None and before != calibration_cache._code_digest(ICISInjector)
+    modules = calibration_cache._SIMULATION_MODULES
+    before = source_digest(modules, own)
+    assert before is not None and before != source_digest(modules, ICISInjector)
     source.write_text(source.read_text() + "\n# the fit changed\n")
     source_digest.cache_clear()
-    assert calibration_cache._code_digest(own) != before, "editing the injector's module changes the key"
+    assert source_digest(modules, own) != before, "editing the injector's module changes the key"
     source.unlink()
     source_digest.cache_clear()
-    assert calibration_cache._code_digest(own) is None, "no readable source: no caching"
+    assert source_digest(modules, own) is None, "no readable source: no caching"
 
 
 def test_a_cache_folder_that_cannot_be_written_only_warns(lite0, tmp_path, caplog):

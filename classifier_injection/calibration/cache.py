@@ -13,13 +13,12 @@ key; nothing is unpickled; a damaged file is ignored and rewritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
-from ..cache import FIT_RESULTS, hash_tensor, source_digest
+from ..cache import fit_key
 from ..serialization import atomic_write_text
 from .base import CalibrationContext, FactorChoice
 
@@ -39,36 +38,19 @@ _SIMULATION_MODULES = (
 )
 
 
-def _code_digest(injector_type: type) -> str | None:
-    """The library version and the source of the simulation's modules and of ``injector_type``'s classes, or
-    ``None`` when a source cannot be read (e.g. a build that ships bytecode only: then nothing is cached)."""
-    return source_digest(_SIMULATION_MODULES, injector_type)
-
-
 def choice_key(rule: object, context: CalibrationContext) -> str | None:
     """The cache key of ``rule``'s choice on ``context``, or ``None`` when it cannot be cached safely."""
     if context.injector_factory is None or not callable(getattr(rule, "to_dict", None)):
         return None
-    injector = context.injector_factory()
-    if getattr(injector, "cacheable", False) is not True or not callable(getattr(injector, "hparams", None)):
-        return None
     # The simulation refits fresh copies, so a trained injector simulates as an untrained one: what its last fit
     # gave (ICIS's ``epochs_trained``) is not part of the key.
-    settings = {k: v for k, v in injector.hparams().items() if k not in FIT_RESULTS}
     description = {
         "rule": [type(rule).__module__, type(rule).__qualname__, rule.to_dict()],
-        "injector": [type(injector).__module__, type(injector).__qualname__, settings],
         "seed": context.seed,
         "feature_source": context.feature_source,
     }
-    code = _code_digest(type(injector))
-    if code is None:
-        return None
-    h = hashlib.sha256(code.encode())
-    h.update(json.dumps(description, sort_keys=True, default=str).encode())
-    for tensor in (context.seen_rows, context.seen_descriptors, context.feature_mean, context.feature_std):
-        hash_tensor(h, tensor)
-    return h.hexdigest()[:32]
+    tensors = (context.seen_rows, context.seen_descriptors, context.feature_mean, context.feature_std)
+    return fit_key(context.injector_factory(), _SIMULATION_MODULES, description, tensors)
 
 
 class CalibrationCache:
