@@ -9,7 +9,8 @@ all weighted 1, ``d(x, y) = 1 - cos(x, y)`` per row (MSE as the ablation):
 * W->W: ``d(dec_W(enc_W(r)), r)``, seen classes,
 * A->W and W->A (cross-reconstruction): ``d(dec_W(enc_A(a)), r)``, ``d(dec_A(enc_W(r)), a)``, seen classes.
 
-A new class gets the row ``dec_W(enc_A(a))``. The cosine loss leaves the norm of predicted rows free;
+A new class gets the row ``dec_W(enc_A(a))``, which never passes through the row encoder: the library trains its
+two terms (W->W, W->A) only with ``ICISConfig.row_encoder`` (the paper does), as they cost more than half of a fit. The cosine loss leaves the norm of predicted rows free;
 :mod:`classifier_injection.calibration` sets it afterwards.
 
 ``dec_W`` is a linear layer in the paper. The library default (``ICISConfig.row_decoder="mixture"``) decodes a
@@ -55,6 +56,8 @@ class ICISConfig:
             for ``early_stop_patience`` epochs in a row (0.002 and 5 in the paper). ``0`` disables it.
         loss: ``"cosine"`` (the paper) or ``"mse"`` (ablation).
         cross_reconstruction: use the A->W and W->A terms (ablation: ``False``).
+        row_encoder: train the row encoder, i.e. the W->W and W->A terms (the paper's; ``True`` in :meth:`paper`).
+            A new row never passes through it: ``dec_W(enc_A(a))``.
         include_new_descriptors: use the new classes' descriptors in the A->A term.
         center: subtract the seen classes' mean descriptor and mean row before training. Rows of a real head
             share a large common component; without centering the cosine loss is mostly spent on it. The cosine
@@ -84,6 +87,7 @@ class ICISConfig:
     early_stop_patience: int = 5
     loss: Literal["cosine", "mse"] = "cosine"
     cross_reconstruction: bool = True
+    row_encoder: bool = False
     include_new_descriptors: bool = True
     weight_decay: float = 0.0
     center: bool = False
@@ -106,6 +110,7 @@ class ICISConfig:
             dropout=0.0,
             mixture_top_k=None,
             classes_per_epoch=None,
+            row_encoder=True,
         )
         return replace(paper, **overrides)
 
@@ -119,6 +124,10 @@ class ICISConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.row_decoder not in ("mixture", "linear"):
             raise ValueError(f"row_decoder must be 'mixture' or 'linear', got {self.row_decoder!r}")
+        if not (self.cross_reconstruction or self.row_encoder):
+            raise ValueError(
+                "nothing would train the row decoder: set cross_reconstruction=True (A->W) or row_encoder=True (W->W)"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mixture_dense_up_to < 0:
@@ -355,16 +364,18 @@ class ICISModel(nn.Module):
         candidates: torch.Tensor | None = None,
         targets: _BlendTargets | None = None,
         own: torch.Tensor | None = None,
+        row_encoder: bool = True,
     ) -> torch.Tensor:
         """The summed losses of one batch.
 
         ``candidates [B, k]``: the basis rows each class's mixture may blend (``None``: all); ``targets``: score
         the mixture's blends of the whole basis without building them; ``own``: the batch's basis indices, which
-        the mixture may not blend into its own row (``None``: it may).
+        the mixture may not blend into its own row (``None``: it may); ``row_encoder``: include the W->W and W->A
+        terms.
         """
         distance = _cosine_distance if loss == "cosine" else _mse
         z_a = self.descriptor_ae.encoder(descriptors)
-        z_w = self.weight_ae.encoder(rows)
+        z_w = self.weight_ae.encoder(rows) if row_encoder else None
         a_for_aa = descriptors if extra_descriptors is None else torch.cat([descriptors, extra_descriptors])
         z_aa = z_a if extra_descriptors is None else torch.cat([z_a, self.descriptor_ae.encoder(extra_descriptors)])
 
@@ -380,10 +391,12 @@ class ICISModel(nn.Module):
                 return [distance(decoder(z, exclude=own), rows) for z in codes]
             return [distance(decoder(z), rows) for z in codes]
 
-        row = row_losses(z_w, z_a) if cross_reconstruction else row_losses(z_w)
+        row = row_losses(*([z_w] if z_w is not None else []), *([z_a] if cross_reconstruction else []))
         total = distance(self.descriptor_ae.decoder(z_aa), a_for_aa) + row[0]
-        if cross_reconstruction:
-            total = total + row[1] + distance(self.descriptor_ae.decoder(z_w), descriptors)
+        if len(row) > 1:
+            total = total + row[1]
+        if cross_reconstruction and z_w is not None:
+            total = total + distance(self.descriptor_ae.decoder(z_w), descriptors)
         return total
 
 
@@ -538,6 +551,7 @@ class ICISInjector:
                     candidates[idx] if candidates is not None else None,
                     targets.select(idx) if targets is not None else None,
                     idx if mixture_own else None,
+                    cfg.row_encoder,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -608,6 +622,8 @@ class ICISInjector:
                 stored = {**stored, "row_decoder": "linear", "dropout": 0.0}
             if isinstance(stored, dict) and "mixture_top_k" not in stored:  # trained on every row, every epoch
                 stored = {**stored, "mixture_top_k": None, "mixture_dense_up_to": 0, "classes_per_epoch": None}
+            if isinstance(stored, dict) and "row_encoder" not in stored:  # trained with the W->W and W->A terms
+                stored = {**stored, "row_encoder": True}
             config = ICISConfig.from_dict(stored)
             descriptor_dim, row_dim = int(metadata["descriptor_dim"]), int(metadata["row_dim"])
             injector = cls(config, seed=int(metadata["seed"]))
