@@ -22,7 +22,7 @@ def test_paper_config_matches_official_code():
     assert (cfg.lr, cfg.batch_size, cfg.latent_dim, cfg.max_epochs) == (1e-5, 16, 2048, 1000)
     assert (cfg.row_decoder, cfg.dropout, cfg.center) == ("linear", 0.0, False)
     assert (cfg.early_stop_slope, cfg.early_stop_patience, cfg.min_epochs, cfg.loss) == (0.002, 5, 20, "cosine")
-    assert cfg.cross_reconstruction and cfg.include_new_descriptors
+    assert cfg.cross_reconstruction and cfg.include_new_descriptors and cfg.row_encoder
 
 
 def test_slope_is_the_papers_formula():
@@ -84,6 +84,7 @@ def test_early_stopping_stops_before_max_epochs():
     [
         dict(loss="mse"),
         dict(cross_reconstruction=False),
+        dict(row_encoder=False),
         dict(include_new_descriptors=False),
         dict(exclude_own_row=True),
     ],
@@ -139,6 +140,33 @@ def test_files_from_before_the_row_decoder_option_load_as_linear(tmp_path):
     assert torch.equal(loaded.predict(a_new), injector.predict(a_new))
 
 
+def test_files_from_before_the_row_encoder_option_load_with_it(tmp_path):
+    import json
+
+    from classifier_injection.serialization import atomic_save_safetensors, read_safetensors
+
+    a_seen, r_seen, a_new, _ = _synthetic()
+    path = tmp_path / "icis.safetensors"
+    ICISInjector(ICISConfig(latent_dim=8, max_epochs=2)).fit(a_seen, r_seen, a_new).save(str(path))
+    tensors, metadata = read_safetensors(str(path))
+    config = {k: v for k, v in json.loads(metadata["config"]).items() if k != "row_encoder"}
+    atomic_save_safetensors(tensors, str(tmp_path / "old.safetensors"), metadata | {"config": json.dumps(config)})
+    assert ICISInjector.load(str(tmp_path / "old.safetensors")).config.row_encoder
+
+
+@pytest.mark.parametrize("top_k", [None, 16])
+def test_without_the_row_encoder_only_the_descriptor_path_trains(top_k):
+    a_seen, r_seen, a_new, _ = _synthetic()
+    extra = {} if top_k is None else {"mixture_top_k": top_k, "mixture_dense_up_to": 8}
+    config = ICISConfig(latent_dim=16, max_epochs=3, row_encoder=False, **extra)
+    injector = ICISInjector(config).fit(a_seen, r_seen, a_new)
+    assert all(p.grad is None for p in injector.model.weight_ae.encoder.parameters()), "no term reaches it"
+    assert all(p.grad is not None for p in injector.model.descriptor_ae.parameters())
+    both = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3, **extra)).fit(a_seen, r_seen, a_new)
+    assert all(p.grad is not None for p in both.model.weight_ae.encoder.parameters())
+    assert not torch.equal(both.predict(a_new), injector.predict(a_new))
+
+
 def test_predict_rejects_wrong_descriptor_width():
     a_seen, r_seen, _, _ = _synthetic()
     injector = ICISInjector(ICISConfig(latent_dim=16, max_epochs=2)).fit(a_seen, r_seen)
@@ -154,6 +182,7 @@ def test_predict_rejects_wrong_descriptor_width():
         (dict(lr=0), "lr"),
         (dict(row_decoder="mlp"), "row_decoder"),
         (dict(dropout=1.0), "dropout"),
+        (dict(cross_reconstruction=False, row_encoder=False), "nothing would train the row decoder"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -51,7 +51,7 @@ CONFIGS: dict[str, ICISConfig] = {
     "fixed 50 epochs": replace(ICISConfig(), max_epochs=50, early_stop_slope=0.0),
     "lr 6e-3, fixed 30 epochs": replace(ICISConfig(), lr=6e-3, max_epochs=30, early_stop_slope=0.0),
     "lr 1e-2, fixed 20 epochs": replace(ICISConfig(), lr=1e-2, max_epochs=20, early_stop_slope=0.0),
-    "with the row encoder's terms (W->W, W->A)": replace(ICISConfig(), row_encoder=True),
+    "without the row encoder's terms (W->W, W->A)": replace(ICISConfig(), row_encoder=False),
 }
 
 #: Injectors that are not an ICISConfig: the separation term (``research_injectors.SeparatedICIS``).
