@@ -376,3 +376,15 @@ def test_scaling_refuses_cuda_where_there_is_none(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         scaling.main(["--device", "cuda", "--sizes", "1000", "--counts", "1"])
     assert "no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_scaling_icis_settings_are_json_values_checked_against_the_config():
+    from benchmarks.studies.scaling import icis_settings
+
+    assert icis_settings(["row_encoder=false", "mixture_top_k=32"]) == {"row_encoder": False, "mixture_top_k": 32}
+    assert icis_settings([]) == {}
+    for bad, match in (("row_encoder", "KEY=VALUE"), ("lr=fast", "must be JSON"), ("no_such=1", "no_such")):
+        with pytest.raises(ValueError, match=match):
+            icis_settings([bad])
+    with pytest.raises(ValueError, match="lr"):
+        icis_settings(["lr=0"])  # the config's own check

@@ -11,6 +11,7 @@ ratios to one lite0 forward pass of 32 images measured in the same run, on the s
 
 On a machine with a GPU, ``--device cuda`` puts the model there first, so ICIS trains there too (the check of
 the issue: ``--sizes 21843 --counts 1 --device cuda --name cuda``); the GPU's peak memory is reported as well.
+``--icis KEY=VALUE ...`` measures ICIS with other settings (e.g. ``row_encoder=false``; values are JSON).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(num: int, count: int, cache_dir: str, device: str = "cpu") -> dict:
-    """One ``inject()`` of ``count`` new classes into a head of ``num`` classes on ``device``: seconds and memory
-    (this process; on CUDA also the GPU's peak)."""
-    from classifier_injection import default_embedder, find_head, inject
+def measure(num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None) -> dict:
+    """One ``inject()`` of ``count`` new classes into a head of ``num`` classes on ``device``, ICIS with the settings
+    ``icis`` changed: seconds and memory (this process; on CUDA also the GPU's peak)."""
+    from classifier_injection import ICISConfig, InjectionConfig, default_embedder, find_head, inject
 
     device = torch.device(device)
     model = _model(num).to(device)
@@ -94,7 +95,8 @@ def measure(num: int, count: int, cache_dir: str, device: str = "cpu") -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     _synchronize(device)
     start = time.perf_counter()
-    out = inject(model, new, descriptions=descriptions, class_names=names, embedder=embedder, cache=cache_dir)
+    config = InjectionConfig(icis=ICISConfig(**icis)) if icis else None
+    out = inject(model, new, config, descriptions=descriptions, class_names=names, embedder=embedder, cache=cache_dir)
     _synchronize(device)
     seconds = time.perf_counter() - start
     peak = _rss_mb("VmHWM")
@@ -129,13 +131,35 @@ def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
     return min(times)
 
 
-def _in_subprocess(num: int, count: int, cache_dir: str, device: str = "cpu") -> dict:
+def _in_subprocess(num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None) -> dict:
     command = [sys.executable, "-m", "benchmarks.studies.scaling", "--worker", str(num), str(count), cache_dir]
     command += ["--device", device]
+    if icis:
+        command += ["--icis", *(f"{key}={json.dumps(value)}" for key, value in icis.items())]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measurement N={num} K={count} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def icis_settings(pairs: Sequence[str]) -> dict:
+    """``["row_encoder=false", ...]`` as ICISConfig settings, checked against it (``ValueError`` otherwise)."""
+    from classifier_injection import ICISConfig
+
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f'{pair!r}: the value must be JSON (true, 64, 0.5, "mse")') from err
+    try:
+        ICISConfig(**settings)
+    except TypeError as err:
+        raise ValueError(str(err)) from err
+    return settings
 
 
 def exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
@@ -156,6 +180,7 @@ def table(results: dict) -> str:
         "### inject() against the head size (embeddings cached, calibration simulated anew, one process each)",
         "",
         f"Device: {device}. One lite0 forward pass of 32 images there: {forward:.2f} s.",
+        *([f"ICIS settings changed: {json.dumps(results['icis'])}."] if results.get("icis") else []),
         "",
         "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -187,29 +212,35 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
     parser.add_argument("--counts", type=int, nargs="+", default=list(NEW_COUNTS), help="new classes K")
     parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/scaling")
     parser.add_argument("--device", default="cpu", help="where the model (and so ICIS) runs: cpu or cuda")
+    parser.add_argument("--icis", nargs="+", default=[], metavar="KEY=VALUE", help="ICISConfig settings (JSON values)")
     parser.add_argument("--worker", nargs=3, metavar=("N", "K", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    try:
+        icis = icis_settings(args.icis)
+    except ValueError as err:
+        parser.error(f"--icis: {err}")
     if args.worker:
         num, count, cache_dir = int(args.worker[0]), int(args.worker[1]), args.worker[2]
-        print(json.dumps(measure(num, count, cache_dir, args.device)))
+        print(json.dumps(measure(num, count, cache_dir, args.device, icis)))
         return
     cache_dir = tempfile.mkdtemp(prefix="scaling-cache-")
     rows, cold = [], {}
     for num in args.sizes:
         start = time.perf_counter()
-        _in_subprocess(num, 1, cache_dir, args.device)  # embeds the head's class texts once
+        _in_subprocess(num, 1, cache_dir, args.device, icis)  # embeds the head's class texts once
         cold[str(num)] = time.perf_counter() - start
         print(f"N={num}: first injection with cold embeddings {cold[str(num)]:.1f} s (process included)", flush=True)
         for count in args.counts:
-            row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir, args.device)}
+            row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir, args.device, icis)}
             rows.append(row)
             print(f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB", flush=True)
     shutil.rmtree(cache_dir, ignore_errors=True)
     by_count = {k: [r for r in rows if r["count"] == k] for k in args.counts}
     results = {
         "device": args.device,
+        "icis": icis,
         "forward_seconds": forward_seconds(device=args.device),
         "rows": rows,
         "cold_embedding_seconds": cold,
