@@ -4,8 +4,9 @@ N = 1000 is lite0's real head; larger heads keep lite0's backbone (so the defaul
 feature statistics) under random rows drawn like the real ones, named by real ImageNet-12k / 21k classes from
 timm. New classes get a name and a description each. Every measurement runs in a fresh process (peak memory is
 per process), with the text embeddings already cached (their first computation is reported apart) and the
-calibration's cache emptied, so each one fits ICIS and simulates the calibration anew. Times are also given as
-ratios to one lite0 forward pass of 32 images measured in the same run, on the same device.
+calibration's choices and the fitted rows dropped from the cache, so each one fits ICIS and simulates the
+calibration anew. Times are also given as ratios to one lite0 forward pass of 32 images measured in the same run,
+on the same device.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.scaling
 
@@ -88,7 +89,8 @@ def measure(num: int, count: int, cache_dir: str, device: str = "cpu", icis: dic
     embedder.encode(["warm-up"])
     new = [f"new class {i}" for i in range(count)]
     descriptions = {name: "an object of a kind this model has never seen" for name in new}
-    shutil.rmtree(Path(cache_dir) / "calibration", ignore_errors=True)
+    for cached in ("calibration", "rows"):  # the calibration's choices and the fits' rows: fit and simulate anew
+        shutil.rmtree(Path(cache_dir) / cached, ignore_errors=True)
     head_mb = find_head(model).rows(model).numel() * 4 / 2**20
     before = _rss_mb("VmRSS")
     if device.type == "cuda":
