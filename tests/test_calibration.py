@@ -326,17 +326,18 @@ def test_synthesized_features_climb_to_the_requested_confidence_and_are_determin
         synthesize_features(rows, mean[:3], spread, confidence=0.5)
 
 
-def test_the_climb_on_the_logits_follows_the_climb_in_feature_space():
+@pytest.mark.parametrize("max_steps", [2000, 3])  # 3: the features stop before they arrive
+def test_the_climb_on_the_logits_follows_the_climb_in_feature_space(max_steps):
     from classifier_injection.calibration import synthesize_features
 
     context = _context_with_statistics()
     rows, mean, spread = context.seen_rows.double(), context.feature_mean.double(), 3.8 * context.feature_std.double()
-    features, labels = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, seed=0)
+    features, labels = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, seed=0, max_steps=max_steps)
     # The reference: each feature steps along the normalised w_c - p @ W, logits recomputed from the feature.
     weights, biases = rows[:, :-1], rows[:, -1]
     expected = mean + spread * torch.randn(len(labels), len(mean), generator=torch.Generator().manual_seed(0))
     step = float(spread.norm()) / 250
-    for _ in range(2000):
+    for _ in range(max_steps):
         probs = torch.softmax(expected @ weights.T + biases, dim=1)
         climbing = probs[torch.arange(len(labels)), labels] < 0.5
         if not climbing.any():

@@ -176,26 +176,32 @@ def _climb(
     max_steps: int,
 ) -> None:
     """Move ``features`` (in place) up their ``labels``' log-softmax, as :func:`synthesize_features` describes."""
-    logits = features @ weights.T + biases
     # A feature's path so far is step * (own[m] * w_label - mix[m] @ weights): its own row and the blends it left.
+    # The climbing features' logits and path are kept packed; a feature that arrives leaves them for good.
+    logits = features @ weights.T + biases
     own_coef, mix_coef = torch.zeros(len(labels)), torch.zeros(len(labels), len(weights))
-    active = torch.arange(len(labels))
+    index, own = torch.arange(len(labels)), labels.clone()
+    own_path, mix_path = own_coef.clone(), mix_coef.clone()
     for _ in range(max_steps):
-        own = labels[active]
-        probs = torch.softmax(logits[active], dim=1)
-        climbing = probs[torch.arange(len(active)), own] < confidence
-        if not climbing.any():
-            break
+        probs = torch.softmax(logits, dim=1)
+        climbing = probs[torch.arange(len(own)), own] < confidence
         if not climbing.all():
-            active, own, probs = active[climbing], own[climbing], probs[climbing]
+            done = ~climbing  # their paths are final
+            own_coef[index[done]], mix_coef[index[done]] = own_path[done], mix_path[done]
+            if not climbing.any():
+                break
+            index, own, probs = index[climbing], own[climbing], probs[climbing]
+            logits, own_path, mix_path = logits[climbing], own_path[climbing], mix_path[climbing]
         # The direction w_own - p @ W, seen through the head: its logits and its squared norm.
         mixed = probs @ gram
-        sq_norm = gram[own, own] - 2 * mixed[torch.arange(len(active)), own] + (mixed * probs).sum(1)
+        sq_norm = gram[own, own] - 2 * mixed[torch.arange(len(own)), own] + (mixed * probs).sum(1)
         direction_logits = gram[own].sub_(mixed)
         inverse = sq_norm.clamp_min(1e-24).rsqrt()
-        logits[active] += direction_logits.mul_(step * inverse[:, None])
-        own_coef[active] += inverse
-        mix_coef[active] += probs.mul_(inverse[:, None])
+        logits += direction_logits.mul_(step * inverse[:, None])
+        own_path += inverse
+        mix_path += probs.mul_(inverse[:, None])
+    else:
+        own_coef[index], mix_coef[index] = own_path, mix_path
     features += weights[labels].mul_(own_coef[:, None]).sub_(mix_coef @ weights).mul_(step)
 
 
