@@ -285,11 +285,25 @@ class _QuadraticForm(torch.autograd.Function):
         return 2 * grad[:, None] * product, None
 
 
+class _Dropout(nn.Module):
+    """Inverted dropout with its mask drawn by ``rand``: on the CPU ``bernoulli_`` costs a tenth of an ICIS step."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1 - self.p
+        return x * (torch.rand_like(x) < keep).to(x.dtype).div_(keep)
+
+
 class _AutoEncoder(nn.Module):
     def __init__(self, dim: int, latent_dim: int, dropout: float = 0.0, basis: torch.Tensor | None = None) -> None:
         super().__init__()
         # Dropout has no parameters: files saved with any dropout share one state-dict layout.
-        self.encoder = nn.Sequential(nn.Linear(dim, latent_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.encoder = nn.Sequential(nn.Linear(dim, latent_dim), nn.ReLU(), _Dropout(dropout))
         self.decoder = nn.Linear(latent_dim, dim) if basis is None else _MixtureDecoder(latent_dim, basis)
 
 
@@ -511,14 +525,9 @@ class ICISInjector:
         """
         targets = _blend_targets(model.weight_ae.decoder, r) if candidates is None else None
         cfg = self.config
-        # The fused update needs no temporaries the size of a large head's mixture logits; the dense path keeps the
-        # update its defaults were measured with.
+        # The fused update is the fastest, and needs no temporaries the size of a large head's mixture logits.
         optimizer = torch.optim.Adam(
-            model.parameters(),
-            lr=cfg.lr,
-            betas=(0.9, 0.999),
-            weight_decay=cfg.weight_decay,
-            fused=True if candidates is not None else None,
+            model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True
         )
         generator = torch.Generator().manual_seed(self.seed)
         n = a.shape[0]

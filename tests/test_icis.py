@@ -367,3 +367,16 @@ def test_predict_in_chunks_gives_the_rows_of_one_pass(monkeypatch):
         whole = injector.model(queries)
     monkeypatch.setattr(icis, "_PREDICT_CHUNK", 3)
     torch.testing.assert_close(injector.predict(queries), whole)
+
+
+def test_latent_dropout_zeroes_a_share_p_and_rescales_the_rest():
+    from classifier_injection.icis import _Dropout
+
+    x = torch.ones(200, 500)
+    dropout = _Dropout(0.3)
+    out = dropout(x)
+    kept = out != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.01
+    torch.testing.assert_close(out[kept], torch.full((int(kept.sum()),), 1 / 0.7))
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(_Dropout(0.0).train()(x), x)
