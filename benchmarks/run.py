@@ -23,6 +23,7 @@ STUDIES = (
     "operating_point",
     "row_identity",
     "scaling",
+    "seeds",
     "zoo",
 )
 

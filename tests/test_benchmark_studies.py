@@ -388,3 +388,18 @@ def test_scaling_icis_settings_are_json_values_checked_against_the_config():
             icis_settings([bad])
     with pytest.raises(ValueError, match="lr"):
         icis_settings(["lr=0"])  # the config's own check
+
+
+def test_seeds_table_gives_mean_deviation_and_paired_differences():
+    from benchmarks.studies.seeds import seeded, table
+
+    runs = {
+        "icis": {"0": {"zsl": 36.0, "h": 35.0}, "1": {"zsl": 38.0, "h": 37.0}},
+        "other": {"0": {"zsl": 37.0, "h": 34.0}, "1": {"zsl": 38.0, "h": 38.0}},
+    }
+    text = table({"m": runs}, [0, 1])
+    assert "| m | icis | 36.0 / 35.0 | 38.0 / 37.0 | 37.00 / 36.00 | 1.41 / 1.41 | - |" in text
+    assert "| 37.50 / 36.00 | 0.71 / 2.83 | +0.50 / +0.00 (H higher on 1 of 2 seeds) |" in text
+    assert seeded("icis", 3).seed == 3
+    with pytest.raises(ValueError, match="no seed"):
+        seeded("ridge", 3)
