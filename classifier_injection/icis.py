@@ -55,9 +55,8 @@ class ICISConfig:
             for ``early_stop_patience`` epochs in a row (0.002 and 5 in the paper). ``0`` disables it.
         loss: ``"cosine"`` (the paper) or ``"mse"`` (ablation).
         cross_reconstruction: use the A->W and W->A terms (ablation: ``False``).
-        row_encoder: also train the row encoder, i.e. use the W->W and W->A terms (the paper's four losses; ``True`` in
-            :meth:`paper`). Off by default: a new row ``dec_W(enc_A(a))`` never passes through the row encoder, and
-            a fit without it is about twice as fast.
+        row_encoder: train the row encoder, i.e. use the W->W and W->A terms (ablation: ``False``, a fit about twice
+            as fast; a new row ``dec_W(enc_A(a))`` never passes through the row encoder).
         include_new_descriptors: use the new classes' descriptors in the A->A term.
         center: subtract the seen classes' mean descriptor and mean row before training. Rows of a real head
             share a large common component; without centering the cosine loss is mostly spent on it. The cosine
@@ -87,7 +86,7 @@ class ICISConfig:
     early_stop_patience: int = 5
     loss: Literal["cosine", "mse"] = "cosine"
     cross_reconstruction: bool = True
-    row_encoder: bool = False
+    row_encoder: bool = True
     include_new_descriptors: bool = True
     weight_decay: float = 0.0
     center: bool = False
@@ -110,7 +109,6 @@ class ICISConfig:
             dropout=0.0,
             mixture_top_k=None,
             classes_per_epoch=None,
-            row_encoder=True,
         )
         return replace(paper, **overrides)
 
@@ -631,8 +629,6 @@ class ICISInjector:
                 stored = {**stored, "row_decoder": "linear", "dropout": 0.0}
             if isinstance(stored, dict) and "mixture_top_k" not in stored:  # trained on every row, every epoch
                 stored = {**stored, "mixture_top_k": None, "mixture_dense_up_to": 0, "classes_per_epoch": None}
-            if isinstance(stored, dict) and "row_encoder" not in stored:  # trained with all four losses
-                stored = {**stored, "row_encoder": True}
             config = ICISConfig.from_dict(stored)
             descriptor_dim, row_dim = int(metadata["descriptor_dim"]), int(metadata["row_dim"])
             injector = cls(config, seed=int(metadata["seed"]))

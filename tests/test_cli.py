@@ -356,17 +356,17 @@ def test_row_decoder_option_reaches_the_provenance(files, tmp_path, capsys, deco
     assert code == EXIT_USAGE and "--row-decoder" in err
 
 
-def test_row_encoder_option_reaches_the_provenance_and_needs_a_new_injector(files, tmp_path, capsys):
-    out = tmp_path / "paper_losses"
-    code, _, err = _run(capsys, *_inject_args(files, out, "--classes", "okapi", "--row-encoder"))
+def test_no_row_encoder_option_reaches_the_provenance_and_needs_a_new_injector(files, tmp_path, capsys):
+    out = tmp_path / "fast"
+    code, _, err = _run(capsys, *_inject_args(files, out, "--classes", "okapi", "--no-row-encoder"))
     assert code == EXIT_OK, err
-    assert load_injected(out).classifier_injection["injections"][-1]["hparams"]["row_encoder"] is True
+    assert load_injected(out).classifier_injection["injections"][-1]["hparams"]["row_encoder"] is False
     code, _, err = _run(capsys, *_inject_args(files, tmp_path / "plain", "--classes", "okapi"))
     assert code == EXIT_OK, err
-    assert load_injected(tmp_path / "plain").classifier_injection["injections"][-1]["hparams"]["row_encoder"] is False
-    args = _inject_args(files, tmp_path / "bad", "--classes", "okapi", "--row-encoder", "--injector", "x.st")
+    assert load_injected(tmp_path / "plain").classifier_injection["injections"][-1]["hparams"]["row_encoder"] is True
+    args = _inject_args(files, tmp_path / "bad", "--classes", "okapi", "--no-row-encoder", "--injector", "x.st")
     code, _, err = _run(capsys, *args)
-    assert code == EXIT_USAGE and "--row-encoder" in err
+    assert code == EXIT_USAGE and "--no-row-encoder" in err
 
 
 def test_no_cache_reads_and_writes_nothing(files, tmp_path, capsys, monkeypatch):

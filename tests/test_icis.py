@@ -23,7 +23,6 @@ def test_paper_config_matches_official_code():
     assert (cfg.row_decoder, cfg.dropout, cfg.center) == ("linear", 0.0, False)
     assert (cfg.early_stop_slope, cfg.early_stop_patience, cfg.min_epochs, cfg.loss) == (0.002, 5, 20, "cosine")
     assert cfg.cross_reconstruction and cfg.include_new_descriptors and cfg.row_encoder
-    assert not ICISConfig().row_encoder  # a new row never passes through the row encoder
 
 
 def test_slope_is_the_papers_formula():
@@ -84,8 +83,8 @@ def test_early_stopping_stops_before_max_epochs():
     "variant",
     [
         dict(loss="mse"),
-        dict(cross_reconstruction=False, row_encoder=True),
-        dict(row_encoder=True),
+        dict(cross_reconstruction=False),
+        dict(row_encoder=False),
         dict(include_new_descriptors=False),
         dict(exclude_own_row=True),
     ],
@@ -156,14 +155,14 @@ def test_files_from_before_the_row_encoder_option_load_with_it(tmp_path):
 
 
 @pytest.mark.parametrize("top_k", [None, 16])
-def test_by_default_only_the_descriptor_path_trains(top_k):
+def test_without_the_row_encoder_only_the_descriptor_path_trains(top_k):
     a_seen, r_seen, a_new, _ = _synthetic()
     extra = {} if top_k is None else {"mixture_top_k": top_k, "mixture_dense_up_to": 8}
-    config = ICISConfig(latent_dim=16, max_epochs=3, **extra)
+    config = ICISConfig(latent_dim=16, max_epochs=3, row_encoder=False, **extra)
     injector = ICISInjector(config).fit(a_seen, r_seen, a_new)
     assert all(p.grad is None for p in injector.model.weight_ae.encoder.parameters()), "no term reaches it"
     assert all(p.grad is not None for p in injector.model.descriptor_ae.parameters())
-    both = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3, row_encoder=True, **extra)).fit(a_seen, r_seen, a_new)
+    both = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3, **extra)).fit(a_seen, r_seen, a_new)
     assert all(p.grad is not None for p in both.model.weight_ae.encoder.parameters())
     assert not torch.equal(both.predict(a_new), injector.predict(a_new))
 
