@@ -84,6 +84,7 @@ def calibration_context(
     *,
     features: FeatureStatistics | None = None,
     seed: int = 0,
+    fitted_injector: Callable[[], object] | None = None,
 ) -> CalibrationContext:
     """The context :func:`predict_rows` fits a calibration on: the head, the rows, the descriptors, the statistics."""
     return CalibrationContext(
@@ -92,6 +93,7 @@ def calibration_context(
         seen_descriptors=seen_descriptors,
         new_descriptors=new_descriptors,
         injector_factory=injector_factory,
+        fitted_injector=fitted_injector,
         seed=seed,
         feature_mean=features.mean if features is not None else None,
         feature_source=features.source if features is not None else None,
@@ -133,7 +135,7 @@ def predict_rows(
     fitted = bool(getattr(injector, "is_fitted", False))
     if seen_descriptors is None and (contextual or not fitted):
         raise ValueError("seen_descriptors are needed to fit the injector or a calibration that simulates an injection")
-    # Taken before the fit: the simulation rules refit fresh copies of the injector as it was given.
+    # Taken before the fit: a simulation that cannot reuse the fit refits fresh copies of the injector as it was given.
     factory = copying_factory(injector) if contextual else None
     key = None if fitted or fits is None else fits.key(injector, seen_rows, seen_descriptors, new_descriptors, seed)
     cached = fits.get(key, (len(new_descriptors), seen_rows.shape[1])) if key is not None else None
@@ -147,8 +149,17 @@ def predict_rows(
             fits.put(key, predicted, hparams)
     start = time.perf_counter()
     if contextual:
+        done = None if cached is not None else injector  # rows from the cache: the fit was skipped
+        reuse = _reusable_fit(done, fitted, factory, seen_rows, seen_descriptors, new_descriptors, seed)
         context = calibration_context(
-            seen_rows, predicted, seen_descriptors, new_descriptors, factory, features=features, seed=seed
+            seen_rows,
+            predicted,
+            seen_descriptors,
+            new_descriptors,
+            factory,
+            features=features,
+            seed=seed,
+            fitted_injector=reuse,
         )
         rule = fit_calibration(rule, context, choices)
     rows = apply_new_class_scale(rule(predicted, seen_rows), new_class_scale)
@@ -156,6 +167,37 @@ def predict_rows(
     if not torch.isfinite(rows).all():
         raise RuntimeError("the injector produced non-finite rows; try another seed or injector")
     return RowPrediction(rows, rule, seconds, hparams)
+
+
+def _reusable_fit(
+    injector: Injector | None,
+    trained: bool,
+    factory: Callable[[], object],
+    seen_rows: torch.Tensor,
+    seen_descriptors: torch.Tensor,
+    new_descriptors: torch.Tensor,
+    seed: int,
+) -> Callable[[], object] | None:
+    """The fit the calibration's simulation reuses (its rows left out) instead of a refit, or ``None``.
+
+    This injection's fit (``injector``; ``None`` when its rows came from a cache: a copy is fitted as it was, on
+    first call), or a ``trained`` injector's when it was trained on exactly these rows. Only injectors with
+    ``can_leave_out`` qualify.
+    """
+    source = injector if injector is not None else factory()
+    if getattr(source, "can_leave_out", False) is not True:
+        return None
+    if trained and getattr(source, "fingerprint", None) != head_fingerprint(seen_rows):
+        return None  # trained on a part of this head (it grew since): its blends lack the newer rows
+    fitted = [injector] if injector is not None else []
+
+    def get() -> object:
+        if not fitted:
+            _fit_predict(source, False, seen_rows, seen_descriptors, new_descriptors, seed)
+            fitted.append(source)
+        return fitted[0]
+
+    return get
 
 
 def _fit_predict(

@@ -159,12 +159,19 @@ class _MixtureDecoder(nn.Module):
         self.register_buffer("basis", basis)
 
     def weights(
-        self, z: torch.Tensor, candidates: torch.Tensor | None = None, exclude: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
+        left_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mixture weights over each ``z``'s candidate rows ``[B, k]`` (all rows ``[B, S]`` without
-        ``candidates``), none on basis row ``exclude [B]``."""
+        ``candidates``), none on basis row ``exclude [B]`` nor, without ``candidates``, on the rows ``left_out``
+        (bool ``[S]``)."""
         if candidates is None:
             logits = self.logits(z)
+            if left_out is not None:
+                logits = logits.masked_fill(left_out, float("-inf"))
             return torch.softmax(logits if exclude is None else logits.scatter(1, exclude[:, None], -torch.inf), 1)
         bias = F.embedding(candidates, self.logits.bias[:, None]).squeeze(-1)
         logits = _SparseScores.apply(z, candidates, self.logits.weight) + bias
@@ -173,12 +180,17 @@ class _MixtureDecoder(nn.Module):
         return torch.softmax(logits, dim=-1)
 
     def forward(
-        self, z: torch.Tensor, candidates: torch.Tensor | None = None, exclude: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+        exclude: torch.Tensor | None = None,
+        left_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Blend the basis rows for each ``z`` (over its ``candidates`` if given), never basis row ``exclude``."""
+        """Blend the basis rows for each ``z`` (over its ``candidates`` if given), never basis row ``exclude`` nor,
+        without ``candidates``, the rows ``left_out``."""
         if candidates is not None:
             return _SparseBlend.apply(self.weights(z, candidates, exclude), candidates, self.basis)
-        return self.weights(z, exclude=exclude) @ self.basis
+        return self.weights(z, exclude=exclude, left_out=left_out) @ self.basis
 
 
 class _SparseBlend(torch.autograd.Function):
@@ -352,16 +364,25 @@ class ICISModel(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def candidates(self, descriptors: torch.Tensor) -> torch.Tensor | None:
-        """Indices ``[n, k]`` of the basis rows each descriptor's mixture may blend (``None``: all of them)."""
+    def candidates(self, descriptors: torch.Tensor, left_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Indices ``[n, k]`` of the basis rows each descriptor's mixture may blend (``None``: all of them but
+        ``left_out``, bool ``[S]``)."""
         if self.top_k is None:  # set only with a basis, i.e. for the mixture decoder
             return None
-        return top_cosines(self.basis_keys, descriptors, self.top_k)[1]
+        return top_cosines(self.basis_keys, descriptors, self.top_k, exclude=left_out)[1]
 
-    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+    def forward(self, descriptors: torch.Tensor, left_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows for ``descriptors``; with ``left_out`` (bool ``[S]``, mixture decoder only) no blend uses those
+        basis rows."""
         z = self.descriptor_ae.encoder(descriptors - self.descriptor_mean)
         decoder = self.weight_ae.decoder
-        rows = decoder(z, self.candidates(descriptors)) if isinstance(decoder, _MixtureDecoder) else decoder(z)
+        if isinstance(decoder, _MixtureDecoder):
+            candidates = self.candidates(descriptors, left_out)
+            rows = decoder(z, candidates, left_out=left_out if candidates is None else None)
+        elif left_out is not None:
+            raise ValueError("only the mixture row decoder blends seen rows that can be left out")
+        else:
+            rows = decoder(z)
         if self.centered_norm > 0:
             rows = F.normalize(rows, dim=1) * self.centered_norm + self.row_mean
         return rows
@@ -579,16 +600,44 @@ class ICISInjector:
     def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
         if self.model is None:
             raise RuntimeError("ICISInjector.predict() called before fit() or load()")
+        self._check_descriptors(descriptors)
+        device = self.model.descriptor_mean.device
+        # In chunks: a top-k blend gathers k rows per class, too much at once for thousands of new classes.
+        chunks = descriptors.detach().split(_PREDICT_CHUNK)
+        return torch.cat([self.model(chunk.to(device, torch.float32)).cpu() for chunk in chunks])
+
+    @property
+    def can_leave_out(self) -> bool:
+        """Whether :meth:`predict_left_out` can work: the mixture decoder blends seen rows, which can be left out."""
+        return self.config.row_decoder == "mixture"
+
+    @torch.no_grad()
+    def predict_left_out(self, descriptors: torch.Tensor, left_out: torch.Tensor) -> torch.Tensor:
+        """Rows for ``descriptors`` that blend none of the seen rows ``left_out`` (indices into the rows of the fit).
+
+        What the calibration's simulation injects old classes with: their rows are out of every blend, as a new
+        class's row is, without a second fit (their descriptors and rows did train the autoencoders).
+        """
+        if self.model is None:
+            raise RuntimeError("ICISInjector.predict_left_out() called before fit() or load()")
+        if not self.can_leave_out:
+            raise ValueError("predict_left_out needs row_decoder='mixture': the linear decoder blends no seen rows")
+        self._check_descriptors(descriptors)
+        device = self.model.descriptor_mean.device
+        mask = torch.zeros(self._basis_rows(), dtype=torch.bool, device=device)
+        mask[left_out.to(device)] = True
+        if bool(mask.all()):
+            raise ValueError("predict_left_out must keep at least one seen row to blend")
+        chunks = descriptors.detach().split(_PREDICT_CHUNK)
+        return torch.cat([self.model(chunk.to(device, torch.float32), mask).cpu() for chunk in chunks])
+
+    def _check_descriptors(self, descriptors: torch.Tensor) -> None:
         expected = self.model.descriptor_ae.encoder[0].in_features
         if descriptors.dim() != 2 or descriptors.shape[1] != expected:
             raise ValueError(
                 f"descriptors must be [n, {expected}] (the width this injector was trained on), got "
                 f"{tuple(descriptors.shape)}: use the same embedder as for training"
             )
-        device = self.model.descriptor_mean.device
-        # In chunks: a top-k blend gathers k rows per class, too much at once for thousands of new classes.
-        chunks = descriptors.detach().split(_PREDICT_CHUNK)
-        return torch.cat([self.model(chunk.to(device, torch.float32)).cpu() for chunk in chunks])
 
     def _basis_rows(self) -> int:
         decoder = self.model.weight_ae.decoder if self.model is not None else None

@@ -75,16 +75,18 @@ def check_fit_inputs(
 
 
 def top_cosines(
-    keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 256
+    keys: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 256, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest cosines ``[n, k]`` between each query and the rows of ``keys``, and their indices.
 
     A chunk of queries at a time against the keys as they are (scaled by their inverse norms), in buffers
     allocated once: a normalised copy of a 22k-class head would outweigh the head, and a fresh block of scores per
-    chunk leaves the allocator holding hundreds of MiB after 10,000 queries.
+    chunk leaves the allocator holding hundreds of MiB after 10,000 queries. ``exclude`` (bool ``[len(keys)]``):
+    keys never returned.
     """
     inverse_norms = keys.norm(dim=1).clamp_min(1e-12).reciprocal()
-    k = min(k, len(keys))
+    k = min(k, len(keys) if exclude is None else int((~exclude).sum()))
+    excluded = exclude.to(keys.device)[None] if exclude is not None else None
     values = keys.new_empty(len(queries), k)
     indices = torch.empty(len(queries), k, dtype=torch.long, device=keys.device)
     scores = keys.new_empty(min(chunk, len(queries)), len(keys))
@@ -92,5 +94,7 @@ def top_cosines(
         part = F.normalize(queries[start : start + chunk].to(keys), dim=1)
         block = scores[: len(part)]
         torch.matmul(part, keys.T, out=block).mul_(inverse_norms)
+        if excluded is not None:
+            block.masked_fill_(excluded, float("-inf"))
         torch.topk(block, k, dim=1, out=(values[start : start + chunk], indices[start : start + chunk]))
     return values, indices

@@ -518,3 +518,33 @@ def test_reliability_table_rates_true_rows_above_rows_blended_from_their_neighbo
     assert entry["nearest"][0] == ["c0", 1.0] and len(entry["nearest"]) == 3
     assert entry["expected_precision"] == true["precision"][-1] and entry["expected_recall"] == true["recall"][-1]
     assert "expected_precision" not in assess(rows[:1], rows, names, None)[0]
+
+
+def test_a_fitted_injector_that_leaves_rows_out_replaces_the_refit(monkeypatch):
+    """With ``fitted_injector`` the simulation predicts the held-out classes with it, their rows left out of the
+    blends, and fits nothing; on a large head's subset the held-out classes are named by their rows in the head."""
+    from classifier_injection.calibration import simulation
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Fitted:
+        def predict_left_out(self, descriptors: torch.Tensor, left_out: torch.Tensor) -> torch.Tensor:
+            calls.append((descriptors, left_out))
+            return context.seen_rows[left_out] + 0.1
+
+    def no_refit():
+        raise AssertionError("the simulation refitted")
+
+    context = dataclasses.replace(_context_with_statistics(num=60), injector_factory=no_refit, fitted_injector=Fitted)
+    fitted = SynthesizedCalibration().fit(context)
+    ((descriptors, left_out),) = calls
+    assert fitted.diagnostics["simulation"] == "left-out" and len(left_out) == 12
+    assert torch.equal(descriptors, context.seen_descriptors[left_out])
+
+    monkeypatch.setattr(simulation, "MAX_SIMULATED_CLASSES", 30)
+    calls.clear()
+    subset = simulation.simulated_head(dataclasses.replace(context))
+    (held, predicted), *_ = simulation.simulate_injections(subset, 0.2, 1)
+    ((_, left_out),) = calls
+    assert torch.equal(left_out, subset.seen_index[held]), "positions in the head the injector was fitted on"
+    torch.testing.assert_close(predicted, subset.seen_rows[held] + 0.1)

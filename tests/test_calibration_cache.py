@@ -49,8 +49,8 @@ def _new_rows(model) -> torch.Tensor:
     return find_head(model).rows(model)[12:]
 
 
-def test_second_injection_into_the_same_head_reuses_the_choice_exactly(lite0, embedder, tmp_path, simulations):
-    first = _inject(lite0, ["capybara"], embedder, tmp_path)
+def test_a_repeated_injection_reuses_the_choice_exactly(lite0, embedder, tmp_path, simulations):
+    first = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
     assert len(simulations) == 1
     files = list((tmp_path / "calibration").glob("*.json"))
     assert len(files) == 1, "one choice stored, as JSON"
@@ -60,21 +60,49 @@ def test_second_injection_into_the_same_head_reuses_the_choice_exactly(lite0, em
     assert len(simulations) == 1, "the second injection skipped the simulation"
     fresh = _inject(lite0, ["red panda", "okapi"], embedder, False)
     assert len(simulations) == 2
-    torch.testing.assert_close(_new_rows(cached), _new_rows(fresh), rtol=0, atol=0)
+    for other in (cached, first):
+        torch.testing.assert_close(_new_rows(other), _new_rows(fresh), rtol=0, atol=0)
     record = cached.classifier_injection["injections"][-1]["calibration"]
     assert record == fresh.classifier_injection["injections"][-1]["calibration"]
-    assert record["factor"] == first.classifier_injection["injections"][-1]["calibration"]["factor"]
+    assert record["diagnostics"]["simulation"] == "left-out", "the injection's own fit, not a second one"
     assert len(record["biases"]) == 2, "per-row biases are computed for the new rows, not cached"
 
 
-def test_a_trained_injector_reused_for_the_same_head_also_reuses_the_choice(lite0, embedder, tmp_path, simulations):
+def test_other_new_classes_are_simulated_with_their_own_fit(lite0, embedder, tmp_path, simulations):
+    # The simulation reuses the injection's fit, which saw the new classes' descriptors: its choice is theirs.
+    _inject(lite0, ["capybara"], embedder, tmp_path)
+    other = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
+    assert len(simulations) == 2
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 2
+    fresh = _inject(lite0, ["red panda", "okapi"], embedder, False)
+    torch.testing.assert_close(_new_rows(other), _new_rows(fresh), rtol=0, atol=0)
+
+
+def test_cached_rows_without_a_cached_choice_are_simulated_as_before(lite0, embedder, tmp_path, simulations):
+    # The fit was skipped (its rows are on disk) but the simulation needs it: it is redone, exactly as it was.
+    first = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
+    for path in (tmp_path / "calibration").glob("*.json"):
+        path.unlink()
+    again = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
+    assert len(simulations) == 2
+    torch.testing.assert_close(_new_rows(again), _new_rows(first), rtol=0, atol=0)
+    assert again.classifier_injection["injections"][-1]["calibration"] == (
+        first.classifier_injection["injections"][-1]["calibration"]
+    )
+
+
+def test_a_trained_injector_reused_for_the_same_head_simulates_with_its_own_fit(lite0, embedder, tmp_path, fits):
     trained = ICISInjector(ICISConfig(latent_dim=16, max_epochs=3))
     first = _inject(lite0, ["capybara"], embedder, tmp_path, injector=trained)
-    assert trained.is_fitted and len(simulations) == 1
+    assert trained.is_fitted and len(fits) == 1
     batch = _inject(lite0, ["okapi"], embedder, tmp_path, injector=trained)
-    assert len(simulations) == 1, "no refit and no simulation: the batch path"
-    factor = first.classifier_injection["injections"][-1]["calibration"]["factor"]
-    assert batch.classifier_injection["injections"][-1]["calibration"]["factor"] == factor
+    assert len(fits) == 1, "no refit: the batch path"
+    records = [m.classifier_injection["injections"][-1]["calibration"] for m in (first, batch)]
+    assert records[1]["factor"] == records[0]["factor"], "the same fit's simulation"
+    assert records[1]["diagnostics"]["simulation"] == "left-out"
+    grown = _inject(first, ["okapi"], embedder, tmp_path, injector=trained, class_names=None)
+    assert len(fits) == 2, "on the grown head the simulation refits: the injector's blends lack the new row"
+    assert grown.classifier_injection["injections"][-1]["calibration"]["diagnostics"]["simulation"] == "refit"
 
 
 def test_another_seed_rule_or_head_is_not_served_from_the_cache(lite0, embedder, tmp_path, simulations):
@@ -187,10 +215,10 @@ def fits(monkeypatch) -> list[int]:
 
 def test_the_same_injection_again_skips_the_fit_and_gives_the_same_model(lite0, embedder, tmp_path, fits):
     first = _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
-    assert len(fits) == 2, "the injection's fit and the calibration's simulated one"
+    assert len(fits) == 1, "one fit: the calibration's simulation reuses it"
     (path,) = (tmp_path / "rows").glob("*.safetensors")
     again = _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
-    assert len(fits) == 2, "neither fit ran again"
+    assert len(fits) == 1, "the fit did not run again"
     fresh = _inject(lite0, ["capybara", "okapi"], embedder, False)
     for model in (again, fresh):
         torch.testing.assert_close(_new_rows(model), _new_rows(first), rtol=0, atol=0)
@@ -242,6 +270,13 @@ def test_damaged_row_files_are_ignored_and_rewritten(lite0, embedder, tmp_path, 
         assert "ignoring unreadable row cache" in caplog.text
         caplog.clear()
         torch.testing.assert_close(_new_rows(again), _new_rows(reference), rtol=0, atol=0)
-    assert len(fits) == 2 + len(damages), "each damaged file cost one fit (the calibration's choice stayed cached)"
+    assert len(fits) == 1 + len(damages), "each damaged file cost one fit (the calibration's choice stayed cached)"
     again = _inject(lite0, ["capybara"], embedder, tmp_path)
-    assert len(fits) == 2 + len(damages), "rewritten: served again"
+    assert len(fits) == 1 + len(damages), "rewritten: served again"
+
+
+def test_an_injector_whose_rows_cannot_be_left_out_is_refitted_for_the_simulation(lite0, embedder, fits):
+    config = InjectionConfig(icis=ICISConfig(latent_dim=16, max_epochs=3, row_decoder="linear", dropout=0.0))
+    out = inject(lite0, ["capybara"], config, embedder=embedder, class_names=NAMES, cache=False)
+    assert len(fits) == 2, "the injection's fit and the simulation's refit on the kept classes"
+    assert out.classifier_injection["injections"][-1]["calibration"]["diagnostics"]["simulation"] == "refit"

@@ -208,6 +208,52 @@ def test_top_cosines_equal_the_cosines_of_normalised_rows_in_any_chunking():
     assert top_cosines(keys[:3], queries, 5)[0].shape == (23, 3), "k is capped at the number of keys"
 
 
+def test_top_cosines_never_return_excluded_keys():
+    from classifier_injection.injector import top_cosines
+
+    generator = torch.Generator().manual_seed(4)
+    keys, queries = torch.randn(30, 6, generator=generator), torch.randn(9, 6, generator=generator)
+    exclude = torch.zeros(30, dtype=torch.bool)
+    exclude[::3] = True
+    values, indices = top_cosines(keys, queries, 5, chunk=4, exclude=exclude)
+    kept = (~exclude).nonzero().squeeze(1)
+    expected = (F.normalize(queries, dim=1) @ F.normalize(keys[kept], dim=1).T).topk(5, dim=1)
+    torch.testing.assert_close(values, expected.values)
+    assert torch.equal(indices, kept[expected.indices])
+    assert top_cosines(keys, queries, 25, exclude=exclude)[1].shape == (9, 20), "k is capped at the kept keys"
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_predict_left_out_blends_only_the_rows_kept(top_k):
+    a_seen, r_seen, a_new, _ = _synthetic(num_seen=40)
+    config = ICISConfig(latent_dim=16, max_epochs=3, mixture_top_k=top_k, mixture_dense_up_to=16)
+    injector = ICISInjector(config, seed=1).fit(a_seen, r_seen, a_new)
+    left_out = torch.tensor([0, 3, 5, 17, 39])
+    rows = injector.predict_left_out(a_seen[left_out], left_out)
+    assert torch.equal(injector.predict_left_out(a_new, torch.tensor([], dtype=torch.long)), injector.predict(a_new))
+    model, kept = injector.model, torch.ones(40, dtype=torch.bool)
+    kept[left_out] = False
+    z = model.descriptor_ae.encoder(a_seen[left_out])
+    logits = model.weight_ae.decoder.logits(z)
+    if top_k is None:
+        expected = torch.softmax(logits[:, kept], dim=1) @ r_seen[kept]
+    else:
+        # The top_k kept rows nearest by descriptor, as a fit that never saw the left-out rows would choose.
+        near = kept.nonzero().squeeze(1)[
+            (F.normalize(a_seen[left_out], dim=1) @ F.normalize(a_seen[kept], dim=1).T).topk(top_k, dim=1).indices
+        ]
+        weights = torch.softmax(logits.gather(1, near), dim=1)
+        expected = torch.einsum("bk,bkd->bd", weights, r_seen[near])
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(rows, injector.predict(a_seen[left_out])), "the left-out rows were in the blends"
+    with pytest.raises(ValueError, match="at least one seen row"):
+        injector.predict_left_out(a_new, torch.arange(40))
+    linear = ICISInjector(ICISConfig(latent_dim=16, max_epochs=2, row_decoder="linear"), seed=1).fit(a_seen, r_seen)
+    assert not linear.can_leave_out and injector.can_leave_out
+    with pytest.raises(ValueError, match="row_decoder='mixture'"):
+        linear.predict_left_out(a_new, left_out)
+
+
 def test_sparse_blends_and_their_gradient_equal_blends_of_the_gathered_rows():
     from classifier_injection.icis import _SparseBlend
     from classifier_injection.injector import top_cosines

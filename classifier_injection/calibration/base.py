@@ -64,6 +64,11 @@ class CalibrationContext:
         seen_descriptors: descriptors ``[N, d]`` of the old classes (needed by the simulation rules).
         new_descriptors: descriptors ``[K, d]`` of the new classes.
         injector_factory: returns a fresh, unfitted injector configured like the one that predicted ``new_rows``.
+        fitted_injector: returns the injector that predicted ``new_rows``, fitted on these seen rows and both
+            descriptor matrices (fitting it then if its rows came from a cache). When given, the simulation injects
+            held-out classes with its ``predict_left_out`` instead of refitting a fresh injector: one fit, not two.
+        seen_index: positions of ``seen_rows`` among the rows ``fitted_injector`` was fitted on (``None``: the
+            same rows; set for the subset a large head is simulated on).
         seed: seed of the rule's random choices.
         feature_mean: estimated mean ``[D]`` of the features the head sees, or ``None``.
         feature_source: how ``feature_mean`` was estimated (recorded in the diagnostics).
@@ -75,6 +80,8 @@ class CalibrationContext:
     seen_descriptors: torch.Tensor | None = None
     new_descriptors: torch.Tensor | None = None
     injector_factory: Callable[[], object] | None = None
+    fitted_injector: Callable[[], object] | None = None
+    seen_index: torch.Tensor | None = None
     seed: int = 0
     feature_mean: torch.Tensor | None = None
     feature_source: str | None = None

@@ -1,10 +1,14 @@
 """On-disk cache of the calibration's choice per head, so repeated injections skip the simulation.
 
-A simulation rule's choice (:class:`~classifier_injection.calibration.FactorChoice`) depends on the old classes
-only: their rows and descriptors, the feature statistics, the injector's configuration, the rule and the seed.
-Injecting other classes into the same head later reuses it; only the per-row biases, which need the new rows,
-are recomputed. The key covers every input of the rule, the library version and the source of the modules the
-simulation runs (the injector's own included), so a cached choice is the one a fresh simulation would make.
+A simulation rule's choice (:class:`~classifier_injection.calibration.FactorChoice`) depends on the old classes'
+rows and descriptors, the feature statistics, the injector's configuration, the rule and the seed; when the
+simulation uses the injection's own fit (``context.fitted_injector``), also on the new classes' descriptors and the
+fit's device, which that fit saw; with a trained injector's fit it is not cached (it costs no fit). A simulation
+that refits (a trained injector reused on a head it was not trained on) depends on the old classes only, so
+injecting other classes into the same head reuses it. Only the per-row biases, which need
+the new rows, are recomputed. The key covers every input of the rule, the library version and the source of the
+modules the simulation runs (the injector's own included), so a cached choice is the one a fresh simulation would
+make.
 
 Only injectors that declare ``cacheable = True`` (ICIS and the library's baselines: their fit is fixed by their
 class, ``hparams()`` and the seed) are cached; a user's own injector is simulated every time. One JSON file per
@@ -44,13 +48,25 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
         return None
     # The simulation refits fresh copies, so a trained injector simulates as an untrained one: what its last fit
     # gave (ICIS's ``epochs_trained``) is not part of the key.
+    injector = context.injector_factory()
+    left_out = context.fitted_injector is not None
+    if left_out and getattr(injector, "is_fitted", False):
+        return None  # the simulation uses a trained injector's weights, which no key covers (and costs no fit)
     description = {
         "rule": [type(rule).__module__, type(rule).__qualname__, rule.to_dict()],
         "seed": context.seed,
         "feature_source": context.feature_source,
+        "simulation": "left-out" if left_out else "refit",
+        "device": str(getattr(injector, "device", None)) if left_out else None,
     }
-    tensors = (context.seen_rows, context.seen_descriptors, context.feature_mean, context.feature_std)
-    return fit_key(context.injector_factory(), _SIMULATION_MODULES, description, tensors)
+    tensors = (
+        context.seen_rows,
+        context.seen_descriptors,
+        context.feature_mean,
+        context.feature_std,
+        context.new_descriptors if left_out else None,
+    )
+    return fit_key(injector, _SIMULATION_MODULES, description, tensors)
 
 
 class CalibrationCache:

@@ -1,7 +1,8 @@
 """The simulation behind the image-free rules: inject some of the head's own classes and score the result.
 
-A simulated injection holds out old classes, refits a fresh injector on the others and predicts the held-out
-rows (:func:`simulate_injections`). Curves score every candidate norm factor on proxy features: the rows' own
+A simulated injection holds out old classes and predicts their rows as new classes' rows: with the injection's own
+fit, their rows left out of every blend, or else with a fresh injector refitted on the others
+(:func:`simulate_injections`). Curves score every candidate norm factor on proxy features: the rows' own
 directions (:func:`prototype_gzsl_curve`) or features synthesised from the model's statistics
 (:func:`synthesize_features`, :func:`synthetic_gzsl_curve`). Results are kept in the context, so rules fitted on
 one context share them.
@@ -52,11 +53,12 @@ def simulated_head(context: CalibrationContext) -> CalibrationContext:
     def subset() -> CalibrationContext:
         generator = torch.Generator().manual_seed(context.seed)
         keep = torch.randperm(num, generator=generator)[:MAX_SIMULATED_CLASSES].sort().values
-        descriptors = context.seen_descriptors
+        descriptors, index = context.seen_descriptors, context.seen_index
         return dataclasses.replace(
             context,
             seen_rows=context.seen_rows[keep],
             seen_descriptors=descriptors[keep] if descriptors is not None else None,
+            seen_index=keep if index is None else index[keep],
         )
 
     return context.memoized(("subset", MAX_SIMULATED_CLASSES), subset)
@@ -261,9 +263,10 @@ def simulate_injections(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Inject some of the model's own classes: ``repeats`` x ``(held-out class indices, their predicted rows)``.
 
-    Each repeat holds out ``holdout_fraction`` of the old classes at random (seeded by ``context.seed``), trains a
-    fresh ``context.injector_factory()`` on the others with the same descriptors and predicts the held-out rows.
-    Computed once per context and settings; ``rule`` names the caller in errors.
+    Each repeat holds out ``holdout_fraction`` of the old classes at random (seeded by ``context.seed``) and
+    predicts their rows with ``context.fitted_injector``'s ``predict_left_out`` (their rows out of every blend) when
+    the context has one, or else trains a fresh ``context.injector_factory()`` on the others with the same
+    descriptors. Computed once per context and settings; ``rule`` names the caller in errors.
     """
     key = ("injections", holdout_fraction, repeats)
     return context.memoized(key, lambda: _simulate_injections(context, holdout_fraction, repeats, rule))
@@ -310,10 +313,11 @@ def _simulate_injections(
     context: CalibrationContext, holdout_fraction: float, repeats: int, rule: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     seen_rows, descriptors = context.seen_rows.detach().float().cpu(), context.seen_descriptors
-    if descriptors is None or context.injector_factory is None:
+    if descriptors is None or (context.injector_factory is None and context.fitted_injector is None):
         raise ValueError(
-            f"the {rule!r} calibration needs context.seen_descriptors and context.injector_factory to "
-            "re-run the injection on held-out old classes; pass them, or use calibration='logit-match'"
+            f"the {rule!r} calibration needs context.seen_descriptors and context.injector_factory (or "
+            "context.fitted_injector) to re-run the injection on held-out old classes; pass them, or use "
+            "calibration='logit-match'"
         )
     descriptors = descriptors.detach().float().cpu()
     if len(descriptors) != len(seen_rows):
@@ -328,11 +332,16 @@ def _simulate_injections(
     for repeat in range(repeats):
         perm = torch.randperm(num, generator=generator)
         held, kept = perm[:held_count].sort().values, perm[held_count:].sort().values
-        injector = context.injector_factory()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed + repeat)
-            injector.fit(descriptors[kept], seen_rows[kept], descriptors[held])
-        predicted = injector.predict(descriptors[held]).detach().float().cpu()
+        if context.fitted_injector is not None:
+            left_out = held if context.seen_index is None else context.seen_index[held]
+            predicted = context.fitted_injector().predict_left_out(descriptors[held], left_out)
+        else:
+            injector = context.injector_factory()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(context.seed + repeat)
+                injector.fit(descriptors[kept], seen_rows[kept], descriptors[held])
+            predicted = injector.predict(descriptors[held])
+        predicted = predicted.detach().float().cpu()
         if predicted.shape != (held_count, seen_rows.shape[1]):
             raise ValueError(
                 f"the injector predicted rows of shape {tuple(predicted.shape)} for {held_count} held-out classes of a "
@@ -365,6 +374,7 @@ def simulation_diagnostics(rule: object, context: CalibrationContext, chosen: to
         "old_mean_norm": round(float(mean_norm(seen_rows)), 6),
         "held_out_classes": num_held(rule.holdout_fraction, simulated),
         "repeats": rule.repeats,
+        "simulation": "left-out" if context.fitted_injector is not None else "refit",
         **extra,
         "simulated_S": s,
         "simulated_U": u,
