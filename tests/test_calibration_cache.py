@@ -86,8 +86,9 @@ def test_cached_rows_without_a_cached_choice_are_simulated_as_before(lite0, embe
     again = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
     assert len(simulations) == 2
     torch.testing.assert_close(_new_rows(again), _new_rows(first), rtol=0, atol=0)
-    assert again.classifier_injection["injections"][-1]["calibration"] == (
-        first.classifier_injection["injections"][-1]["calibration"]
+    assert (
+        again.classifier_injection["injections"][-1]["calibration"]
+        == (first.classifier_injection["injections"][-1]["calibration"])
     )
 
 
