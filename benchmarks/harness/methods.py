@@ -20,6 +20,7 @@ from benchmarks.harness.metrics import check_fold, evaluate_conse, evaluate_rows
 from benchmarks.harness.research_injectors import (
     DirectionEnsemble,
     NeighbourContrast,
+    RefitSimulationICIS,
     ResidualICIS,
     SeparatedICIS,
     TemperedICIS,
@@ -71,6 +72,11 @@ METHODS: dict[str, Method] = {
             "icis-no-row-encoder",
             lambda: ICISInjector(ICISConfig(row_encoder=False), seed=0),
             description="ablation: no W->W / W->A terms (the row encoder is not trained; a fit about twice as fast)",
+        ),
+        Method(
+            "icis-refit",
+            lambda: RefitSimulationICIS(seed=0),
+            description="ablation: the calibration's simulation refits ICIS on the kept classes (a second fit)",
         ),
         Method(
             "icis-no-new-descriptors",

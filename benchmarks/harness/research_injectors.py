@@ -11,6 +11,8 @@ like any other (the user regime's ``--user-methods``). What they gave: ``docs/de
 * :class:`SeparatedICIS`: ICIS trained with a separation term: each seen class's row predicted from its descriptor
   must be nearer (by cosine) to its own true row than to any other seen row, the seen rows standing in for the
   features of their classes (the counterfactual extension of ICIS pushes rows of different classes apart).
+* :class:`RefitSimulationICIS`: ICIS whose calibration simulation refits a fresh injector on the kept classes (a
+  second fit), as every simulation did before it reused the injection's fit with the held-out rows left out.
 * :class:`ResidualICIS`: ICIS's blend plus a ridge map from what a class's descriptor says beyond the blend of its
   neighbours' descriptors to what its row holds beyond the blend of their rows (fitted on the seen classes, each
   blended without its own row), so the text can add what sets a class apart from the rows it mixes.
@@ -26,7 +28,14 @@ import torch.nn.functional as F
 from classifier_injection.icis import ICISConfig, ICISInjector, _MixtureDecoder
 from classifier_injection.injector import Injector
 
-__all__ = ["DirectionEnsemble", "NeighbourContrast", "ResidualICIS", "SeparatedICIS", "TemperedICIS"]
+__all__ = [
+    "DirectionEnsemble",
+    "NeighbourContrast",
+    "RefitSimulationICIS",
+    "ResidualICIS",
+    "SeparatedICIS",
+    "TemperedICIS",
+]
 
 
 class TemperedICIS(ICISInjector):
@@ -50,6 +59,12 @@ class TemperedICIS(ICISInjector):
             logits.weight.div_(self.temperature)
             logits.bias.div_(self.temperature)
         return self
+
+
+class RefitSimulationICIS(ICISInjector):
+    """ICIS that the calibration's simulation refits on the kept classes instead of leaving their rows out."""
+
+    can_leave_out = False
 
 
 class DirectionEnsemble:
@@ -164,6 +179,7 @@ class ResidualICIS(ICISInjector):
     map (penalty ``alpha``) from those descriptor residuals to the row residuals of the seen classes."""
 
     name = "icis-residual"
+    can_leave_out = False  # its rows are more than a blend: the simulation refits it
 
     def __init__(self, alpha: float, config: ICISConfig | None = None, *, seed: int = 0) -> None:
         if not alpha > 0:

@@ -187,10 +187,12 @@ def run_grid(
 USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo", "mlp", "subreg")
 #: The closed-form ones (a second each; MLP and Sub.Reg. train for about a minute per injection).
 FAST_USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo")
-#: Ways to make ICIS rows discriminate against their neighbours (``benchmarks.harness.research_injectors``), and
-#: ICIS without the row encoder's terms (a faster fit); run on the main case when asked for (``--user-methods``).
+#: Ways to make ICIS rows discriminate against their neighbours (``benchmarks.harness.research_injectors``), ICIS
+#: without the row encoder's terms (a faster fit) and ICIS whose calibration simulation refits it (a second fit);
+#: run when asked for (``--methods``: on every model; ``--user-methods``: on the main case).
 ROW_VARIANTS = (
     "icis-no-row-encoder",
+    "icis-refit",
     "icis-loo",
     "icis-sharp",
     "icis-flat",
@@ -587,7 +589,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
             save()
     if "models" in stages:
         for model in SECOND_MODELS:
-            run_grid(model, MAIN_SOURCE, list(MODEL_METHODS), folds, args.fresh, report["results"], save)
+            methods = list(MODEL_METHODS) + [m for m in args.methods if m in ROW_VARIANTS]
+            run_grid(model, MAIN_SOURCE, methods, folds, args.fresh, report["results"], save)
             save()
     if "speed" in stages:
         report["speed"] = speed(args.fresh)
