@@ -360,11 +360,12 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     """Wall time of ``inject()`` (library defaults) on lite0, the default embedder loaded and warm.
 
     Per count, three calls, each with ``count`` names never embedded before: ``first``, into a head the calibration
-    has not seen (its cached choices are cleared, so it simulates); ``same_head``, into the same head again (the
-    calibration's choice is read from :mod:`classifier_injection.calibration.cache`); ``trained_injector``, passing
-    an ICIS injector trained on this head before (no refit either: how batches of new classes are meant to be
-    injected); ``same_call``, the ``first`` call again, names included (a script run again: its fit's rows are read
-    from :class:`classifier_injection.cache.RowCache`).
+    has not seen (its cached choices are cleared, so it simulates); ``same_head``, other names into the same head
+    (the fit, and so the simulation that reuses it, depend on the names); ``trained_injector``, passing an ICIS
+    injector trained on this head before (no fit: how batches of new classes are meant to be injected); and
+    ``same_call``, the ``first`` call again, names included (a script run again: its fit's rows and the
+    calibration's choice are read from :class:`classifier_injection.cache.RowCache` and
+    :mod:`classifier_injection.calibration.cache`).
     """
     import shutil
 
@@ -547,8 +548,8 @@ def _user_line(regime: str, name: str, entry: dict) -> str:
 
 
 _LATER_CALLS = {
-    "same_head": "another injection into the same head (calibration choice cached)",
-    "trained_injector": "with an ICIS injector trained on this head before (no refit, choice cached)",
+    "same_head": "other names into the same head (a fit again; the simulation reuses it)",
+    "trained_injector": "with an ICIS injector trained on this head before (no fit; the simulation uses it)",
     "same_call": "the first call again, same names (its fit's rows and the choice read from the cache)",
 }
 

@@ -99,14 +99,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.seed
                 print(f"{model} {method} seed {seed}: ZSL {run['zsl']:.1f} H {run['h']:.1f}", flush=True)
     text = table(results, args.seeds)
     print(text)
-    record(
-        STUDY,
-        args.name,
-        results,
-        text,
-        command_line(prog, argv),
-        title="The 5-fold protocol against the seed",
-    )
+    record(STUDY, args.name, results, text, command_line(prog, argv), title="The 5-fold protocol against the seed")
     return results
 
 
