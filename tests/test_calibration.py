@@ -409,6 +409,8 @@ def test_synthesize_rule_keeps_the_largest_factor_within_its_budget_and_falls_ba
     for bad in (*bad_values, dict(floor_tolerance=1.0, offset=0.0), dict(offset=math.inf)):
         with pytest.raises(ValueError):
             SynthesizedCalibration(**bad)
+    with pytest.raises(ValueError, match="left_out_correction"):
+        SynthesizedCalibration(left_out_correction=math.nan)
 
 
 def test_synthesize_floor_is_carried_over_an_offset_at_the_same_simulated_cost():
@@ -548,3 +550,30 @@ def test_a_fitted_injector_that_leaves_rows_out_replaces_the_refit(monkeypatch):
     ((_, left_out),) = calls
     assert torch.equal(left_out, subset.seen_index[held]), "positions in the head the injector was fitted on"
     torch.testing.assert_close(predicted, subset.seen_rows[held] + 0.1)
+
+
+def test_a_simulation_with_the_injections_own_fit_is_corrected_to_choose_as_a_refit_would():
+    class Fitted:  # rows blended from the kept ones: a stand-in for the injection's own fit
+        def predict_left_out(self, descriptors: torch.Tensor, left_out: torch.Tensor) -> torch.Tensor:
+            kept = torch.ones(len(context.seen_rows), dtype=torch.bool)
+            kept[left_out] = False
+            return torch.softmax(descriptors @ context.seen_descriptors[kept].T, 1) @ context.seen_rows[kept]
+
+    context = dataclasses.replace(_context_with_statistics(num=80), fitted_injector=Fitted)
+    corrected = SynthesizedCalibration(max_seen_drop=3.0, left_out_correction=1.0, floor_tolerance=None).fit(context)
+    plain = SynthesizedCalibration(max_seen_drop=2.0, left_out_correction=0.0, floor_tolerance=None)
+    assert corrected.diagnostics["seen_drop_budget"] == 2.0
+    assert corrected.factor == plain.fit(dataclasses.replace(context)).factor
+    refit = dataclasses.replace(context, fitted_injector=None)
+    assert (
+        SynthesizedCalibration(max_seen_drop=3.0, left_out_correction=1.0).fit(refit).diagnostics["seen_drop_budget"]
+        == 3.0
+    ), "a refitted simulation keeps max_seen_drop"
+    rule = SimulatedCalibration(tolerance=0.1, left_out_correction=0.04)
+    assert rule.tolerance_for(context) == pytest.approx(0.06) and rule.tolerance_for(refit) == 0.1
+    assert SimulatedCalibration(tolerance=0.02).tolerance_for(context) == 0.0, "never below 0"
+    curve = rule.simulated_curve(context)
+    assert rule.fit(dataclasses.replace(context)).factor == rule.factors[rule.choose(curve, 0.06)]
+    for bad in (-0.1, math.inf):
+        with pytest.raises(ValueError, match="left_out_correction"):
+            SimulatedCalibration(left_out_correction=bad)

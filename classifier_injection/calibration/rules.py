@@ -104,6 +104,9 @@ def check_simulation_rule(rule: object) -> None:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {rule.holdout_fraction}")
     if rule.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {rule.repeats}")
+    correction = getattr(rule, "left_out_correction", 0.0)
+    if not (math.isfinite(correction) and correction >= 0):
+        raise ValueError(f"left_out_correction must be a finite number >= 0, got {correction}")
     if not rule.factors or any(not (math.isfinite(f) and f > 0) for f in rule.factors):
         raise ValueError(f"factors must be a non-empty sequence of finite numbers > 0, got {rule.factors}")
     check_bias_rule(rule.bias)
@@ -125,6 +128,9 @@ class SimulatedCalibration:
         factors: candidate norm factors (x the old rows' mean norm).
         tolerance: accept factors whose simulated H is at least ``(1 - tolerance)`` x the best.
         bias: ``"feature-mean"`` (:func:`feature_mean_biases` when the mean feature is known) or ``"mean"``.
+        left_out_correction: taken off ``tolerance`` when the simulation reuses the injection's fit
+            (``context.fitted_injector``), whose held-out rows score higher than a refitted injector's would; set so
+            that the rule picks the factors of a refit.
     """
 
     holdout_fraction: float = 0.2
@@ -132,6 +138,7 @@ class SimulatedCalibration:
     factors: tuple[float, ...] = DEFAULT_FACTORS
     tolerance: float = 0.1
     bias: BiasRule = "feature-mean"
+    left_out_correction: float = 0.05
     name: str = "simulate"
 
     def __post_init__(self) -> None:
@@ -157,16 +164,24 @@ class SimulatedCalibration:
         wins = prototype_wins(seen_rows, held, predicted, factor)
         return reliability_table(wins, torch.arange(len(seen_rows)), seen_rows, held, predicted)
 
-    def choose(self, curve: torch.Tensor) -> int:
-        """Index into ``factors`` of the smallest factor whose simulated H is within ``tolerance`` of the best."""
+    def choose(self, curve: torch.Tensor, tolerance: float | None = None) -> int:
+        """Index into ``factors`` of the smallest factor whose simulated H is within ``tolerance`` (default: the
+        rule's) of the best."""
+        tolerance = self.tolerance if tolerance is None else tolerance
         top = float(curve[:, 2].max())
         order = sorted(range(len(self.factors)), key=lambda i: self.factors[i])
-        return next(i for i in order if curve[i, 2] >= (1 - self.tolerance) * top)
+        return next(i for i in order if curve[i, 2] >= (1 - tolerance) * top)
+
+    def tolerance_for(self, context: CalibrationContext) -> float:
+        """``tolerance``, less ``left_out_correction`` when the simulation reuses the injection's fit."""
+        if context.fitted_injector is None:
+            return self.tolerance
+        return max(self.tolerance - self.left_out_correction, 0.0)
 
     def select(self, context: CalibrationContext) -> FactorChoice:
         """The choice on ``context``'s old classes."""
         curve = self.simulated_curve(context)
-        best = self.choose(curve)
+        best = self.choose(curve, self.tolerance_for(context))
         factor = float(self.factors[best])
         diagnostics = simulation_diagnostics(self, context, curve[best], reliability=self.reliability(context, factor))
         _logger.info("simulate calibration: factor %.3f (%s)", factor, diagnostics)
@@ -199,6 +214,9 @@ class SynthesizedCalibration:
         spread: pooled spread over the independent-positions spread of the features.
         confidence: class probability at which a synthesised feature stops climbing.
         max_seen_drop: allowed fall of simulated old-class accuracy, in points.
+        left_out_correction: points taken off ``max_seen_drop`` when the simulation reuses the injection's fit
+            (``context.fitted_injector``): that fit saw the held-out classes, so their rows cost the kept ones less
+            than a refitted injector's would; set so that the rule picks the factors of a refit.
         samples: synthesised features per old class.
         floor_tolerance: ``simulate``'s tolerance for the floor factor; ``None``: no floor.
         offset: logits added to every new row's feature-mean bias.
@@ -210,6 +228,7 @@ class SynthesizedCalibration:
     spread: float = 3.8
     confidence: float = 0.3
     max_seen_drop: float = 4.0
+    left_out_correction: float = 0.5
     samples: int = 4
     floor_tolerance: float | None = 0.1
     offset: float = 1.0
@@ -279,12 +298,14 @@ class SynthesizedCalibration:
             _logger.info("synthesize calibration: no feature statistics, fell back to simulate")
             return dataclasses.replace(choice, diagnostics={**choice.diagnostics, "fallback_from": self.name})
         curve = self.simulated_curve(context)
-        best = largest_within_budget(curve, self.factors, self.max_seen_drop)
+        budget = self.max_seen_drop - (self.left_out_correction if context.fitted_injector is not None else 0.0)
+        best = largest_within_budget(curve, self.factors, max(budget, 0.0))
         simulated = len(simulated_head(context).seen_rows)
-        extra = {"synthesized_features": self.samples * simulated, "budget_factor": self.factors[best]}
+        extra = {"synthesized_features": self.samples * simulated, "seen_drop_budget": max(budget, 0.0)}
+        extra["budget_factor"] = self.factors[best]
         floor = self._floor()
         if floor is not None:
-            floor_index = floor.choose(floor.simulated_curve(context))
+            floor_index = floor.choose(floor.simulated_curve(context), floor.tolerance_for(context))
             extra["floor_factor"] = self.factors[floor_index]
             if self.offset != 0:
                 without_offset = dataclasses.replace(self, offset=0.0, floor_tolerance=None)
