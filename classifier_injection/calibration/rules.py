@@ -117,10 +117,11 @@ def check_simulation_rule(rule: object) -> None:
 class SimulatedCalibration:
     """Leave-classes-out simulation scored on row directions: the smallest factor whose H is near the best.
 
-    Holds out ``holdout_fraction`` of the old classes (``repeats`` times), refits a fresh injector on the others,
-    and scores every factor on the rows' directions as proxy features (:func:`prototype_gzsl_curve`). H is flat
-    around its maximum while old-class accuracy keeps falling, so the rule takes the smallest factor whose H is
-    within ``tolerance`` (relative) of the best. Costs ``repeats`` extra injector fits.
+    Holds out ``holdout_fraction`` of the old classes (``repeats`` times), predicts their rows as new rows
+    (:func:`simulate_injections`: the injection's own fit with their rows left out, or a fresh injector refitted on
+    the others, ``repeats`` extra fits), and scores every factor on the rows' directions as proxy features
+    (:func:`prototype_gzsl_curve`). H is flat around its maximum while old-class accuracy keeps falling, so the rule
+    takes the smallest factor whose H is within ``tolerance`` (relative) of the best.
 
     Attributes:
         holdout_fraction: share of old classes held out per repeat.
