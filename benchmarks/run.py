@@ -20,6 +20,7 @@ STUDIES = (
     "calibration_shift",
     "descriptors",
     "icis_defaults",
+    "left_out",
     "operating_point",
     "row_identity",
     "scaling",

@@ -403,3 +403,18 @@ def test_seeds_table_gives_mean_deviation_and_paired_differences():
     assert seeded("icis", 3).seed == 3
     with pytest.raises(ValueError, match="no seed"):
         seeded("ridge", 3)
+
+
+def test_left_out_table_compares_every_correction_with_the_refit():
+    from benchmarks.studies.left_out import CORRECTIONS, table
+
+    def head(synthesize: float, simulate: float) -> dict[str, float]:
+        factors = {"synthesize refit": 1.0, "simulate refit": 1.0}
+        factors |= {f"synthesize left-out {c:g}": synthesize - c / 2 for c in CORRECTIONS["synthesize"]}
+        factors |= {f"simulate left-out {c:g}": simulate + c for c in CORRECTIONS["simulate"]}
+        return factors
+
+    text = table({"a": head(1.25, 0.95), "b": head(1.25, 0.975)})
+    assert "| synthesize | 0.5 | 2 of 2 | +0.0000 | 0.0000 |" in text
+    assert "| synthesize | 0 | 0 of 2 | +0.2500 | 0.2500 |" in text
+    assert "| simulate | 0.025 | 1 of 2 | -0.0125 | 0.0125 |" in text
