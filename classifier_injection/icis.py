@@ -377,8 +377,7 @@ class ICISModel(nn.Module):
         z = self.descriptor_ae.encoder(descriptors - self.descriptor_mean)
         decoder = self.weight_ae.decoder
         if isinstance(decoder, _MixtureDecoder):
-            candidates = self.candidates(descriptors, left_out)
-            rows = decoder(z, candidates, left_out=left_out if candidates is None else None)
+            rows = decoder(z, self.candidates(descriptors, left_out), left_out=left_out)
         elif left_out is not None:
             raise ValueError("only the mixture row decoder blends seen rows that can be left out")
         else:
@@ -600,11 +599,7 @@ class ICISInjector:
     def predict(self, descriptors: torch.Tensor) -> torch.Tensor:
         if self.model is None:
             raise RuntimeError("ICISInjector.predict() called before fit() or load()")
-        self._check_descriptors(descriptors)
-        device = self.model.descriptor_mean.device
-        # In chunks: a top-k blend gathers k rows per class, too much at once for thousands of new classes.
-        chunks = descriptors.detach().split(_PREDICT_CHUNK)
-        return torch.cat([self.model(chunk.to(device, torch.float32)).cpu() for chunk in chunks])
+        return self._rows(descriptors)
 
     @property
     def can_leave_out(self) -> bool:
@@ -622,22 +617,24 @@ class ICISInjector:
             raise RuntimeError("ICISInjector.predict_left_out() called before fit() or load()")
         if not self.can_leave_out:
             raise ValueError("predict_left_out needs row_decoder='mixture': the linear decoder blends no seen rows")
-        self._check_descriptors(descriptors)
-        device = self.model.descriptor_mean.device
-        mask = torch.zeros(self._basis_rows(), dtype=torch.bool, device=device)
-        mask[left_out.to(device)] = True
+        mask = torch.zeros(self._basis_rows(), dtype=torch.bool, device=self.model.descriptor_mean.device)
+        mask[left_out.to(mask.device)] = True
         if bool(mask.all()):
             raise ValueError("predict_left_out must keep at least one seen row to blend")
-        chunks = descriptors.detach().split(_PREDICT_CHUNK)
-        return torch.cat([self.model(chunk.to(device, torch.float32), mask).cpu() for chunk in chunks])
+        return self._rows(descriptors, mask)
 
-    def _check_descriptors(self, descriptors: torch.Tensor) -> None:
+    def _rows(self, descriptors: torch.Tensor, left_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's rows for ``descriptors`` (checked), on the CPU; ``left_out``: see :meth:`ICISModel.forward`."""
         expected = self.model.descriptor_ae.encoder[0].in_features
         if descriptors.dim() != 2 or descriptors.shape[1] != expected:
             raise ValueError(
                 f"descriptors must be [n, {expected}] (the width this injector was trained on), got "
                 f"{tuple(descriptors.shape)}: use the same embedder as for training"
             )
+        device = self.model.descriptor_mean.device
+        # In chunks: a top-k blend gathers k rows per class, too much at once for thousands of new classes.
+        chunks = descriptors.detach().split(_PREDICT_CHUNK)
+        return torch.cat([self.model(chunk.to(device, torch.float32), left_out).cpu() for chunk in chunks])
 
     def _basis_rows(self) -> int:
         decoder = self.model.weight_ae.decoder if self.model is not None else None

@@ -589,8 +589,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
             run_grid("tf_efficientnet_lite0", source, list(SOURCE_METHODS), folds, args.fresh, report["results"], save)
             save()
     if "models" in stages:
+        methods = list(MODEL_METHODS) + [m for m in args.methods if m in ROW_VARIANTS]
         for model in SECOND_MODELS:
-            methods = list(MODEL_METHODS) + [m for m in args.methods if m in ROW_VARIANTS]
             run_grid(model, MAIN_SOURCE, methods, folds, args.fresh, report["results"], save)
             save()
     if "speed" in stages:

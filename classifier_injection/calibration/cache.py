@@ -46,8 +46,8 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
     """The cache key of ``rule``'s choice on ``context``, or ``None`` when it cannot be cached safely."""
     if context.injector_factory is None or not callable(getattr(rule, "to_dict", None)):
         return None
-    # The simulation refits fresh copies, so a trained injector simulates as an untrained one: what its last fit
-    # gave (ICIS's ``epochs_trained``) is not part of the key.
+    # A simulation that refits uses fresh copies, so a trained injector simulates as an untrained one: what its last
+    # fit gave (ICIS's ``epochs_trained``) is not part of the key.
     injector = context.injector_factory()
     left_out = context.fitted_injector is not None
     if left_out and getattr(injector, "is_fitted", False):

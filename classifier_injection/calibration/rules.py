@@ -49,6 +49,7 @@ __all__ = [
     "SimulatedCalibration",
     "SynthesizedCalibration",
     "check_simulation_rule",
+    "left_out_corrected",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ class NormCalibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def left_out_corrected(threshold: float, correction: float, context: CalibrationContext) -> float:
+    """A rule's ``threshold`` less its ``correction`` (not below 0) when the simulation reuses the injection's fit."""
+    return threshold if context.fitted_injector is None else max(threshold - correction, 0.0)
 
 
 def check_simulation_rule(rule: object) -> None:
@@ -175,9 +181,7 @@ class SimulatedCalibration:
 
     def tolerance_for(self, context: CalibrationContext) -> float:
         """``tolerance``, less ``left_out_correction`` when the simulation reuses the injection's fit."""
-        if context.fitted_injector is None:
-            return self.tolerance
-        return max(self.tolerance - self.left_out_correction, 0.0)
+        return left_out_corrected(self.tolerance, self.left_out_correction, context)
 
     def select(self, context: CalibrationContext) -> FactorChoice:
         """The choice on ``context``'s old classes."""
@@ -299,10 +303,10 @@ class SynthesizedCalibration:
             _logger.info("synthesize calibration: no feature statistics, fell back to simulate")
             return dataclasses.replace(choice, diagnostics={**choice.diagnostics, "fallback_from": self.name})
         curve = self.simulated_curve(context)
-        budget = self.max_seen_drop - (self.left_out_correction if context.fitted_injector is not None else 0.0)
-        best = largest_within_budget(curve, self.factors, max(budget, 0.0))
+        budget = left_out_corrected(self.max_seen_drop, self.left_out_correction, context)
+        best = largest_within_budget(curve, self.factors, budget)
         simulated = len(simulated_head(context).seen_rows)
-        extra = {"synthesized_features": self.samples * simulated, "seen_drop_budget": max(budget, 0.0)}
+        extra = {"synthesized_features": self.samples * simulated, "seen_drop_budget": budget}
         extra["budget_factor"] = self.factors[best]
         floor = self._floor()
         if floor is not None:
