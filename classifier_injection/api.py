@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .cache import EmbeddingCache, RowCache, resolve_cache
+from .cache import EmbeddingCache, FitCache, resolve_cache
 from .calibration import CalibrationCache, get_calibration
 from .calibration.reliability import assess, least_reliable
 from .config import InjectionConfig
@@ -125,8 +125,8 @@ def inject(
         embedder: text embedder; default all-MiniLM-L6-v2.
         injector: any :class:`~classifier_injection.injector.Injector` (default ICIS); a trained ICIS injector
             is reused without refitting after checking it was trained on this head.
-        cache: on-disk cache of text embeddings, calibration choices and the default injector's rows (the same
-            injection run again skips its fit): ``True`` (the default folder), ``False``, a folder or an
+        cache: on-disk cache of text embeddings, calibration choices and the default injector's fits (a head
+            injected into before skips its fit): ``True`` (the default folder), ``False``, a folder or an
             :class:`~classifier_injection.cache.EmbeddingCache`.
         inplace: modify and return ``model`` itself; otherwise ``model`` is left untouched.
         seed: seed of everything random (same inputs and seed give the same rows).
@@ -170,8 +170,8 @@ def inject(
         class_names=class_names,
     )
     new_descriptors = embed_classes(embedder, names, descriptor_config, described.new, cache=disk_cache)
-    # Rows are cached only for the library's own injector: one the caller passes must come back fitted.
-    fits = RowCache(disk_cache.directory / "rows") if injector is None and disk_cache is not None else None
+    # Fits are cached only for the library's own injector: one the caller passes is the caller's to keep.
+    fits = FitCache(disk_cache.directory / "fits") if injector is None and disk_cache is not None else None
     if injector is None:
         injector = ICISInjector(config.icis, seed=seed, progress=config.progress, device=_accelerator(model))
     trained = bool(getattr(injector, "is_fitted", False))

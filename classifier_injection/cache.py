@@ -1,4 +1,4 @@
-"""On-disk caches: text embeddings keyed by (embedder id, text), and the rows a library injector predicted.
+"""On-disk caches: text embeddings keyed by (embedder id, text), and the library injector's fits.
 
 Injecting into an ImageNet head embeds the descriptors of its 1000 seen classes every time; with the cache
 only texts never seen before are encoded. One safetensors file per embedder id holds a ``[n, d]`` float32
@@ -9,9 +9,10 @@ So only embedders that declare ``cacheable = True`` are cached (the library's se
 open_clip embedders with real weights do); others, e.g. a randomly initialised text tower or a user's own
 embedder whose id may not say which weights it runs, are encoded every time.
 
-:class:`RowCache` keeps the new rows of a fit, keyed by everything the fit reads (the head, both descriptor
-matrices, the injector's class, settings, device and seed, the library version and the source that runs the
-fit), so an unchanged injection run again (a script or a notebook cell) skips the fit and gets the same rows.
+:class:`FitCache` keeps a trained injector, keyed by everything its fit reads (the head, the old classes'
+descriptors, the new ones' only if the fit uses them, the injector's class, settings, device and seed, the library
+version and the source that runs the fit): injecting into a head that was injected into before skips the fit and
+gets the rows a fresh fit would give.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from .serialization import atomic_save_safetensors, read_safetensors
 __all__ = [
     "CachedEmbedder",
     "EmbeddingCache",
-    "RowCache",
+    "FitCache",
     "default_cache_dir",
     "fit_key",
+    "reads_new_descriptors",
     "resolve_cache",
     "source_digest",
 ]
@@ -261,11 +263,19 @@ def fit_key(
 _FIT_MODULES = ("core.py", "injector.py", "icis.py", "baselines.py")
 
 
-class RowCache:
-    """New rows predicted by a fitted injector, on disk: one safetensors file per fit (rows and JSON ``hparams``).
+def reads_new_descriptors(injector: object) -> bool:
+    """Whether ``injector``'s fit may depend on the new classes' descriptors (unless it declares it does not)."""
+    return getattr(injector, "reads_new_descriptors", True) is not False
 
-    Only injectors that declare ``cacheable = True`` (their fit is fixed by their class, ``hparams()``, device
-    and seed) are cached. A damaged file is ignored and rewritten; nothing is unpickled.
+
+class FitCache:
+    """Trained injectors on disk, one safetensors file per fit (weights and JSON metadata, no copy of the head).
+
+    Only injectors that declare ``cacheable = True`` (their fit is fixed by their class, ``hparams()``, device and
+    seed) and can export and restore their weights (``fit_state()`` / ``load_fit_state()``, as ICIS does) are
+    cached. A fit that does not read the new classes' descriptors (``reads_new_descriptors``, an option of ICIS) is
+    keyed without them, so injecting other classes into the same head reuses it. A damaged file is ignored and
+    rewritten; nothing is unpickled.
 
     Args:
         directory: where the files live; created on first write.
@@ -283,36 +293,41 @@ class RowCache:
         seed: int,
     ) -> str | None:
         """The key of ``injector``'s fit on these inputs, or ``None`` when it cannot be cached safely."""
+        if not all(callable(getattr(injector, name, None)) for name in ("fit_state", "load_fit_state")):
+            return None
         description = {"seed": seed, "device": str(getattr(injector, "device", None))}
-        return fit_key(injector, _FIT_MODULES, description, (seen_rows, seen_descriptors, new_descriptors))
+        new = new_descriptors if reads_new_descriptors(injector) else None
+        return fit_key(injector, _FIT_MODULES, description, (seen_rows, seen_descriptors, new))
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def get(self, key: str, shape: tuple[int, int]) -> tuple[torch.Tensor, dict] | None:
-        """``(rows, hparams)`` stored under ``key``, or ``None``; the rows must be float32 of ``shape``."""
+    def restore(
+        self,
+        key: str,
+        injector,
+        seen_descriptors: torch.Tensor,
+        seen_rows: torch.Tensor,
+    ) -> bool:
+        """Load the fit stored under ``key`` into ``injector``; ``False`` (injector untouched) when there is none."""
         path = self.path(key)
         if not path.is_file():
-            return None
+            return False
         try:
             tensors, metadata = read_safetensors(path)
-            rows, hparams = tensors["rows"], json.loads(metadata["hparams"])
-            if set(tensors) != {"rows"} or tuple(rows.shape) != tuple(shape) or rows.dtype != torch.float32:
-                raise ValueError(f"not rows of shape {tuple(shape)}")
-            if not isinstance(hparams, dict):
-                raise ValueError("its hparams are not a JSON object")
-        except (OSError, KeyError, ValueError, TypeError) as err:  # damaged or foreign: refit, the put rewrites it
-            _logger.warning("ignoring unreadable row cache %s (%s)", path, err)
-            return None
-        return rows, hparams
+            injector.load_fit_state(tensors, metadata, path, seen_descriptors, seen_rows)
+        except (OSError, ValueError) as err:  # damaged or foreign: refit, the put rewrites it
+            _logger.warning("ignoring unreadable fit cache %s (%s)", path, err)
+            return False
+        return True
 
-    def put(self, key: str, rows: torch.Tensor, hparams: dict) -> None:
-        """Store ``rows`` and ``hparams`` atomically; a folder that cannot be written only warns."""
-        metadata = {"hparams": json.dumps(hparams, sort_keys=True, default=str)}
+    def put(self, key: str, injector) -> None:
+        """Store ``injector``'s fit atomically; a folder that cannot be written only warns."""
+        tensors, metadata = injector.fit_state(with_basis=False)
         try:
-            atomic_save_safetensors({"rows": rows.detach().float()}, self.path(key), metadata, overwrite=True)
+            atomic_save_safetensors(tensors, self.path(key), metadata, overwrite=True)
         except OSError as err:  # a read-only or broken cache folder must not stop the injection
-            _logger.warning("could not write the row cache %s (%s): continuing without it", self, err)
+            _logger.warning("could not write the fit cache %s (%s): continuing without it", self, err)
 
     def __repr__(self) -> str:
-        return f"RowCache({str(self.directory)!r})"
+        return f"FitCache({str(self.directory)!r})"

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument(
         "--no-cache",
         action="store_true",
-        help="neither read nor write the on-disk cache of embeddings, calibration choices and fitted rows "
+        help="neither read nor write the on-disk cache of embeddings, calibration choices and fits "
         "($CLASSIFIER_INJECTION_CACHE, default ~/.cache/classifier_injection/embeddings)",
     )
     inject.add_argument("--device", default="cpu", help="device for the model and embedder (default cpu)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import RowCache
+from .cache import FitCache
 from .calibration import (
     Calibration,
     CalibrationContext,
@@ -45,9 +45,9 @@ class RowPrediction:
     Attributes:
         rows: the calibrated new rows ``[K, D + 1]``, ``new_class_scale`` applied.
         calibration: the fitted rule that produced them (its ``to_dict()`` is the provenance).
-        seconds: wall time of the ``fit`` (0 for a trained injector or cached rows), ``predict`` and
+        seconds: wall time of the ``fit`` (0 for a trained injector or a cached fit), ``predict`` and
             ``calibration`` steps.
-        hparams: the injector's ``hparams()`` after its fit (as stored with cached rows).
+        hparams: the injector's ``hparams()`` after its fit.
     """
 
     rows: torch.Tensor
@@ -112,7 +112,7 @@ def predict_rows(
     seed: int = 0,
     new_class_scale: float = 1.0,
     choices: ChoiceStore | None = None,
-    fits: RowCache | None = None,
+    fits: FitCache | None = None,
 ) -> RowPrediction:
     """Predict and calibrate the rows of new classes from the head's rows and the descriptors.
 
@@ -127,8 +127,8 @@ def predict_rows(
         seed: seed of the fit and of the calibration's random choices.
         new_class_scale: factor on the new classes' logits after calibration (the trade-off knob).
         choices: where simulation rules keep their choice per head (a ``CalibrationCache``).
-        fits: where the rows of an unfitted injector's fit are kept; a fit made before on the same inputs is
-            skipped (the injector then stays unfitted).
+        fits: where an unfitted injector's fit is kept; a fit made before on the same inputs is read from it
+            instead (the injector comes back trained either way).
     """
     rule = get_calibration(calibration)
     contextual = needs_context(rule)
@@ -138,19 +138,13 @@ def predict_rows(
     # Taken before the fit: a simulation that cannot reuse the fit refits fresh copies of the injector as it was given.
     factory = copying_factory(injector) if contextual else None
     key = None if fitted or fits is None else fits.key(injector, seen_rows, seen_descriptors, new_descriptors, seed)
-    cached = fits.get(key, (len(new_descriptors), seen_rows.shape[1])) if key is not None else None
-    if cached is not None:
-        predicted, hparams = cached
-        seconds = {"fit": 0.0, "predict": 0.0}
-    else:
-        predicted, seconds = _fit_predict(injector, fitted, seen_rows, seen_descriptors, new_descriptors, seed)
-        hparams = injector.hparams() if callable(getattr(injector, "hparams", None)) else {}
-        if key is not None and torch.isfinite(predicted).all():
-            fits.put(key, predicted, hparams)
+    restored = key is not None and fits.restore(key, injector, seen_descriptors, seen_rows)
+    predicted, seconds = _fit_predict(injector, fitted or restored, seen_rows, seen_descriptors, new_descriptors, seed)
+    if key is not None and not restored and torch.isfinite(predicted).all():
+        fits.put(key, injector)
+    hparams = injector.hparams() if callable(getattr(injector, "hparams", None)) else {}
     start = time.perf_counter()
     if contextual:
-        done = None if cached is not None else injector  # rows from the cache: the fit was skipped
-        reuse = _reusable_fit(done, fitted, factory, seen_rows, seen_descriptors, new_descriptors, seed)
         context = calibration_context(
             seen_rows,
             predicted,
@@ -159,7 +153,7 @@ def predict_rows(
             factory,
             features=features,
             seed=seed,
-            fitted_injector=reuse,
+            fitted_injector=_reusable_fit(injector, fitted, seen_rows),
         )
         rule = fit_calibration(rule, context, choices)
     rows = apply_new_class_scale(rule(predicted, seen_rows), new_class_scale)
@@ -169,35 +163,17 @@ def predict_rows(
     return RowPrediction(rows, rule, seconds, hparams)
 
 
-def _reusable_fit(
-    injector: Injector | None,
-    trained: bool,
-    factory: Callable[[], object],
-    seen_rows: torch.Tensor,
-    seen_descriptors: torch.Tensor,
-    new_descriptors: torch.Tensor,
-    seed: int,
-) -> Callable[[], object] | None:
+def _reusable_fit(injector: Injector, trained: bool, seen_rows: torch.Tensor) -> Callable[[], object] | None:
     """The fit the calibration's simulation reuses (its rows left out) instead of a refit, or ``None``.
 
-    This injection's fit (``injector``; ``None`` when its rows came from a cache: a copy is fitted as it was, on
-    first call), or a ``trained`` injector's when it was trained on exactly these rows. Only injectors with
+    This injection's fit, or a ``trained`` injector's when it was trained on exactly these rows. Only injectors with
     ``can_leave_out`` qualify.
     """
-    source = injector if injector is not None else factory()
-    if getattr(source, "can_leave_out", False) is not True:
+    if getattr(injector, "can_leave_out", False) is not True:
         return None
-    if trained and getattr(source, "fingerprint", None) != head_fingerprint(seen_rows):
+    if trained and getattr(injector, "fingerprint", None) != head_fingerprint(seen_rows):
         return None  # trained on a part of this head (it grew since): its blends lack the newer rows
-    fitted = [injector] if injector is not None else []
-
-    def get() -> object:
-        if not fitted:
-            _fit_predict(source, False, seen_rows, seen_descriptors, new_descriptors, seed)
-            fitted.append(source)
-        return fitted[0]
-
-    return get
+    return lambda: injector
 
 
 def _fit_predict(

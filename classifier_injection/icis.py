@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
@@ -640,15 +641,22 @@ class ICISInjector:
         decoder = self.model.weight_ae.decoder if self.model is not None else None
         return len(decoder.basis) if isinstance(decoder, _MixtureDecoder) else 0
 
-    def save(self, path: str, *, overwrite: bool = False) -> None:
-        """Save the trained injector as one safetensors file (weights + JSON config in its metadata).
+    @property
+    def reads_new_descriptors(self) -> bool:
+        """Whether :meth:`fit` trains on the new classes' descriptors (the A->A term), so its fit depends on them."""
+        return self.config.include_new_descriptors
 
-        Written atomically; an existing ``path`` is replaced only if ``overwrite``.
+    def fit_state(self, *, with_basis: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The trained weights and JSON metadata that :meth:`save` writes.
+
+        Without ``with_basis`` the mixture's seen rows and their descriptors are left out: a cache that keys the fit
+        by them gives them back to :meth:`load_fit_state` instead of storing the head again.
         """
-        from .serialization import atomic_save_safetensors
-
         if self.model is None:
             raise RuntimeError("nothing to save: call fit() first")
+        tensors = dict(self.model.state_dict())
+        if not with_basis:
+            tensors = {k: v for k, v in tensors.items() if k not in _BASIS_KEYS}
         metadata = {
             "format": "classifier_injection.icis",
             "config": json.dumps(self.config.to_dict()),
@@ -658,42 +666,112 @@ class ICISInjector:
             "descriptor_dim": str(self.model.descriptor_ae.encoder[0].in_features),
             "row_dim": str(self.model.weight_ae.encoder[0].in_features),
             "basis_rows": str(self._basis_rows()),
+            "basis": "stored" if with_basis else "omitted",
         }
-        atomic_save_safetensors(self.model.state_dict(), path, metadata, overwrite=overwrite)
+        return tensors, metadata
+
+    def save(self, path: str, *, overwrite: bool = False) -> None:
+        """Save the trained injector as one safetensors file (weights + JSON config in its metadata).
+
+        Written atomically; an existing ``path`` is replaced only if ``overwrite``.
+        """
+        from .serialization import atomic_save_safetensors
+
+        tensors, metadata = self.fit_state()
+        atomic_save_safetensors(tensors, path, metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str) -> ICISInjector:
         """Load an injector written by :meth:`save` (safetensors only: no pickle)."""
-        from .serialization import check_state_dict, read_safetensors
+        from .serialization import read_safetensors
 
         tensors, metadata = read_safetensors(path)
         if metadata.get("format") != "classifier_injection.icis":
             raise ValueError(f"{path} is not an ICIS injector file (metadata format={metadata.get('format')!r})")
         try:
-            stored = json.loads(metadata["config"])
-            if isinstance(stored, dict) and "row_decoder" not in stored:  # files from before the option existed
-                stored = {**stored, "row_decoder": "linear", "dropout": 0.0}
-            if isinstance(stored, dict) and "mixture_top_k" not in stored:  # trained on every row, every epoch
-                stored = {**stored, "mixture_top_k": None, "mixture_dense_up_to": 0, "classes_per_epoch": None}
-            config = ICISConfig.from_dict(stored)
+            injector = cls(_stored_config(metadata), seed=int(metadata["seed"]))
+        except (KeyError, ValueError, TypeError, RecursionError) as err:
+            raise ValueError(f"{path}: invalid ICIS injector metadata ({err})") from err
+        return injector.load_fit_state(tensors, metadata, path)
+
+    def load_fit_state(
+        self,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str],
+        source: str | os.PathLike = "fit state",
+        seen_descriptors: torch.Tensor | None = None,
+        seen_rows: torch.Tensor | None = None,
+    ) -> ICISInjector:
+        """Take the trained weights of :meth:`fit_state` (from ``source``, untrusted) into this injector.
+
+        The state's config and seed must be this injector's. A state saved without its basis needs the
+        ``seen_descriptors`` and ``seen_rows`` it was fitted on. Nothing changes unless it loads.
+
+        Raises:
+            ValueError: not an ICIS state, another config or seed, shapes or values that do not fit.
+        """
+        from .serialization import check_state_dict
+
+        if metadata.get("format") != "classifier_injection.icis":
+            raise ValueError(f"{source} is not an ICIS injector file (metadata format={metadata.get('format')!r})")
+        config = self.config
+        try:
+            if _stored_config(metadata) != config or int(metadata["seed"]) != self.seed:
+                raise ValueError("it holds a fit with another config or seed than this injector's")
             descriptor_dim, row_dim = int(metadata["descriptor_dim"]), int(metadata["row_dim"])
-            injector = cls(config, seed=int(metadata["seed"]))
-            injector.history = [float(x) for x in json.loads(metadata["history"])]
+            history = [float(x) for x in json.loads(metadata["history"])]
             # Sizes come from an untrusted file: check them against its tensors on the meta device first.
             basis_rows = int(metadata.get("basis_rows", "0"))
             if (basis_rows > 0) != (config.row_decoder == "mixture"):
                 raise ValueError(f"basis_rows={basis_rows} does not match row_decoder={config.row_decoder!r}")
+            if metadata.get("basis") == "omitted" and basis_rows:
+                if seen_rows is None or seen_descriptors is None or len(seen_rows) != basis_rows:
+                    raise ValueError(f"its basis was left out: pass the {basis_rows} seen rows and descriptors")
+                tensors = {**tensors, **_basis_state(config, tensors, seen_descriptors, seen_rows, basis_rows)}
             with torch.device("meta"):
                 skeleton = _empty_model(config, descriptor_dim, row_dim, basis_rows)
         except (KeyError, ValueError, TypeError, RecursionError, RuntimeError) as err:
-            raise ValueError(f"{path}: invalid ICIS injector metadata ({err})") from err
-        check_state_dict(tensors, skeleton.state_dict(), path, parameters=set(skeleton.state_dict()))
+            raise ValueError(f"{source}: invalid ICIS injector metadata ({err})") from err
+        check_state_dict(tensors, skeleton.state_dict(), source, parameters=set(skeleton.state_dict()))
         model = _empty_model(config, descriptor_dim, row_dim, basis_rows)
         model.load_state_dict(tensors, strict=True)
         model.eval()
-        injector.model = model
-        injector.fingerprint = metadata.get("fingerprint") or None
-        return injector
+        self.model = model.to(self.device) if self.device is not None else model
+        self.history = history
+        self.fingerprint = metadata.get("fingerprint") or None
+        return self
+
+
+def _stored_config(metadata: dict[str, str]) -> ICISConfig:
+    """The config a saved state declares (files from before an option existed get the behaviour they had)."""
+    stored = json.loads(metadata["config"])
+    if isinstance(stored, dict) and "row_decoder" not in stored:
+        stored = {**stored, "row_decoder": "linear", "dropout": 0.0}
+    if isinstance(stored, dict) and "mixture_top_k" not in stored:  # trained on every row, every epoch
+        stored = {**stored, "mixture_top_k": None, "mixture_dense_up_to": 0, "classes_per_epoch": None}
+    return ICISConfig.from_dict(stored)
+
+
+#: State-dict entries that hold the fit's inputs (the mixture's seen rows and, for top-k blends, their descriptors).
+_BASIS_KEYS = frozenset({"weight_ae.decoder.basis", "basis_keys"})
+
+
+def _basis_state(
+    config: ICISConfig,
+    tensors: dict[str, torch.Tensor],
+    seen_descriptors: torch.Tensor,
+    seen_rows: torch.Tensor,
+    basis_rows: int,
+) -> dict[str, torch.Tensor]:
+    """The basis entries a fit on ``seen_rows`` / ``seen_descriptors`` put in its state dict, as :meth:`fit` builds
+    them."""
+    rows = seen_rows.detach().cpu().to(torch.float32)
+    if config.center:
+        rows = rows - tensors["row_mean"]
+    state = {"weight_ae.decoder.basis": rows}
+    if _top_k(config, basis_rows) is not None:
+        state["basis_keys"] = seen_descriptors.detach().cpu().to(torch.float32)
+    return state
 
 
 #: New classes predicted at a time.
@@ -705,7 +783,9 @@ def _empty_model(config: ICISConfig, descriptor_dim: int, row_dim: int, basis_ro
     basis = torch.empty(basis_rows, row_dim) if basis_rows else None
     keys = torch.ones(basis_rows, descriptor_dim) if basis_rows else None
     top_k = _top_k(config, basis_rows)
-    return ICISModel(descriptor_dim, row_dim, config.latent_dim, basis=basis, top_k=top_k, basis_keys=keys)
+    return ICISModel(
+        descriptor_dim, row_dim, config.latent_dim, basis=basis, dropout=config.dropout, top_k=top_k, basis_keys=keys
+    )
 
 
 def _blend_targets(decoder: nn.Module, rows: torch.Tensor) -> _BlendTargets | None:

@@ -1,4 +1,4 @@
-"""The on-disk caches of calibration choices and of fitted rows: reused exactly for the same inputs only."""
+"""The on-disk caches of calibration choices and of fits: reused exactly for the same inputs only."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from classifier_injection import ICISConfig, ICISInjector, InjectionConfig, find
 from classifier_injection.cache import source_digest
 from classifier_injection.calibration import FactorChoice, simulation
 from classifier_injection.calibration import cache as calibration_cache
+from classifier_injection.serialization import read_safetensors
 
 NAMES = [f"class {i}" for i in range(12)]
 
@@ -39,8 +40,12 @@ def simulations(monkeypatch) -> list[int]:
     return calls
 
 
-def _inject(model, names, embedder, cache, class_names=NAMES, calibration=None, **kwargs):
-    icis = None if "injector" in kwargs else ICISConfig(latent_dim=16, max_epochs=3)
+def _inject(model, names, embedder, cache, class_names=NAMES, calibration=None, new_descriptors=None, **kwargs):
+    icis = None
+    if "injector" not in kwargs:
+        icis = ICISConfig(latent_dim=16, max_epochs=3)
+        if new_descriptors is not None:
+            icis = ICISConfig(latent_dim=16, max_epochs=3, include_new_descriptors=new_descriptors)
     config = InjectionConfig(icis=icis, calibration=calibration)
     return inject(model, names, config, embedder=embedder, class_names=class_names, cache=cache, **kwargs)
 
@@ -69,22 +74,36 @@ def test_a_repeated_injection_reuses_the_choice_exactly(lite0, embedder, tmp_pat
 
 
 def test_other_new_classes_are_simulated_with_their_own_fit(lite0, embedder, tmp_path, simulations):
-    # The simulation reuses the injection's fit, which saw the new classes' descriptors: its choice is theirs.
-    _inject(lite0, ["capybara"], embedder, tmp_path)
-    other = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
+    # The simulation reuses the injection's fit; one that saw the new classes' descriptors makes a choice for them.
+    _inject(lite0, ["capybara"], embedder, tmp_path, new_descriptors=True)
+    other = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path, new_descriptors=True)
     assert len(simulations) == 2
     assert len(list((tmp_path / "calibration").glob("*.json"))) == 2
-    fresh = _inject(lite0, ["red panda", "okapi"], embedder, False)
+    fresh = _inject(lite0, ["red panda", "okapi"], embedder, False, new_descriptors=True)
     torch.testing.assert_close(_new_rows(other), _new_rows(fresh), rtol=0, atol=0)
 
 
-def test_cached_rows_without_a_cached_choice_are_simulated_as_before(lite0, embedder, tmp_path, simulations):
-    # The fit was skipped (its rows are on disk) but the simulation needs it: it is redone, exactly as it was.
+def test_other_new_classes_reuse_a_fit_that_never_read_them(lite0, embedder, tmp_path, simulations, fits):
+    # A fit on the old classes alone is the head's: any new classes are predicted and calibrated from it.
+    _inject(lite0, ["capybara"], embedder, tmp_path, new_descriptors=False)
+    other = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path, new_descriptors=False)
+    assert len(fits) == 1 and len(simulations) == 1, "neither the fit nor the simulation ran again"
+    assert len(list((tmp_path / "fits").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 1
+    fresh = _inject(lite0, ["red panda", "okapi"], embedder, False, new_descriptors=False)
+    torch.testing.assert_close(_new_rows(other), _new_rows(fresh), rtol=0, atol=0)
+    records = [m.classifier_injection["injections"][-1] for m in (other, fresh)]
+    assert records[0]["calibration"] == records[1]["calibration"]
+    assert records[0]["hparams"] == records[1]["hparams"]
+
+
+def test_a_cached_fit_without_a_cached_choice_is_simulated_as_before(lite0, embedder, tmp_path, simulations, fits):
+    # The fit is read from disk; the simulation runs on it, exactly as on the fresh fit.
     first = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
     for path in (tmp_path / "calibration").glob("*.json"):
         path.unlink()
     again = _inject(lite0, ["red panda", "okapi"], embedder, tmp_path)
-    assert len(simulations) == 2
+    assert len(simulations) == 2 and len(fits) == 1
     torch.testing.assert_close(_new_rows(again), _new_rows(first), rtol=0, atol=0)
     assert (
         again.classifier_injection["injections"][-1]["calibration"]
@@ -196,13 +215,13 @@ def test_a_cache_folder_that_cannot_be_written_only_warns(lite0, tmp_path, caplo
     assert model.num_classes == 13
     assert "could not write the embedding cache" in caplog.text
     assert "could not write the calibration cache" in caplog.text
-    assert "could not write the row cache" in caplog.text
+    assert "could not write the fit cache" in caplog.text
     assert blocked.read_text() == "a file where the cache folder should be"
 
 
 @pytest.fixture
 def fits(monkeypatch) -> list[int]:
-    """Counts ICIS fits (the step the row cache skips)."""
+    """Counts ICIS fits (the step the fit cache skips)."""
     calls: list[int] = []
     original = ICISInjector.fit
 
@@ -217,7 +236,8 @@ def fits(monkeypatch) -> list[int]:
 def test_the_same_injection_again_skips_the_fit_and_gives_the_same_model(lite0, embedder, tmp_path, fits):
     first = _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
     assert len(fits) == 1, "one fit: the calibration's simulation reuses it"
-    (path,) = (tmp_path / "rows").glob("*.safetensors")
+    (path,) = (tmp_path / "fits").glob("*.safetensors")
+    assert not {"weight_ae.decoder.basis", "basis_keys"} & set(read_safetensors(path)[0]), "the head is not stored"
     again = _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
     assert len(fits) == 1, "the fit did not run again"
     fresh = _inject(lite0, ["capybara", "okapi"], embedder, False)
@@ -225,22 +245,28 @@ def test_the_same_injection_again_skips_the_fit_and_gives_the_same_model(lite0, 
         torch.testing.assert_close(_new_rows(model), _new_rows(first), rtol=0, atol=0)
         record, reference = model.classifier_injection["injections"][-1], first.classifier_injection["injections"][-1]
         assert record["hparams"] == reference["hparams"] and record["hparams"]["epochs_trained"] == 3
-    assert list((tmp_path / "rows").glob("*.safetensors")) == [path]
+    assert list((tmp_path / "fits").glob("*.safetensors")) == [path]
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"names": ["capybara", "tapir"]}, {"seed": 1}, {"icis": ICISConfig(latent_dim=16, max_epochs=4)}],
-    ids=["names", "seed", "settings"],
+    [
+        {"names": ["capybara", "tapir"], "reads_names": True},
+        {"seed": 1},
+        {"icis": ICISConfig(latent_dim=16, max_epochs=4)},
+    ],
+    ids=["names-read-by-the-fit", "seed", "settings"],
 )
 def test_other_names_seed_or_settings_fit_again(lite0, embedder, tmp_path, fits, change):
-    _inject(lite0, ["capybara", "okapi"], embedder, tmp_path)
+    base = ICISConfig(latent_dim=16, max_epochs=3, include_new_descriptors=change.get("reads_names", False))
+    first = InjectionConfig(icis=base)
+    inject(lite0, ["capybara", "okapi"], first, embedder=embedder, class_names=NAMES, cache=tmp_path)
     fitted = len(fits)
-    config = InjectionConfig(icis=change.get("icis", ICISConfig(latent_dim=16, max_epochs=3)))
+    config = InjectionConfig(icis=change.get("icis", base))
     names = change.get("names", ["capybara", "okapi"])
     inject(lite0, names, config, embedder=embedder, class_names=NAMES, cache=tmp_path, seed=change.get("seed", 0))
     assert len(fits) > fitted
-    assert len(list((tmp_path / "rows").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "fits").glob("*.safetensors"))) == 2
 
 
 def test_an_injector_the_caller_passes_is_always_fitted(lite0, embedder, tmp_path):
@@ -249,26 +275,32 @@ def test_an_injector_the_caller_passes_is_always_fitted(lite0, embedder, tmp_pat
         injector = ICISInjector(config)
         _inject(lite0, ["capybara"], embedder, tmp_path, injector=injector)
         assert injector.is_fitted, "the caller's injector comes back trained"
-    assert not (tmp_path / "rows").exists()
+    assert not (tmp_path / "fits").exists()
 
 
-def test_damaged_row_files_are_ignored_and_rewritten(lite0, embedder, tmp_path, fits, caplog):
+def test_damaged_fit_files_are_ignored_and_rewritten(lite0, embedder, tmp_path, fits, caplog):
     from safetensors.torch import save_file
 
     reference = _inject(lite0, ["capybara"], embedder, tmp_path)
-    (path,) = (tmp_path / "rows").glob("*.safetensors")
+    (path,) = (tmp_path / "fits").glob("*.safetensors")
+    stored, metadata = read_safetensors(path)
+    tensors = {k: v.clone() for k, v in stored.items()}  # not views of the file the damages overwrite
+    del stored
+    first = next(iter(tensors))
     damages = [
         lambda: path.write_bytes(b"not a safetensors file"),
-        lambda: save_file({"rows": torch.zeros(1, 1281)}, str(path)),  # no hparams
-        lambda: save_file({"rows": torch.zeros(2, 1281)}, str(path), metadata={"hparams": "{}"}),  # one row too many
-        lambda: save_file({"rows": torch.zeros(4)}, str(path), metadata={"hparams": "{}"}),
-        lambda: save_file({"rows": torch.zeros(1, 1281)}, str(path), metadata={"hparams": "[]"}),
+        lambda: save_file(tensors, str(path)),  # no metadata
+        lambda: save_file({k: v for k, v in tensors.items() if k != first}, str(path), metadata=metadata),
+        lambda: save_file({**tensors, first: tensors[first] * float("nan")}, str(path), metadata=metadata),
+        lambda: save_file(tensors, str(path), metadata={**metadata, "seed": "1"}),  # another fit's
+        lambda: save_file(tensors, str(path), metadata={**metadata, "basis_rows": "11"}),
+        lambda: save_file(tensors, str(path), metadata={**metadata, "config": "[]"}),
     ]
     for damage in damages:
         damage()
         with caplog.at_level(logging.WARNING, logger="classifier_injection.cache"):
             again = _inject(lite0, ["capybara"], embedder, tmp_path)
-        assert "ignoring unreadable row cache" in caplog.text
+        assert "ignoring unreadable fit cache" in caplog.text
         caplog.clear()
         torch.testing.assert_close(_new_rows(again), _new_rows(reference), rtol=0, atol=0)
     assert len(fits) == 1 + len(damages), "each damaged file cost one fit (the calibration's choice stayed cached)"

@@ -108,6 +108,48 @@ def test_save_load_round_trip(tmp_path, row_decoder):
     assert loaded.config == injector.config and loaded.fingerprint == "abc123" and loaded.seed == 3
 
 
+@pytest.mark.parametrize("extra", [{}, {"mixture_top_k": 8, "mixture_dense_up_to": 16}, {"center": True}])
+def test_a_state_without_its_basis_takes_it_from_the_fit_inputs(extra):
+    a_seen, r_seen, a_new, _ = _synthetic()
+    cfg = ICISConfig(latent_dim=16, max_epochs=3, **extra)
+    injector = ICISInjector(cfg, seed=2).fit(a_seen, r_seen, a_new)
+    tensors, metadata = injector.fit_state(with_basis=False)
+    assert not {"weight_ae.decoder.basis", "basis_keys"} & set(tensors), "the head is not stored again"
+    restored = ICISInjector(cfg, seed=2).load_fit_state(tensors, metadata, "state", a_seen, r_seen)
+    assert torch.equal(restored.predict(a_new), injector.predict(a_new))
+    left_out = torch.tensor([0, 5])
+    assert torch.equal(restored.predict_left_out(a_new, left_out), injector.predict_left_out(a_new, left_out))
+    assert restored.hparams() == injector.hparams()
+
+
+def test_a_state_is_loaded_only_into_its_own_config_and_seed_with_its_inputs():
+    a_seen, r_seen, a_new, _ = _synthetic()
+    cfg = ICISConfig(latent_dim=16, max_epochs=3)
+    tensors, metadata = ICISInjector(cfg, seed=2).fit(a_seen, r_seen, a_new).fit_state(with_basis=False)
+    others = [
+        ICISInjector(cfg, seed=3),
+        ICISInjector(ICISConfig(latent_dim=16, max_epochs=4), seed=2),
+    ]
+    for other in others:
+        with pytest.raises(ValueError, match="another config or seed"):
+            other.load_fit_state(tensors, metadata, "state", a_seen, r_seen)
+        assert not other.is_fitted, "left untouched"
+    with pytest.raises(ValueError, match="basis was left out"):
+        ICISInjector(cfg, seed=2).load_fit_state(tensors, metadata, "state")
+    with pytest.raises(ValueError, match="basis was left out"):
+        ICISInjector(cfg, seed=2).load_fit_state(tensors, metadata, "state", a_seen[:-1], r_seen[:-1])
+
+
+def test_only_a_fit_that_reads_the_new_descriptors_depends_on_them():
+    a_seen, r_seen, a_new, _ = _synthetic()
+    for reads in (True, False):
+        cfg = ICISConfig(latent_dim=16, max_epochs=3, include_new_descriptors=reads)
+        assert ICISInjector(cfg).reads_new_descriptors is reads
+        with_new = ICISInjector(cfg, seed=1).fit(a_seen, r_seen, a_new).predict(a_new)
+        without = ICISInjector(cfg, seed=1).fit(a_seen, r_seen, a_new[:2]).predict(a_new)
+        assert torch.equal(with_new, without) is not reads
+
+
 def test_load_rejects_basis_that_does_not_match_the_decoder(tmp_path):
     from classifier_injection.serialization import atomic_save_safetensors, read_safetensors
 

@@ -52,6 +52,8 @@ CONFIGS: dict[str, ICISConfig] = {
     "lr 6e-3, fixed 30 epochs": replace(ICISConfig(), lr=6e-3, max_epochs=30, early_stop_slope=0.0),
     "lr 1e-2, fixed 20 epochs": replace(ICISConfig(), lr=1e-2, max_epochs=20, early_stop_slope=0.0),
     "without the row encoder's terms (W->W, W->A)": replace(ICISConfig(), row_encoder=False),
+    "without the new classes' descriptors": replace(ICISConfig(), include_new_descriptors=False),
+    "with the new classes' descriptors": replace(ICISConfig(), include_new_descriptors=True),
 }
 
 #: Injectors that are not an ICISConfig: the separation term (``research_injectors.SeparatedICIS``).

@@ -4,9 +4,10 @@ N = 1000 is lite0's real head; larger heads keep lite0's backbone (so the defaul
 feature statistics) under random rows drawn like the real ones, named by real ImageNet-12k / 21k classes from
 timm. New classes get a name and a description each. Every measurement runs in a fresh process (peak memory is
 per process), with the text embeddings already cached (their first computation is reported apart) and the
-calibration's choices and the fitted rows dropped from the cache, so each one fits ICIS and simulates the
-calibration anew. Times are also given as ratios to one lite0 forward pass of 32 images measured in the same run,
-on the same device.
+calibration's choices and the fits dropped from the cache, so each one fits ICIS and simulates the
+calibration anew; then another process injects other names into the same head, with what those caches kept.
+Times are also given as ratios to one lite0 forward pass of 32 images measured in the same run, on the same
+device.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.scaling
 
@@ -77,9 +78,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None) -> dict:
+def measure(
+    num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None, seen_head: bool = False
+) -> dict:
     """One ``inject()`` of ``count`` new classes into a head of ``num`` classes on ``device``, ICIS with the settings
-    ``icis`` changed: seconds and memory (this process; on CUDA also the GPU's peak)."""
+    ``icis`` changed: seconds and memory (this process; on CUDA also the GPU's peak).
+
+    Fits and simulates anew unless ``seen_head``: then other names go into a head injected into before, and what
+    the caches hold from that injection (the fit, the calibration's choice) is used.
+    """
     from classifier_injection import ICISConfig, InjectionConfig, default_embedder, find_head, inject
 
     device = torch.device(device)
@@ -87,9 +94,9 @@ def measure(num: int, count: int, cache_dir: str, device: str = "cpu", icis: dic
     names = _head_names(num)
     embedder = default_embedder()
     embedder.encode(["warm-up"])
-    new = [f"new class {i}" for i in range(count)]
+    new = [f"{'another' if seen_head else 'new'} class {i}" for i in range(count)]
     descriptions = {name: "an object of a kind this model has never seen" for name in new}
-    for cached in ("calibration", "rows"):  # the calibration's choices and the fits' rows: fit and simulate anew
+    for cached in () if seen_head else ("calibration", "fits"):  # the choices and the fits: fit and simulate anew
         shutil.rmtree(Path(cache_dir) / cached, ignore_errors=True)
     head_mb = find_head(model).rows(model).numel() * 4 / 2**20
     before = _rss_mb("VmRSS")
@@ -133,9 +140,11 @@ def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
     return min(times)
 
 
-def _in_subprocess(num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None) -> dict:
+def _in_subprocess(
+    num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None, seen_head: bool = False
+) -> dict:
     command = [sys.executable, "-m", "benchmarks.studies.scaling", "--worker", str(num), str(count), cache_dir]
-    command += ["--device", device]
+    command += ["--device", device, *(["--seen-head"] if seen_head else [])]
     if icis:
         command += ["--icis", *(f"{key}={json.dumps(value)}" for key, value in icis.items())]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -181,17 +190,23 @@ def table(results: dict) -> str:
     lines = [
         "### inject() against the head size (embeddings cached, calibration simulated anew, one process each)",
         "",
+        "Head seen before: the next process injects as many other names into the same head, reading the fit and "
+        "the calibration's choice that the first one cached (where the fit did not read the new names).",
+        "",
         f"Device: {device}. One lite0 forward pass of 32 images there: {forward:.2f} s.",
         *([f"ICIS settings changed: {json.dumps(results['icis'])}."] if results.get("icis") else []),
         "",
-        "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs "
+        "| head seen before: seconds | x forward |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
+        seen = row.get("seen_head")
+        again = f"{seen['seconds']:.1f} | {seen['seconds'] / forward:.1f}" if seen else " | "
         lines.append(
             f"| {row['num']} | {row['count']} | {row['seconds']:.1f} | {row['seconds'] / forward:.1f} | "
             f"{row['peak_mb']:.0f} | {row['extra_peak_mb']:.0f} | {row['head_mb']:.0f} | "
-            f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} |"
+            f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} | {again} |"
         )
     gpu = [r for r in results["rows"] if "gpu_peak_mb" in r]
     if gpu:
@@ -216,6 +231,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
     parser.add_argument("--device", default="cpu", help="where the model (and so ICIS) runs: cpu or cuda")
     parser.add_argument("--icis", nargs="+", default=[], metavar="KEY=VALUE", help="ICISConfig settings (JSON values)")
     parser.add_argument("--worker", nargs=3, metavar=("N", "K", "CACHE"), help=argparse.SUPPRESS)
+    parser.add_argument("--seen-head", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
@@ -225,7 +241,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         parser.error(f"--icis: {err}")
     if args.worker:
         num, count, cache_dir = int(args.worker[0]), int(args.worker[1]), args.worker[2]
-        print(json.dumps(measure(num, count, cache_dir, args.device, icis)))
+        print(json.dumps(measure(num, count, cache_dir, args.device, icis, args.seen_head)))
         return
     cache_dir = tempfile.mkdtemp(prefix="scaling-cache-")
     rows, cold = [], {}
@@ -236,8 +252,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         print(f"N={num}: first injection with cold embeddings {cold[str(num)]:.1f} s (process included)", flush=True)
         for count in args.counts:
             row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir, args.device, icis)}
+            again = _in_subprocess(num, count, cache_dir, args.device, icis, seen_head=True)
+            row["seen_head"] = {key: again[key] for key in ("seconds", "extra_peak_mb", "epochs")}
             rows.append(row)
-            print(f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB", flush=True)
+            print(
+                f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB; "
+                f"other names into this head: {again['seconds']:.1f} s",
+                flush=True,
+            )
     shutil.rmtree(cache_dir, ignore_errors=True)
     by_count = {k: [r for r in rows if r["count"] == k] for k in args.counts}
     results = {

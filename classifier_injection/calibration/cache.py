@@ -2,13 +2,12 @@
 
 A simulation rule's choice (:class:`~classifier_injection.calibration.FactorChoice`) depends on the old classes'
 rows and descriptors, the feature statistics, the injector's configuration, the rule and the seed; when the
-simulation uses the injection's own fit (``context.fitted_injector``), also on the new classes' descriptors and the
-fit's device, which that fit saw; with a trained injector's fit it is not cached (it costs no fit). A simulation
-that refits (a trained injector reused on a head it was not trained on) depends on the old classes only, so
-injecting other classes into the same head reuses it. Only the per-row biases, which need
-the new rows, are recomputed. The key covers every input of the rule, the library version and the source of the
-modules the simulation runs (the injector's own included), so a cached choice is the one a fresh simulation would
-make.
+simulation uses the injection's own fit (``context.fitted_injector``), also on the fit's device and, if that fit
+read them (``reads_new_descriptors``), on the new classes' descriptors; with a trained injector's fit it is not
+cached (it costs no fit). Otherwise injecting other classes into the same head reuses the choice: only the
+per-row biases, which need the new rows, are recomputed. The key covers every input of the rule, the library
+version and the source of the modules the simulation runs (the injector's own included), so a cached choice is
+the one a fresh simulation would make.
 
 Only injectors that declare ``cacheable = True`` (ICIS and the library's baselines: their fit is fixed by their
 class, ``hparams()`` and the seed) are cached; a user's own injector is simulated every time. One JSON file per
@@ -22,7 +21,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..cache import fit_key
+from ..cache import fit_key, reads_new_descriptors
 from ..serialization import atomic_write_text
 from .base import CalibrationContext, FactorChoice
 
@@ -64,7 +63,7 @@ def choice_key(rule: object, context: CalibrationContext) -> str | None:
         context.seen_descriptors,
         context.feature_mean,
         context.feature_std,
-        context.new_descriptors if left_out else None,
+        context.new_descriptors if left_out and reads_new_descriptors(injector) else None,
     )
     return fit_key(injector, _SIMULATION_MODULES, description, tensors)
 
