@@ -359,7 +359,7 @@ def test_scaling_exponent_and_table_report_what_was_measured():
     results = {
         "device": "cuda",
         "forward_seconds": 0.01,
-        "rows": [{**row, "epochs": 200, "gpu_peak_mb": 512.0}],
+        "rows": [{**row, "epochs": 200, "gpu_peak_mb": 512.0, "seen_head": {"seconds": 0.5, "epochs": 200}}],
         "exponents": {"1": float("nan")},
         "cold_embedding_seconds": {"21843": 60.0},
         "ratios": {"11821_over_1000": float("nan")},
@@ -367,6 +367,7 @@ def test_scaling_exponent_and_table_report_what_was_measured():
     text = table(results)
     assert "Device: cuda" in text and "| 21843 | 1 | 30.0 | 3000.0 | 900 | 300 | 100 | 3.0 | 200 |" in text
     assert "- N = 21843, K = 1: 512" in text
+    assert "- N = 21843, K = 1: 0.5 s (50.0 forward passes), 200 epochs" in text
 
 
 def test_scaling_refuses_cuda_where_there_is_none(monkeypatch, capsys):

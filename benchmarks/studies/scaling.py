@@ -5,9 +5,9 @@ feature statistics) under random rows drawn like the real ones, named by real Im
 timm. New classes get a name and a description each. Every measurement runs in a fresh process (peak memory is
 per process), with the text embeddings already cached (their first computation is reported apart) and the
 calibration's choices and the fits dropped from the cache, so each one fits ICIS and simulates the
-calibration anew; then another process injects other names into the same head, with what those caches kept.
-Times are also given as ratios to one lite0 forward pass of 32 images measured in the same run, on the same
-device.
+calibration anew (``--seen-head``: then another process injects other names into the same head, with what those
+caches kept). Times are also given as ratios to one lite0 forward pass of 32 images measured in the same run, on
+the same device.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.scaling
 
@@ -144,7 +144,7 @@ def _in_subprocess(
     num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None, seen_head: bool = False
 ) -> dict:
     command = [sys.executable, "-m", "benchmarks.studies.scaling", "--worker", str(num), str(count), cache_dir]
-    command += ["--device", device, *(["--seen-head"] if seen_head else [])]
+    command += ["--device", device, *(["--other-names"] if seen_head else [])]
     if icis:
         command += ["--icis", *(f"{key}={json.dumps(value)}" for key, value in icis.items())]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -190,24 +190,26 @@ def table(results: dict) -> str:
     lines = [
         "### inject() against the head size (embeddings cached, calibration simulated anew, one process each)",
         "",
-        "Head seen before: the next process injects as many other names into the same head, reading the fit and "
-        "the calibration's choice that the first one cached (where the fit did not read the new names).",
-        "",
         f"Device: {device}. One lite0 forward pass of 32 images there: {forward:.2f} s.",
         *([f"ICIS settings changed: {json.dumps(results['icis'])}."] if results.get("icis") else []),
         "",
-        "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs "
-        "| head seen before: seconds | x forward |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        seen = row.get("seen_head")
-        again = f"{seen['seconds']:.1f} | {seen['seconds'] / forward:.1f}" if seen else " | "
         lines.append(
             f"| {row['num']} | {row['count']} | {row['seconds']:.1f} | {row['seconds'] / forward:.1f} | "
             f"{row['peak_mb']:.0f} | {row['extra_peak_mb']:.0f} | {row['head_mb']:.0f} | "
-            f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} | {again} |"
+            f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} |"
         )
+    seen = [row for row in results["rows"] if "seen_head" in row]
+    if seen:
+        lines += ["", "Other names into a head injected into before (the caches kept from that injection):", ""]
+        lines += [
+            f"- N = {r['num']}, K = {r['count']}: {r['seen_head']['seconds']:.1f} s "
+            f"({r['seen_head']['seconds'] / forward:.1f} forward passes), {r['seen_head']['epochs']} epochs"
+            for r in seen
+        ]
     gpu = [r for r in results["rows"] if "gpu_peak_mb" in r]
     if gpu:
         lines += ["", "GPU peak memory (MiB) during inject():", ""]
@@ -231,7 +233,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
     parser.add_argument("--device", default="cpu", help="where the model (and so ICIS) runs: cpu or cuda")
     parser.add_argument("--icis", nargs="+", default=[], metavar="KEY=VALUE", help="ICISConfig settings (JSON values)")
     parser.add_argument("--worker", nargs=3, metavar=("N", "K", "CACHE"), help=argparse.SUPPRESS)
-    parser.add_argument("--seen-head", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--seen-head",
+        action="store_true",
+        help="after each measurement, inject as many other names into the same head with what the caches kept",
+    )
+    parser.add_argument("--other-names", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
@@ -241,7 +248,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         parser.error(f"--icis: {err}")
     if args.worker:
         num, count, cache_dir = int(args.worker[0]), int(args.worker[1]), args.worker[2]
-        print(json.dumps(measure(num, count, cache_dir, args.device, icis, args.seen_head)))
+        print(json.dumps(measure(num, count, cache_dir, args.device, icis, args.other_names)))
         return
     cache_dir = tempfile.mkdtemp(prefix="scaling-cache-")
     rows, cold = [], {}
@@ -252,14 +259,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         print(f"N={num}: first injection with cold embeddings {cold[str(num)]:.1f} s (process included)", flush=True)
         for count in args.counts:
             row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir, args.device, icis)}
-            again = _in_subprocess(num, count, cache_dir, args.device, icis, seen_head=True)
-            row["seen_head"] = {key: again[key] for key in ("seconds", "extra_peak_mb", "epochs")}
+            if args.seen_head:
+                again = _in_subprocess(num, count, cache_dir, args.device, icis, seen_head=True)
+                row["seen_head"] = {key: again[key] for key in ("seconds", "extra_peak_mb", "epochs")}
             rows.append(row)
-            print(
-                f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB; "
-                f"other names into this head: {again['seconds']:.1f} s",
-                flush=True,
-            )
+            print(f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB", flush=True)
     shutil.rmtree(cache_dir, ignore_errors=True)
     by_count = {k: [r for r in rows if r["count"] == k] for k in args.counts}
     results = {
