@@ -43,7 +43,9 @@ class Injector(Protocol):
 
 
 # Optional: ``cacheable = True`` on an injector whose fit is fixed by its class, ``hparams()`` and the seed lets
-# ``inject()`` reuse the calibration's simulation for the same head (classifier_injection.calibration.cache).
+# ``inject()`` reuse the calibration's simulation for the same head (classifier_injection.calibration.cache);
+# ``fit_state()`` / ``load_fit_state()`` let it keep the fit itself (classifier_injection.cache.FitCache), and
+# ``reads_new_descriptors = False`` says the fit ignores the new classes' descriptors, so both are kept per head.
 
 
 def check_fit_inputs(
