@@ -365,8 +365,8 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     has not seen (its cached choices are cleared, so it simulates); ``same_head``, other names into the same head
     (the fit, and so the simulation that reuses it, depend on the names); ``trained_injector``, passing an ICIS
     injector trained on this head before (no fit: how batches of new classes are meant to be injected); and
-    ``same_call``, the ``first`` call again, names included (a script run again: its fit's rows and the
-    calibration's choice are read from :class:`classifier_injection.cache.RowCache` and
+    ``same_call``, the ``first`` call again, names included (a script run again: its fit and the calibration's
+    choice are read from :class:`classifier_injection.cache.FitCache` and
     :mod:`classifier_injection.calibration.cache`).
     """
     import shutil
