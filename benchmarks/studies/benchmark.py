@@ -552,7 +552,7 @@ def _user_line(regime: str, name: str, entry: dict) -> str:
 _LATER_CALLS = {
     "same_head": "other names into the same head (a fit again; the simulation reuses it)",
     "trained_injector": "with an ICIS injector trained on this head before (no fit; the simulation uses it)",
-    "same_call": "the first call again, same names (its fit's rows and the choice read from the cache)",
+    "same_call": "the first call again, same names (its fit and the choice read from the cache)",
 }
 
 
