@@ -369,6 +369,24 @@ def test_no_row_encoder_option_reaches_the_provenance_and_needs_a_new_injector(f
     assert code == EXIT_USAGE and "--no-row-encoder" in err
 
 
+def test_fit_per_model_reuses_the_fit_for_other_names(files, tmp_path, capsys, monkeypatch):
+    from classifier_injection import ICISInjector
+
+    monkeypatch.setenv("CLASSIFIER_INJECTION_CACHE", str(tmp_path / "cache"))
+    fits: list[int] = []
+    original = ICISInjector.fit
+    monkeypatch.setattr(ICISInjector, "fit", lambda self, *a, **k: fits.append(1) or original(self, *a, **k))
+    for i, name in enumerate(["okapi", "capybara"]):
+        code, _, err = _run(capsys, *_inject_args(files, tmp_path / f"out{i}", "--classes", name, "--fit-per-model"))
+        assert code == EXIT_OK, err
+    assert len(fits) == 1, "the second name was injected with the first one's fit"
+    record = load_injected(tmp_path / "out1").classifier_injection["injections"][-1]
+    assert record["hparams"]["include_new_descriptors"] is False
+    args = _inject_args(files, tmp_path / "bad", "--classes", "okapi", "--fit-per-model", "--injector", "x.st")
+    code, _, err = _run(capsys, *args)
+    assert code == EXIT_USAGE and "--fit-per-model" in err
+
+
 def test_no_cache_reads_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("CLASSIFIER_INJECTION_CACHE", str(cache))
