@@ -305,7 +305,7 @@ class FitCache:
     def restore(
         self,
         key: str,
-        injector,
+        injector: object,
         seen_descriptors: torch.Tensor,
         seen_rows: torch.Tensor,
     ) -> bool:
@@ -321,7 +321,7 @@ class FitCache:
             return False
         return True
 
-    def put(self, key: str, injector) -> None:
+    def put(self, key: str, injector: object) -> None:
         """Store ``injector``'s fit atomically; a folder that cannot be written only warns."""
         tensors, metadata = injector.fit_state(with_basis=False)
         try:

@@ -310,17 +310,21 @@ def run_inject(args: argparse.Namespace) -> int:
     if args.save_injector is not None and args.save_injector.exists() and not args.overwrite:
         raise UsageError(f"--save-injector: {args.save_injector} already exists (add --overwrite to replace it)")
     device = _check_device(args.device)
-    training = (args.epochs, args.latent_dim, args.row_decoder, args.no_row_encoder, args.fit_per_model)
-    if args.injector is not None and any(training):
+    options = {
+        "max_epochs": args.epochs,
+        "latent_dim": args.latent_dim,
+        "row_decoder": args.row_decoder,
+        "row_encoder": False if args.no_row_encoder else None,
+        "include_new_descriptors": False if args.fit_per_model else None,
+    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if args.injector is not None and overrides:
         raise UsageError(
             "--epochs, --latent-dim, --row-decoder, --no-row-encoder and --fit-per-model train a new injector: they "
             "cannot be used with --injector"
         )
 
     embedder = _load_embedder(args.embedder, device, args.progress)
-    options = {"max_epochs": args.epochs, "latent_dim": args.latent_dim, "row_decoder": args.row_decoder}
-    overrides = {k: v for k, v in options.items() if v} | ({"row_encoder": False} if args.no_row_encoder else {})
-    overrides |= {"include_new_descriptors": False} if args.fit_per_model else {}
     icis_config = ICISConfig(**overrides) if overrides else None
     # Without --injector or --save-injector, inject() picks and fits its default injector itself.
     injector = ICISInjector.load(str(args.injector)) if args.injector is not None else None

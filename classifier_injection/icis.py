@@ -686,8 +686,7 @@ class ICISInjector:
         from .serialization import read_safetensors
 
         tensors, metadata = read_safetensors(path)
-        if metadata.get("format") != "classifier_injection.icis":
-            raise ValueError(f"{path} is not an ICIS injector file (metadata format={metadata.get('format')!r})")
+        _check_format(metadata, path)
         try:
             injector = cls(_stored_config(metadata), seed=int(metadata["seed"]))
         except (KeyError, ValueError, TypeError, RecursionError) as err:
@@ -712,8 +711,7 @@ class ICISInjector:
         """
         from .serialization import check_state_dict
 
-        if metadata.get("format") != "classifier_injection.icis":
-            raise ValueError(f"{source} is not an ICIS injector file (metadata format={metadata.get('format')!r})")
+        _check_format(metadata, source)
         config = self.config
         try:
             if _stored_config(metadata) != config or int(metadata["seed"]) != self.seed:
@@ -740,6 +738,11 @@ class ICISInjector:
         self.history = history
         self.fingerprint = metadata.get("fingerprint") or None
         return self
+
+
+def _check_format(metadata: dict[str, str], source: str | os.PathLike) -> None:
+    if metadata.get("format") != "classifier_injection.icis":
+        raise ValueError(f"{source} is not an ICIS injector file (metadata format={metadata.get('format')!r})")
 
 
 def _stored_config(metadata: dict[str, str]) -> ICISConfig:
