@@ -20,7 +20,7 @@ from torch import nn
 from ._version import __version__
 from .cache import EmbeddingCache, FitCache, resolve_cache
 from .calibration import CalibrationCache, get_calibration
-from .calibration.reliability import assess, least_reliable
+from .calibration.reliability import assess, expected_at, least_reliable
 from .config import InjectionConfig
 from .core import RowPrediction, head_fingerprint, needs_context, predict_rows
 from .descriptors import default_config_for, describe_injection, embed_classes, seen_class_names
@@ -197,6 +197,8 @@ def inject(
     if not trained and hasattr(injector, "fingerprint"):
         injector.fingerprint = fingerprint
     reliability = _reliability(prediction, seen_rows, seen_names, names, config.new_class_scale)
+    diagnostics = getattr(prediction.calibration, "diagnostics", {})
+    expected = expected_at(diagnostics.get("expected"), len(names), config.new_class_scale)
     method = getattr(injector, "name", type(injector).__name__)
     hparams = prediction.hparams
     elapsed = time.perf_counter() - start
@@ -220,6 +222,7 @@ def inject(
             "calibration": prediction.calibration.to_dict(),
             "new_class_scale": config.new_class_scale,
             "reliability": reliability,
+            "expected": expected,
             "seed": seed,
             "head": {"path": head.path, "family": head.family, "fingerprint": fingerprint},
             "seconds": round(elapsed, 3),
@@ -251,7 +254,7 @@ def _reliability(
         warnings.warn(
             f"least reliable new classes: {listing}{more}. Their rows sit closest to the old classes named, and "
             f"the calibration's simulation expects rows like them to be right {worst[0][1]['expected_precision']:.0f} "
-            "% of the times they win (photos are harder than the simulation: expect less). Pass "
+            "% of the times they win. Pass "
             "descriptions={name: '...'} saying what tells each apart from its neighbours; "
             "model.classifier_injection['injections'][-1]['reliability'] has every class",
             UserWarning,

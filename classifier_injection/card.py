@@ -159,8 +159,20 @@ def _reliability_lines(reliability: Any) -> list[str]:
     if not rows:
         return []
     header = ["new class", "expected precision (%)", "expected recall (%)", "nearest old classes"]
-    intro = "Reliability (expected from the calibration's simulation, which is optimistic; nearest by row cosine):"
+    intro = "Reliability (expected from the calibration's simulation; nearest old classes by row cosine):"
     return ["", intro, "", *_table(header, rows)]
+
+
+def _expected(expected: Any) -> str | None:
+    """The expected recall / precision of an injection's record, or ``None``."""
+    if not isinstance(expected, Mapping):
+        return None
+    rates = {k: expected.get(k) for k in ("recall", "precision", "simulated_new_classes", "new_class_scale")}
+    return (
+        f"recall {_number(rates['recall'])} %, precision {_number(rates['precision'])} % "
+        f"(simulated with {_number(rates['simulated_new_classes'])} new classes at new_class_scale "
+        f"{_number(rates['new_class_scale'])})"
+    )
 
 
 def injection_markdown(number: int, entry: Mapping[str, Any]) -> list[str]:
@@ -175,6 +187,7 @@ def injection_markdown(number: int, entry: Mapping[str, Any]) -> list[str]:
         ("Head", f"{_code(head.get('path', '?'))} ({md_text(head.get('family', '?'))})" if head else None),
         ("Seed", _number(entry["seed"]) if "seed" in entry else None),
         ("New-class scale", _number(entry["new_class_scale"]) if "new_class_scale" in entry else None),
+        ("Expected (the calibration's simulation)", _expected(entry.get("expected"))),
     ]
     lines += [f"- **{label}:** {value}" for label, value in details if value is not None]
     lines += calibration_markdown(entry.get("calibration"))

@@ -431,6 +431,8 @@ def run_info(args: argparse.Namespace) -> int:
             f"calibration {calibration}, seed {entry.get('seed')}, from {entry.get('source', '?')}"
         )
         print(f"    new classes: {_clip(', '.join(map(str, new)))}")
+        if (line := _expected_line(entry.get("expected"))) is not None:
+            print(line)
         for line in _reliability_lines(entry.get("reliability"), args.all):
             print(line)
     if args.all and labels:
@@ -443,14 +445,27 @@ def run_info(args: argparse.Namespace) -> int:
 _RELIABILITY_SHOWN = 20
 
 
+def _rate(value: object) -> str:
+    return f"{value:.0f} %" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
+
+
+def _expected_line(expected: object) -> str | None:
+    """``info``'s line for an injection's ``expected`` rates (read defensively: untrusted file)."""
+    if not isinstance(expected, dict):
+        return None
+    stolen = expected.get("stolen_per_class")
+    stolen = f"{stolen:.1f}" if isinstance(stolen, int | float) and not isinstance(stolen, bool) else "?"
+    return _clip(
+        f"    expected (the calibration's simulation, {expected.get('simulated_new_classes', '?')} new classes at "
+        f"new_class_scale {expected.get('new_class_scale', '?')}): recall {_rate(expected.get('recall'))}, "
+        f"precision {_rate(expected.get('precision'))}, {stolen} old-class photos taken per new class"
+    )
+
+
 def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
     """``info``'s lines for an injection's per-class ``reliability`` record (read defensively: untrusted file)."""
     if not isinstance(reliability, dict) or not reliability:
         return []
-
-    def rate(value: object) -> str:
-        return f"{value:.0f} %" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
-
     lines = ["    reliability (expected from the calibration's simulation; nearest old classes by row cosine):"]
     items = list(reliability.items())
     for name, entry in items if show_all else items[:_RELIABILITY_SHOWN]:
@@ -460,7 +475,7 @@ def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
         near = ", ".join(str(n[0]) for n in nearest if isinstance(n, list) and n)
         rates = ""
         if "expected_precision" in entry:
-            rates = f"precision {rate(entry['expected_precision'])}, recall {rate(entry.get('expected_recall'))}; "
+            rates = f"precision {_rate(entry['expected_precision'])}, recall {_rate(entry.get('expected_recall'))}; "
         lines.append(_clip(f"      {name}: {rates}near {near}"))
     if not show_all and len(items) > _RELIABILITY_SHOWN:
         lines.append(f"      ... {len(items) - _RELIABILITY_SHOWN} more (--all lists them)")

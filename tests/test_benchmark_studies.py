@@ -180,7 +180,7 @@ def test_operating_point_scores_the_simulation_with_every_other_true_row_competi
     assert 0 < rates["recall"] <= 100 and rates["stolen_per_class"] >= 0
     # Alone against the kept rows only (the reliability record's scoring), a held-out row wins at least as often
     # on its own class's features as when the other held-out classes' true rows compete too.
-    features, labels = rule.synthesized_features(context)
+    features, labels = rule.expected_features(context)
     held, predicted = simulate_injections(context, rule.holdout_fraction, rule.repeats, rule.name)[0]
     wins = synthetic_wins(rows, held, predicted, features, context.feature_mean, 1.5, rule.offset)
     own = labels[:, None] == held[None, :]

@@ -293,6 +293,11 @@ def test_inject_estimates_the_feature_mean_of_models_that_show_it():
     assert calibration["diagnostics"]["bias_rule"] == "feature-mean"
     assert calibration["diagnostics"]["feature_source"].startswith("bn2 (BatchNormAct2d")
     assert len(calibration["biases"]) == 1
+    # What a user adding one class can expect, from the simulation on features confused with their neighbours.
+    expected = out.classifier_injection["injections"][-1]["expected"]
+    assert expected["new_classes"] == 1 and expected["simulated_new_classes"] == 1
+    assert expected["new_class_scale"] == 1.0 and 0 <= expected["recall"] <= 100
+    assert calibration["diagnostics"]["expected"]["new_classes"][0] == 1
 
 
 def _context_with_statistics(num: int = 60, seed: int = 3, **extra) -> CalibrationContext:
@@ -577,3 +582,53 @@ def test_a_simulation_with_the_injections_own_fit_is_corrected_to_choose_as_a_re
     for bad in (-0.1, math.inf):
         with pytest.raises(ValueError, match="left_out_correction"):
             SimulatedCalibration(left_out_correction=bad)
+
+
+def test_features_climbed_with_a_neighbour_share_are_confused_with_their_neighbours():
+    from classifier_injection.calibration import synthesize_features
+    from classifier_injection.calibration.simulation import _nearest_rows
+
+    context = _context_with_statistics()
+    rows, mean, spread = context.seen_rows, context.feature_mean, 3.8 * context.feature_std
+    nearest = _nearest_rows(rows[:, :-1], 5)
+
+    def neighbour_probability(share):
+        features, labels = synthesize_features(rows, mean, spread, 0.3, samples=3, neighbour_share=share)
+        probs = torch.softmax(features @ rows[:, :-1].T + rows[:, -1], dim=1)
+        assert (probs[torch.arange(len(labels)), labels] > 0.29).all()  # every feature reaches its class (float32)
+        return float(probs.gather(1, nearest[labels]).sum(1).mean())
+
+    assert neighbour_probability(0.7) > 1.5 * neighbour_probability(0.0)
+    with pytest.raises(ValueError, match="neighbour_share"):
+        synthesize_features(rows, mean, spread, 0.3, neighbour_share=1.0)
+
+
+def test_expected_rates_simulate_a_user_adding_k_classes():
+    from classifier_injection.calibration import synthesize_features
+    from classifier_injection.calibration.reliability import expected_at, expected_rates
+
+    context = _context_with_statistics(num=60)
+    rows, mean = context.seen_rows, context.feature_mean
+    features, labels = synthesize_features(rows, mean, 3.8 * context.feature_std, 0.3, samples=4, neighbour_share=0.5)
+    held = torch.arange(0, 60, 3)
+    scales = (0.5, 1.0, 1.5, 2.0)
+
+    def rates(predicted):
+        return expected_rates(rows, held, predicted, features, labels, mean, 1.0, 0.0, (1, 5, 100), scales)
+
+    true = rates(rows[held])
+    assert true["new_classes"] == [1, 5, 20] and true["scales"] == list(scales)  # 100 capped at the 20 held out
+    for recall, stolen in zip(true["recall"], true["stolen_per_class"], strict=True):
+        assert recall == sorted(recall) and stolen == sorted(stolen)  # larger scales win more of everything
+        assert all(0 <= r <= 100 for r in recall)
+    # Rows blended from the held-out class and its nearest kept class take that neighbour's features.
+    kept = torch.tensor([i for i in range(60) if i % 3])
+    neighbour = kept[(F.normalize(rows[held, :-1], dim=1) @ F.normalize(rows[kept, :-1], dim=1).T).argmax(1)]
+    blended = rates((rows[held] + rows[neighbour]) / 2)
+    assert sum(blended["stolen_per_class"][1]) > sum(true["stolen_per_class"][1])
+    # expected_at: the nearest simulated count, interpolated between scales, nothing outside them.
+    at = expected_at(true, 4, 0.75)
+    assert at["simulated_new_classes"] == 5 and at["new_classes"] == 4 and at["new_class_scale"] == 0.75
+    assert at["recall"] == pytest.approx((true["recall"][1][0] + true["recall"][1][1]) / 2, abs=0.01)
+    assert expected_at(true, 1, 1.0)["recall"] == true["recall"][0][1]
+    assert expected_at(true, 10, 3.0) is None and expected_at(None, 10, 1.0) is None

@@ -127,8 +127,17 @@ def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
             "okapi": {"nearest": [["zebra", 0.8], ["ox", 0.7]], "expected_precision": 50.5, "expected_recall": 40.0},
             "ka|kapo": {"nearest": [["kea|x", 0.9]]},
         },
+        "expected": {
+            "new_classes": 2,
+            "simulated_new_classes": 1,
+            "new_class_scale": 1.0,
+            "recall": 64.5,
+            "precision": 20.0,
+        },
     }
     card = model_card({"architecture": "resnet18", "num_classes": 5, "classifier_injection": {"injections": [entry]}})
+    expected = "recall 64.5 %, precision 20 % (simulated with 1 new classes at new_class_scale 1)"
+    assert f"- **Expected (the calibration's simulation):** {expected}" in card
     assert "- **Calibration:** `synthesize` (factor 1.25); one value per class for biases" in card
     assert "| simulated\\_H | 66.67 |" in card and "| fallback\\_from | None |" in card
     assert "| new class | expected precision (%) | expected recall (%) | nearest old classes |" in card

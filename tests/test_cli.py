@@ -398,3 +398,14 @@ def test_no_cache_reads_and_writes_nothing(files, tmp_path, capsys, monkeypatch)
     code, _, err = _run(capsys, *args, "--out", tmp_path / "b")
     assert code == EXIT_OK, err
     assert len(list((cache / "calibration").glob("*.json"))) == 1, "the calibration's choice is cached by default"
+
+
+def test_info_line_for_the_expected_rates_reads_a_damaged_record_defensively():
+    from classifier_injection.cli import _expected_line
+
+    record = {"simulated_new_classes": 10, "new_class_scale": 1.0, "recall": 64.4, "precision": 20.6}
+    line = _expected_line({**record, "stolen_per_class": 2.49})
+    assert "10 new classes at new_class_scale 1.0" in line and "recall 64 %, precision 21 %" in line
+    assert "2.5 old-class photos taken per new class" in line
+    assert "recall ?, precision ?, ? old-class" in _expected_line({"recall": "64", "precision": True})
+    assert _expected_line(None) is None and _expected_line([1, 2]) is None

@@ -2,11 +2,13 @@
 
 For each model and name regime, ``inject()`` adds one name to the full 1000-class head with the library defaults,
 its calibration simulated anew. The default rule's own simulated injection (the 200 held-out classes, their
-predicted rows, the synthesised features) is then scored as the benchmark's user regime scores photos: groups of
-``K`` held-out rows injected among all the other ``1000 - K`` true rows, calibrated as ``inject()`` calibrates
-them, their logits times ``new_class_scale``. Side by side: the photos' numbers of the benchmark's run ``user``
-(same models, regimes, ``K`` and scales), and the scale a precision-first rule (the best simulated F0.5, at most
-1) would choose. Image-free on the simulated side; the photo columns only report.
+predicted rows) is then scored as the benchmark's user regime scores photos (``expected_rates``): groups of ``K``
+held-out rows injected among all the other ``1000 - K`` true rows, calibrated as ``inject()`` calibrates them,
+their logits times ``new_class_scale``, on the features the rule's expected rates use (``--neighbour-share``: the
+share of their climb's target on their class's nearest rows; 0 gives the features the factor is chosen on).
+Side by side: the photos' numbers of the benchmark's latest user-regime runs of the current rows
+(:data:`PHOTO_RUNS`; same models, regimes, ``K`` and scales), and the scale a precision-first rule (the best
+simulated F0.5, at most 1) would choose. Image-free on the simulated side; the photo columns only report.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.operating_point
 """
@@ -21,8 +23,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from benchmarks.harness.data import RESULTS, load_model
 from benchmarks.harness.descriptors import embedding_cache
 from benchmarks.harness.results import command_line, record
@@ -30,7 +30,6 @@ from benchmarks.harness.user_regime import REGIMES
 from classifier_injection import InjectionConfig, inject
 from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import CalibrationContext
-from classifier_injection.calibration.simulation import held_mask, simulate_injections, simulated_head
 
 STUDY = "operating_point"
 MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
@@ -38,6 +37,8 @@ COUNTS = (1, 10, 50)
 #: Scales of the table (those of the user regime's curve) and the candidates of the precision-first rule.
 SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 CANDIDATES = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+#: The benchmark's runs whose ICIS rows are the current defaults' (the first that has a case is used).
+PHOTO_RUNS = ("user-no-new-descriptors", "user-leave-out-lite12", "user-current-k1-k50")
 
 
 @dataclass(frozen=True)
@@ -64,44 +65,16 @@ def simulated_rates(
     rule: SynthesizedCalibration, context: CalibrationContext, factor: float, k: int, scales: Sequence[float]
 ) -> list[dict]:
     """Recall, precision (%) and old features stolen per new row when ``k`` simulated rows join the true ones."""
-    features, labels = rule.synthesized_features(context)
-    context = simulated_head(context)
-    rows = context.seen_rows.detach().float().cpu()
-    mean = context.feature_mean.detach().float().cpu()
-    held, predicted = simulate_injections(context, rule.holdout_fraction, rule.repeats, rule.name)[0]
-    kept = rows[~held_mask(len(rows), held)]
-    target = float((kept[:, :-1] @ mean + kept[:, -1]).mean())  # the feature-mean bias rule, as in the simulation
-    units = torch.nn.functional.normalize(predicted[:, :-1].float(), dim=1) * kept[:, :-1].norm(dim=1).mean()
-    responses = (features - mean) @ units.T
-    old = features @ rows[:, :-1].T + rows[:, -1]
-    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
-    groups = [order[s : s + k] for s in range(0, len(order) - k + 1, k)]
-    per_class = len(labels) / len(rows)
-    out = []
-    for scale in scales:
-        hits = wins = right = photos = 0
-        for group in groups:
-            classes = held[group]
-            competitors = old.clone()
-            competitors[:, classes] = -math.inf
-            new = scale * (target + rule.offset + factor * responses[:, group])
-            best_new, which = new.max(1)
-            won = best_new > competitors.max(1).values
-            own = (labels[:, None] == classes[None]).any(1)
-            correct = won & (classes[which] == labels)
-            photos += int(own.sum())
-            hits += int((correct & own).sum())
-            wins += int(won.sum())
-            right += int(correct.sum())
-        out.append(
-            {
-                "scale": scale,
-                "recall": 100 * hits / photos,
-                "precision": 100 * right / wins if wins else math.nan,
-                "stolen_per_class": (wins - right) / (len(groups) * k) / per_class,
-            }
-        )
-    return out
+    table = rule.expected(context, factor, counts=(k,), scales=scales)
+    return [
+        {
+            "scale": scale,
+            "recall": table["recall"][0][i],
+            "precision": math.nan if table["precision"][0][i] is None else table["precision"][0][i],
+            "stolen_per_class": table["stolen_per_class"][0][i],
+        }
+        for i, scale in enumerate(table["scales"])
+    ]
 
 
 def precision_first(rates: Sequence[dict]) -> float:
@@ -109,35 +82,39 @@ def precision_first(rates: Sequence[dict]) -> float:
     return max(rates, key=lambda r: (round(f_half(r["precision"], r["recall"]), 6), r["scale"]))["scale"]
 
 
-def photo_curve(model: str, k: int, regime: str, run: str = "user") -> list[dict | None] | None:
-    """The photos' points of ICIS at :data:`SCALES` in the benchmark's run ``run`` (``None``: not measured)."""
+def photo_curve(model: str, k: int, regime: str) -> tuple[str, list[dict | None]] | None:
+    """The photos' points of ICIS at :data:`SCALES` in the first of :data:`PHOTO_RUNS` that measured the case."""
     path = RESULTS / "benchmark" / "results.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else {}
-    try:
-        curve = runs[run]["results"]["user"][model][str(k)][regime]["icis"]["curve"]
-    except KeyError:
-        return None
-    points = {point["scale"]: point for point in curve}
-    return [points.get(scale) for scale in SCALES]
+    for run in PHOTO_RUNS:
+        try:
+            curve = runs[run]["results"]["user"][model][str(k)][regime]["icis"]["curve"]
+        except KeyError:
+            continue
+        points = {point["scale"]: point for point in curve}
+        return run, [points.get(scale) for scale in SCALES]
+    return None
 
 
-def measure(model_name: str, regime: str) -> dict:
+def measure(model_name: str, regime: str, neighbour_share: float) -> dict:
     """Simulated rates at each ``K`` of :data:`COUNTS`, the precision-first scale, and the photos' rates."""
     shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # simulate anew
-    config = InjectionConfig(descriptors=REGIMES[regime], calibration=_Recording())
+    config = InjectionConfig(descriptors=REGIMES[regime], calibration=_Recording(neighbour_share=neighbour_share))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         inject(load_model(model_name), ["capybara"], config, cache=embedding_cache())
     context, choice = _LAST["context"], _LAST["choice"]
-    rule = _Recording()
-    out: dict = {"factor": choice.factor, "offset": choice.offset, "counts": {}}
+    rule = _Recording(neighbour_share=neighbour_share)
+    out: dict = {"factor": choice.factor, "offset": choice.offset, "neighbour_share": neighbour_share, "counts": {}}
     for k in COUNTS:
         rates = simulated_rates(rule, context, choice.factor, k, SCALES)
         chosen = precision_first(simulated_rates(rule, context, choice.factor, k, CANDIDATES))
+        photos = photo_curve(model_name, k, regime)
         out["counts"][str(k)] = {
             "simulated": rates,
             "precision_first_scale": chosen,
-            "photos": photo_curve(model_name, k, regime),
+            "photos": None if photos is None else photos[1],
+            "photo_run": None if photos is None else photos[0],
         }
     return out
 
@@ -166,7 +143,7 @@ def table(results: dict) -> str:
                 )
                 if data["photos"] is not None:
                     photos = " | ".join(_cell(p) for p in data["photos"])
-                    lines.append(f"| | | | photos (run `user`) | {photos} | |")
+                    lines.append(f"| | | | photos (run `{data['photo_run']}`) | {photos} | |")
     return "\n".join(lines)
 
 
@@ -176,9 +153,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.oper
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument(
+        "--neighbour-share",
+        type=float,
+        default=SynthesizedCalibration.neighbour_share,
+        help="share of the simulated features' climb target on their class's nearest rows (0: the factor's features)",
+    )
     parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/operating_point")
     args = parser.parse_args(argv)
-    results = {model: {regime: measure(model, regime) for regime in args.regimes} for model in args.models}
+    share = args.neighbour_share
+    results = {model: {regime: measure(model, regime, share) for regime in args.regimes} for model in args.models}
     text = table(results)
     print(text)
     record(

@@ -11,6 +11,8 @@ alone; :func:`assess` gives a new class the rates of its bin and the old classes
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +22,11 @@ from .simulation import held_mask, prototype_scores, synthetic_scores
 
 __all__ = [
     "BINS",
+    "EXPECTED_COUNTS",
+    "EXPECTED_SCALES",
     "assess",
+    "expected_at",
+    "expected_rates",
     "least_reliable",
     "nearest_cosines",
     "prototype_wins",
@@ -30,6 +36,9 @@ __all__ = [
 
 #: Quantile bins of the nearest-row cosine over the simulated rows.
 BINS = 5
+#: Numbers of new classes, and ``new_class_scale`` values, the expected rates are simulated for.
+EXPECTED_COUNTS = (1, 10, 100)
+EXPECTED_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0)
 
 
 def nearest_cosines(rows: torch.Tensor, seen_rows: torch.Tensor, top: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,3 +135,81 @@ def least_reliable(entries: Sequence[dict], table: dict | None) -> list[int]:
     if len(rated) < 2 or min(rated) == max(rated):
         return []
     return [i for i, e in enumerate(entries) if e.get("expected_precision") == min(rated)]
+
+
+def expected_rates(
+    seen_rows: torch.Tensor,
+    held_out: torch.Tensor,
+    predicted_rows: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    feature_mean: torch.Tensor,
+    factor: float,
+    offset: float,
+    counts: Sequence[int] = EXPECTED_COUNTS,
+    scales: Sequence[float] = EXPECTED_SCALES,
+    seed: int = 0,
+) -> dict:
+    """Recall and precision (%) and old features taken per new class when ``k`` simulated classes are added; JSON-able.
+
+    As a user adds ``k`` classes: the held-out rows in seeded groups of ``k``, calibrated at ``factor`` and
+    ``offset`` and their logits times each ``new_class_scale``, each group against every true row but its own
+    classes'. Lists are indexed ``[count][scale]``; counts larger than the held-out classes are capped.
+    """
+    target, _, responses = synthetic_scores(seen_rows, held_out, predicted_rows, features, feature_mean)
+    rows = seen_rows.float()
+    counts = sorted({min(max(1, int(k)), len(held_out)) for k in counts})
+    # The best old logit without a group's classes is among each feature's top (largest group + 1) old logits.
+    top = (features @ rows[:, :-1].T + rows[:, -1]).topk(min(counts[-1] + 1, len(rows)), dim=1)
+    order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
+    scale = torch.tensor([float(s) for s in scales])[:, None]
+    per_class = len(labels) / len(rows)
+    out: dict = {"new_classes": counts, "scales": [float(s) for s in scales]}
+    out |= {"recall": [], "precision": [], "stolen_per_class": []}
+    for k in counts:
+        groups = order[: len(order) // k * k].reshape(-1, k)
+        wins, right, photos = torch.zeros(len(scales)), torch.zeros(len(scales)), 0
+        for group in groups:
+            classes = held_out[group]
+            best_old = top.values.masked_fill(torch.isin(top.indices, classes), -math.inf).max(1).values
+            best_new, which = responses[:, group].max(1)
+            won = scale * (target + offset + factor * best_new[None]) > best_old[None]
+            correct = won & (classes[which] == labels)[None]
+            photos += int(torch.isin(labels, classes).sum())
+            wins, right = wins + won.sum(1), right + correct.sum(1)
+        pairs = list(zip(right.tolist(), wins.tolist(), strict=True))
+        out["recall"].append([round(100 * r / photos, 1) for r, _ in pairs])
+        out["precision"].append([round(100 * r / w, 1) if w else None for r, w in pairs])
+        out["stolen_per_class"].append([round((w - r) / (len(groups) * k) / per_class, 2) for r, w in pairs])
+    return out
+
+
+def expected_at(table: dict | None, new_classes: int, new_class_scale: float) -> dict | None:
+    """The rates of an :func:`expected_rates` table for ``new_classes`` at ``new_class_scale``, or ``None``.
+
+    Takes the table's count nearest to ``new_classes`` (by ratio) and interpolates between its scales; ``None``
+    without a table or outside its scales.
+    """
+    if not table or not table.get("new_classes"):
+        return None
+    scales = table["scales"]
+    if not scales[0] <= new_class_scale <= scales[-1]:
+        return None
+    i = min(range(len(table["new_classes"])), key=lambda j: abs(math.log(table["new_classes"][j] / new_classes)))
+    out = {"new_classes": new_classes, "simulated_new_classes": table["new_classes"][i]}
+    out["new_class_scale"] = new_class_scale
+    for key in ("recall", "precision", "stolen_per_class"):
+        value = _interpolate(new_class_scale, scales, table[key][i])
+        out[key] = None if value is None else round(value, 2)
+    return out
+
+
+def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
+    """``ys`` at ``x``, linear between the increasing ``xs`` (``xs[0] <= x <= xs[-1]``); ``None`` where undefined."""
+    j = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    low, high = ys[j - 1], ys[j]
+    if x == xs[j]:
+        return None if high is None else float(high)
+    if low is None or high is None:
+        return None
+    return float(low + (x - xs[j - 1]) / (xs[j] - xs[j - 1]) * (high - low))

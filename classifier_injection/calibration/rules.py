@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,7 +30,14 @@ from .base import (
     raise_unfitted,
     register_calibration,
 )
-from .reliability import prototype_wins, reliability_table, synthetic_wins
+from .reliability import (
+    EXPECTED_COUNTS,
+    EXPECTED_SCALES,
+    expected_rates,
+    prototype_wins,
+    reliability_table,
+    synthetic_wins,
+)
 from .simulation import (
     DEFAULT_FACTORS,
     largest_keeping,
@@ -53,6 +61,10 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
+
+#: Step of the climb of the features the expected rates use, x their start's spread: coarser than the choice's
+#: (1 / 250), as rates need less precision than the factor (lite0: the same rates, 2.5 x faster).
+_EXPECTED_STEP = 0.01
 
 
 @register_calibration("none")
@@ -225,6 +237,10 @@ class SynthesizedCalibration:
         samples: synthesised features per old class.
         floor_tolerance: ``simulate``'s tolerance for the floor factor; ``None``: no floor.
         offset: logits added to every new row's feature-mean bias.
+        neighbour_share: share of the climb's target on a class's nearest rows in the features the expected
+            precision and recall are measured on (features that climb to their class alone are far less confused
+            with their neighbours than photos are).
+        expected_samples: such features per old class.
     """
 
     holdout_fraction: float = 0.2
@@ -237,12 +253,16 @@ class SynthesizedCalibration:
     samples: int = 4
     floor_tolerance: float | None = 0.1
     offset: float = 1.0
+    neighbour_share: float = 0.7
+    expected_samples: int = 2
     name: str = "synthesize"
 
     def __post_init__(self) -> None:
         check_simulation_rule(self)
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.samples < 1 or self.expected_samples < 1:
+            raise ValueError(f"samples and expected_samples must be >= 1, got {self.samples}, {self.expected_samples}")
+        if not 0 <= self.neighbour_share < 1:
+            raise ValueError(f"neighbour_share must be in [0, 1), got {self.neighbour_share}")
         if not (math.isfinite(self.spread) and self.spread > 0):
             raise ValueError(f"spread must be a finite number > 0, got {self.spread}")
         if not 0 < self.confidence < 1:
@@ -279,14 +299,44 @@ class SynthesizedCalibration:
             ]
         ).mean(0)
 
+    def expected_features(self, context: CalibrationContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features confused with their classes' neighbours (``neighbour_share``): what the expected rates use."""
+        return simulated_features(
+            simulated_head(context),
+            self.spread,
+            self.confidence,
+            self.expected_samples,
+            self.name,
+            neighbour_share=self.neighbour_share,
+            step_size=_EXPECTED_STEP,
+        )
+
     def reliability(self, context: CalibrationContext, factor: float) -> dict:
         """:func:`reliability_table` of the first simulated injection at ``factor``: what new rows can expect."""
-        features, labels = self.synthesized_features(context)
+        seen_rows, held, predicted, features, labels, mean = self._first_injection(context)
+        wins = synthetic_wins(seen_rows, held, predicted, features, mean, factor, self.offset)
+        return reliability_table(wins, labels, seen_rows, held, predicted)
+
+    def expected(
+        self,
+        context: CalibrationContext,
+        factor: float,
+        counts: Sequence[int] = EXPECTED_COUNTS,
+        scales: Sequence[float] = EXPECTED_SCALES,
+    ) -> dict:
+        """:func:`expected_rates` of the first simulated injection at ``factor``, per number of new classes."""
+        seen_rows, held, predicted, features, labels, mean = self._first_injection(context)
+        return expected_rates(
+            seen_rows, held, predicted, features, labels, mean, factor, self.offset, counts, scales, context.seed
+        )
+
+    def _first_injection(self, context: CalibrationContext) -> tuple[torch.Tensor, ...]:
+        """``(seen_rows, held_out, predicted_rows, features, labels, feature_mean)``: what the expected rates read."""
+        features, labels = self.expected_features(context)
         context = simulated_head(context)
         held, predicted = simulate_injections(context, self.holdout_fraction, self.repeats, self.name)[0]
         seen_rows, mean = context.seen_rows.detach().float().cpu(), context.feature_mean.detach().float().cpu()
-        wins = synthetic_wins(seen_rows, held, predicted, features, mean, factor, self.offset)
-        return reliability_table(wins, labels, seen_rows, held, predicted)
+        return seen_rows, held, predicted, features, labels, mean
 
     def _floor(self) -> SimulatedCalibration | None:
         if self.floor_tolerance is None:
@@ -321,6 +371,7 @@ class SynthesizedCalibration:
             if self.factors[floor_index] > self.factors[best]:
                 best = floor_index
         extra["reliability"] = self.reliability(context, self.factors[best])
+        extra["expected"] = self.expected(context, self.factors[best])
         diagnostics = simulation_diagnostics(self, context, curve[best], offset=self.offset, **extra)
         _logger.info("synthesize calibration: factor %.3f (%s)", self.factors[best], diagnostics)
         return FactorChoice(self.name, float(self.factors[best]), "feature-mean", self.offset, diagnostics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -133,13 +134,18 @@ def synthesize_features(
     samples: int = 4,
     seed: int = 0,
     max_steps: int = 2000,
+    neighbour_share: float = 0.0,
+    neighbours: int = 5,
+    step_size: float = 1 / 250,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N * samples, D]`` and labels ``[N * samples]`` synthesised for every class of the head.
 
     Each starts at ``feature_mean + feature_spread * z`` (``z ~ N(0, I)``: a feature of no class in particular)
-    and climbs the head's log-softmax of its class by normalised gradient steps (``w_c - sum_j p_j w_j``, so it
-    moves away from the classes the head confuses it with, as trained features do) of 1 / 250 of the expected
-    norm of the start's spread, until the head gives the class probability ``confidence``.
+    and climbs the head's cross-entropy to a target by normalised gradient steps (``t @ W - p @ W``) of ``step_size``
+    x the expected norm of the start's spread, until the head gives its class probability ``confidence``. The target
+    ``t`` is its class alone (``neighbour_share = 0``: the feature moves away from the classes the head confuses it
+    with, as trained features do), or gives ``neighbour_share`` in equal parts to the ``neighbours`` rows nearest
+    to its class's row (cosine): a feature that keeps what its class shares with its neighbours, as photos do.
 
     The climb runs on the logits through the rows' Gram matrix (``N x N`` per step and feature, not
     ``2 x N x D``); each feature's path is kept as coefficients on the rows and applied once at the end.
@@ -151,15 +157,19 @@ def synthesize_features(
         raise ValueError(
             f"feature_mean and feature_spread must be [{dim}], got {tuple(mean.shape)}, {tuple(spread.shape)}"
         )
+    if not 0 <= neighbour_share < 1:
+        raise ValueError(f"neighbour_share must be in [0, 1), got {neighbour_share}")
     labels = torch.arange(num).repeat_interleave(samples)
     generator = torch.Generator().manual_seed(seed)
     features = mean + spread * torch.randn(len(labels), dim, generator=generator)
-    step = float(spread.norm()) / 250
+    step = float(spread.norm()) * step_size
     gram = weights @ weights.T
+    nearest = _nearest_rows(weights, min(neighbours, num - 1)) if neighbour_share > 0 else None
     # A feature's climb depends on itself alone: in chunks, its temporaries stay [chunk, N].
     for start in range(0, len(labels), _CLIMB_CHUNK):
         part = slice(start, start + _CLIMB_CHUNK)
-        _climb(features[part], labels[part], weights, biases, gram, step, confidence, max_steps)
+        targets = _targets(labels[part], num, nearest, neighbour_share)
+        _climb(features[part], labels[part], targets, weights, biases, gram, step, confidence, max_steps)
     return features, labels
 
 
@@ -167,9 +177,27 @@ def synthesize_features(
 _CLIMB_CHUNK = 1024
 
 
+def _nearest_rows(weights: torch.Tensor, count: int) -> torch.Tensor:
+    """``[N, count]``: for each row, the other rows nearest to it by cosine."""
+    unit = F.normalize(weights, dim=1)
+    cosines = unit @ unit.T
+    cosines.fill_diagonal_(-math.inf)
+    return cosines.topk(count, dim=1).indices
+
+
+def _targets(labels: torch.Tensor, num: int, nearest: torch.Tensor | None, share: float) -> torch.Tensor:
+    """``[M, N]`` climb targets: ``1 - share`` on each feature's class and ``share`` spread over its nearest rows."""
+    targets = torch.zeros(len(labels), num)
+    targets[torch.arange(len(labels)), labels] = 1 - share
+    if nearest is not None and nearest.shape[1] > 0:
+        targets.scatter_(1, nearest[labels], share / nearest.shape[1])
+    return targets
+
+
 def _climb(
     features: torch.Tensor,
     labels: torch.Tensor,
+    targets: torch.Tensor,
     weights: torch.Tensor,
     biases: torch.Tensor,
     gram: torch.Tensor,
@@ -177,34 +205,31 @@ def _climb(
     confidence: float,
     max_steps: int,
 ) -> None:
-    """Move ``features`` (in place) up their ``labels``' log-softmax, as :func:`synthesize_features` describes."""
-    # A feature's path so far is step * (own[m] * w_label - mix[m] @ weights): its own row and the blends it left.
-    # The climbing features' logits and path are kept packed; a feature that arrives leaves them for good.
+    """Move ``features`` (in place) up their cross-entropy to ``targets``, as :func:`synthesize_features` says."""
+    # A feature's path so far is step * path[m] @ weights. The climbing features' logits, targets and paths are
+    # kept packed; a feature that arrives leaves them for good.
     logits = features @ weights.T + biases
-    own_coef, mix_coef = torch.zeros(len(labels)), torch.zeros(len(labels), len(weights))
-    index, own = torch.arange(len(labels)), labels.clone()
-    own_path, mix_path = own_coef.clone(), mix_coef.clone()
+    coefficients = torch.zeros(len(labels), len(weights))
+    index, own, path = torch.arange(len(labels)), labels.clone(), coefficients.clone()
     for _ in range(max_steps):
         probs = torch.softmax(logits, dim=1)
         climbing = probs[torch.arange(len(own)), own] < confidence
         if not climbing.all():
             done = ~climbing  # their paths are final
-            own_coef[index[done]], mix_coef[index[done]] = own_path[done], mix_path[done]
+            coefficients[index[done]] = path[done]
             if not climbing.any():
                 break
-            index, own, probs = index[climbing], own[climbing], probs[climbing]
-            logits, own_path, mix_path = logits[climbing], own_path[climbing], mix_path[climbing]
-        # The direction w_own - p @ W, seen through the head: its logits and its squared norm.
-        mixed = probs @ gram
-        sq_norm = gram[own, own] - 2 * mixed[torch.arange(len(own)), own] + (mixed * probs).sum(1)
-        direction_logits = gram[own].sub_(mixed)
-        inverse = sq_norm.clamp_min(1e-24).rsqrt()
+            index, own, targets = index[climbing], own[climbing], targets[climbing]
+            logits, path, probs = logits[climbing], path[climbing], probs[climbing]
+        # The direction (t - p) @ W, seen through the head: its logits and its squared norm.
+        direction = targets - probs
+        direction_logits = direction @ gram
+        inverse = (direction_logits * direction).sum(1).clamp_min(1e-24).rsqrt()
         logits += direction_logits.mul_(step * inverse[:, None])
-        own_path += inverse
-        mix_path += probs.mul_(inverse[:, None])
+        path += direction.mul_(inverse[:, None])
     else:
-        own_coef[index], mix_coef[index] = own_path, mix_path
-    features += weights[labels].mul_(own_coef[:, None]).sub_(mix_coef @ weights).mul_(step)
+        coefficients[index] = path
+    features += (coefficients @ weights).mul_(step)
 
 
 def synthetic_gzsl_curve(
@@ -273,7 +298,13 @@ def simulate_injections(
 
 
 def simulated_features(
-    context: CalibrationContext, spread: float, confidence: float, samples: int, rule: str = "synthesize"
+    context: CalibrationContext,
+    spread: float,
+    confidence: float,
+    samples: int,
+    rule: str = "synthesize",
+    neighbour_share: float = 0.0,
+    step_size: float = 1 / 250,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`synthesize_features` from the context's statistics (spread x ``feature_std``), once per context.
 
@@ -281,24 +312,36 @@ def simulated_features(
     """
     if context.feature_mean is None or context.feature_std is None:
         raise ValueError(f"the {rule!r} calibration needs context.feature_mean and context.feature_std")
+    settings = (confidence, samples, context.seed, neighbour_share, step_size)
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         seen_rows = context.seen_rows.detach().float().cpu()
         mean = context.feature_mean.detach().float().cpu()
         scaled = spread * context.feature_std.detach().float().cpu()
-        key = (_digest(seen_rows, mean, scaled), confidence, samples, context.seed)
-        if _LAST_SYNTHESIS.get("key") != key:
-            _LAST_SYNTHESIS.clear()  # one head's features at a time: they cost memory in proportion to the head
-            features = synthesize_features(seen_rows, mean, scaled, confidence, samples, context.seed)
-            _LAST_SYNTHESIS.update(key=key, value=features)
-        return _LAST_SYNTHESIS["value"]
+        head = _digest(seen_rows, mean, scaled)
+        if _SYNTHESES.get("head") != head:
+            _SYNTHESES.clear()  # one head's features at a time: they cost memory in proportion to the head
+            _SYNTHESES["head"] = head
+        if settings not in _SYNTHESES:
+            _SYNTHESES[settings] = synthesize_features(
+                seen_rows,
+                mean,
+                scaled,
+                confidence,
+                samples,
+                context.seed,
+                neighbour_share=neighbour_share,
+                step_size=step_size,
+            )
+        return _SYNTHESES[settings]
 
-    return context.memoized(("features", spread, confidence, samples), compute)
+    return context.memoized(("features", spread, *settings), compute)
 
 
-#: The last synthesis of this process: later injections into the same head (other names, descriptors or
-#: injectors) reuse its features instead of climbing again. Keyed by the content of its inputs.
-_LAST_SYNTHESIS: dict[str, object] = {}
+#: This process's syntheses for the last head: later injections into the same head (other names, descriptors or
+#: injectors) reuse its features instead of climbing again. Keyed by the content of the head (``"head"``) and
+#: the synthesis settings.
+_SYNTHESES: dict[object, object] = {}
 
 
 def _digest(*tensors: torch.Tensor) -> str:
