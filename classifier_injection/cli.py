@@ -431,7 +431,7 @@ def run_info(args: argparse.Namespace) -> int:
             f"calibration {calibration}, seed {entry.get('seed')}, from {entry.get('source', '?')}"
         )
         print(f"    new classes: {_clip(', '.join(map(str, new)))}")
-        if (line := _expected_line(entry.get("expected"))) is not None:
+        for line in _expected_lines(entry.get("expected")):
             print(line)
         for line in _reliability_lines(entry.get("reliability"), args.all):
             print(line)
@@ -449,17 +449,29 @@ def _rate(value: object) -> str:
     return f"{value:.0f} %" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
 
 
-def _expected_line(expected: object) -> str | None:
-    """``info``'s line for an injection's ``expected`` rates (read defensively: untrusted file)."""
+def _expected_lines(expected: object) -> list[str]:
+    """``info``'s lines for an injection's ``expected`` rates (read defensively: untrusted file)."""
     if not isinstance(expected, dict):
-        return None
+        return []
     stolen = expected.get("stolen_per_class")
     stolen = f"{stolen:.1f}" if isinstance(stolen, int | float) and not isinstance(stolen, bool) else "?"
-    return _clip(
-        f"    expected (the calibration's simulation, {expected.get('simulated_new_classes', '?')} new classes at "
-        f"new_class_scale {expected.get('new_class_scale', '?')}): recall {_rate(expected.get('recall'))}, "
-        f"precision {_rate(expected.get('precision'))}, {stolen} old-class photos taken per new class"
-    )
+    lines = [
+        _clip(
+            f"    expected (the calibration's simulation, {expected.get('simulated_new_classes', '?')} new classes at "
+            f"new_class_scale {expected.get('new_class_scale', '?')}): recall {_rate(expected.get('recall'))}, "
+            f"precision {_rate(expected.get('precision'))}, {stolen} old-class photos taken per new class"
+        )
+    ]
+    curve = expected.get("curve")
+    if isinstance(curve, dict) and all(isinstance(curve.get(k), list) for k in ("scales", "recall", "precision")):
+        points = [
+            f"{scale}: {_rate(recall)} / {_rate(precision)}"
+            for scale, recall, precision in zip(curve["scales"], curve["recall"], curve["precision"], strict=False)
+            if isinstance(scale, int | float) and 0.7 <= scale <= 1.35
+        ]
+        if points:
+            lines.append(_clip("      by new_class_scale (recall / precision): " + ", ".join(points)))
+    return lines
 
 
 def _reliability_lines(reliability: object, show_all: bool) -> list[str]:

@@ -419,3 +419,18 @@ def test_left_out_table_compares_every_correction_with_the_refit():
     assert "| synthesize | 0.5 | 2 of 2 | +0.0000 | 0.0000 |" in text
     assert "| synthesize | 0 | 0 of 2 | +0.2500 | 0.2500 |" in text
     assert "| simulate | 0.025 | 1 of 2 | -0.0125 | 0.0125 |" in text
+
+
+def test_the_user_stage_averages_what_inject_expected_over_draws():
+    from benchmarks.studies.benchmark import _expected_line, mean_expected
+
+    records = [
+        {"simulated_new_classes": 10, "recall": 60.0, "precision": 20.0, "stolen_per_class": 2.0},
+        None,
+        {"simulated_new_classes": 10, "recall": 40.0, "precision": None, "stolen_per_class": 3.0},
+    ]
+    mean = mean_expected(records)
+    assert mean == {"draws": 2, "simulated_new_classes": 10, "recall": 50.0, "precision": 20.0, "stolen_per_class": 2.5}
+    assert mean_expected([None]) is None
+    line = "| wordnet | icis, expected by `inject()` | 50.0 | 20.0 | - | 2.50 | - | |"
+    assert _expected_line("wordnet", mean) == line

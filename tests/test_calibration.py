@@ -631,4 +631,6 @@ def test_expected_rates_simulate_a_user_adding_k_classes():
     assert at["simulated_new_classes"] == 5 and at["new_classes"] == 4 and at["new_class_scale"] == 0.75
     assert at["recall"] == pytest.approx((true["recall"][1][0] + true["recall"][1][1]) / 2, abs=0.01)
     assert expected_at(true, 1, 1.0)["recall"] == true["recall"][0][1]
-    assert expected_at(true, 10, 3.0) is None and expected_at(None, 10, 1.0) is None
+    outside = expected_at(true, 10, 3.0)  # no rates outside the simulated scales, but the curve to choose one
+    assert outside["recall"] is None and outside["curve"]["precision"] == true["precision"][1]
+    assert expected_at(None, 10, 1.0) is None

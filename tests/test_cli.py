@@ -400,12 +400,15 @@ def test_no_cache_reads_and_writes_nothing(files, tmp_path, capsys, monkeypatch)
     assert len(list((cache / "calibration").glob("*.json"))) == 1, "the calibration's choice is cached by default"
 
 
-def test_info_line_for_the_expected_rates_reads_a_damaged_record_defensively():
-    from classifier_injection.cli import _expected_line
+def test_info_lines_for_the_expected_rates_read_a_damaged_record_defensively():
+    from classifier_injection.cli import _expected_lines
 
     record = {"simulated_new_classes": 10, "new_class_scale": 1.0, "recall": 64.4, "precision": 20.6}
-    line = _expected_line({**record, "stolen_per_class": 2.49})
+    curve = {"scales": [0.5, 0.9, 1.0, 2.0], "recall": [0.0, 55.0, 64.4, 90.0], "precision": [None, 27.2, 20.6, 3.0]}
+    line, points = _expected_lines({**record, "stolen_per_class": 2.49, "curve": curve})
     assert "10 new classes at new_class_scale 1.0" in line and "recall 64 %, precision 21 %" in line
     assert "2.5 old-class photos taken per new class" in line
-    assert "recall ?, precision ?, ? old-class" in _expected_line({"recall": "64", "precision": True})
-    assert _expected_line(None) is None and _expected_line([1, 2]) is None
+    assert points.endswith("by new_class_scale (recall / precision): 0.9: 55 % / 27 %, 1.0: 64 % / 21 %")
+    [damaged] = _expected_lines({"recall": "64", "precision": True, "curve": {"scales": "x"}})
+    assert "recall ?, precision ?, ? old-class" in damaged
+    assert _expected_lines(None) == [] and _expected_lines([1, 2]) == []

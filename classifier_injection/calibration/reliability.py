@@ -187,20 +187,20 @@ def expected_rates(
 def expected_at(table: dict | None, new_classes: int, new_class_scale: float) -> dict | None:
     """The rates of an :func:`expected_rates` table for ``new_classes`` at ``new_class_scale``, or ``None``.
 
-    Takes the table's count nearest to ``new_classes`` (by ratio) and interpolates between its scales; ``None``
-    without a table or outside its scales.
+    Takes the table's count nearest to ``new_classes`` (by ratio), interpolates its rates between its scales
+    (``None`` outside them) and keeps its whole curve, so a user can pick the scale for the precision they need.
     """
     if not table or not table.get("new_classes"):
         return None
     scales = table["scales"]
-    if not scales[0] <= new_class_scale <= scales[-1]:
-        return None
     i = min(range(len(table["new_classes"])), key=lambda j: abs(math.log(table["new_classes"][j] / new_classes)))
     out = {"new_classes": new_classes, "simulated_new_classes": table["new_classes"][i]}
     out["new_class_scale"] = new_class_scale
     for key in ("recall", "precision", "stolen_per_class"):
-        value = _interpolate(new_class_scale, scales, table[key][i])
+        inside = scales[0] <= new_class_scale <= scales[-1]
+        value = _interpolate(new_class_scale, scales, table[key][i]) if inside else None
         out[key] = None if value is None else round(value, 2)
+    out["curve"] = {"scales": scales, "recall": table["recall"][i], "precision": table["precision"][i]}
     return out
 
 
