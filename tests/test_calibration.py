@@ -341,7 +341,7 @@ def test_the_climb_on_the_logits_follows_the_climb_in_feature_space(max_steps):
     # The reference: each feature steps along the normalised w_c - p @ W, logits recomputed from the feature.
     weights, biases = rows[:, :-1], rows[:, -1]
     expected = mean + spread * torch.randn(len(labels), len(mean), generator=torch.Generator().manual_seed(0))
-    step = float(spread.norm()) / 250
+    step = float(spread.norm()) * 0.01  # synthesize_features' step_size
     for _ in range(max_steps):
         probs = torch.softmax(expected @ weights.T + biases, dim=1)
         climbing = probs[torch.arange(len(labels)), labels] < 0.5

@@ -2,11 +2,12 @@
 
 A new row predicted from text is a blend of its neighbours' rows, and the closer it sits to one old row the more
 of that class's photos it takes. The ``synthesize`` rule's simulation measures this on the head's own classes:
-each held-out row, calibrated as the real new rows will be, is scored alone against the kept rows on the
-synthesised features, or on the rows' own directions without statistics (recall on its class's features;
-precision against the kept classes' features it wins).
+each held-out row, calibrated as the real new rows will be, is scored alone against the kept rows on features
+synthesised to be confused with their classes' neighbours as photos are, or on the rows' own directions without
+statistics (recall on its class's features; precision against the kept classes' features it wins).
 :func:`reliability_table` bins those rows by their cosine to the nearest kept row, a statistic of the head
-alone; :func:`assess` gives a new class the rates of its bin and the old classes nearest to it.
+alone; :func:`assess` gives a new class the rates of its bin and the old classes nearest to it;
+:func:`expected_rates` scores them in groups, as a user's injection of several classes.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def assess(
 def least_reliable(entries: Sequence[dict], table: dict | None) -> list[int]:
     """Indices of the :func:`assess` entries in the table's least precise bin (none when it has a single bin).
 
-    The simulation ranks rows better than it rates them (on photos every bin is less precise than simulated), so
-    what it says with confidence is which new classes are the weakest of an injection.
+    Relative, not a threshold: the least precise bin is what the photos confirmed (with WordNet definitions), while
+    the most precise bin is over-rated (rows far from every old row, which rarely win at all).
     """
     rated = [p for p in (table or {}).get("precision", []) if p is not None]
     if len(rated) < 2 or min(rated) == max(rated):

@@ -62,10 +62,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: Step of the climb of the features the expected rates use, x their start's spread: coarser than the choice's
-#: (1 / 250), as rates need less precision than the factor (lite0: the same rates, 2.5 x faster).
-_EXPECTED_STEP = 0.01
-
 
 @register_calibration("none")
 @dataclass(frozen=True)
@@ -308,7 +304,6 @@ class SynthesizedCalibration:
             self.expected_samples,
             self.name,
             neighbour_share=self.neighbour_share,
-            step_size=_EXPECTED_STEP,
         )
 
     def reliability(self, context: CalibrationContext, factor: float) -> dict:

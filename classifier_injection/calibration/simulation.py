@@ -136,7 +136,7 @@ def synthesize_features(
     max_steps: int = 2000,
     neighbour_share: float = 0.0,
     neighbours: int = 5,
-    step_size: float = 1 / 250,
+    step_size: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N * samples, D]`` and labels ``[N * samples]`` synthesised for every class of the head.
 
@@ -304,7 +304,6 @@ def simulated_features(
     samples: int,
     rule: str = "synthesize",
     neighbour_share: float = 0.0,
-    step_size: float = 1 / 250,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`synthesize_features` from the context's statistics (spread x ``feature_std``), once per context.
 
@@ -312,7 +311,7 @@ def simulated_features(
     """
     if context.feature_mean is None or context.feature_std is None:
         raise ValueError(f"the {rule!r} calibration needs context.feature_mean and context.feature_std")
-    settings = (confidence, samples, context.seed, neighbour_share, step_size)
+    settings = (confidence, samples, context.seed, neighbour_share)
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         seen_rows = context.seen_rows.detach().float().cpu()
@@ -324,14 +323,7 @@ def simulated_features(
             _SYNTHESES["head"] = head
         if settings not in _SYNTHESES:
             _SYNTHESES[settings] = synthesize_features(
-                seen_rows,
-                mean,
-                scaled,
-                confidence,
-                samples,
-                context.seed,
-                neighbour_share=neighbour_share,
-                step_size=step_size,
+                seen_rows, mean, scaled, confidence, samples, context.seed, neighbour_share=neighbour_share
             )
         return _SYNTHESES[settings]
 
