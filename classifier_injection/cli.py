@@ -445,8 +445,12 @@ def run_info(args: argparse.Namespace) -> int:
 _RELIABILITY_SHOWN = 20
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _rate(value: object) -> str:
-    return f"{value:.0f} %" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
+    return f"{value:.0f} %" if _is_number(value) else "?"
 
 
 def _expected_lines(expected: object) -> list[str]:
@@ -454,7 +458,7 @@ def _expected_lines(expected: object) -> list[str]:
     if not isinstance(expected, dict):
         return []
     stolen = expected.get("stolen_per_class")
-    stolen = f"{stolen:.1f}" if isinstance(stolen, int | float) and not isinstance(stolen, bool) else "?"
+    stolen = f"{stolen:.1f}" if _is_number(stolen) else "?"
     lines = [
         _clip(
             f"    expected (the calibration's simulation, {expected.get('simulated_new_classes', '?')} new classes at "
@@ -467,7 +471,7 @@ def _expected_lines(expected: object) -> list[str]:
         points = [
             f"{scale}: {_rate(recall)} / {_rate(precision)}"
             for scale, recall, precision in zip(curve["scales"], curve["recall"], curve["precision"], strict=False)
-            if isinstance(scale, int | float) and 0.7 <= scale <= 1.35
+            if _is_number(scale) and 0.7 <= scale <= 1.35
         ]
         if points:
             lines.append(_clip("      by new_class_scale (recall / precision): " + ", ".join(points)))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from ..injector import top_cosines
-from .simulation import held_mask, prototype_scores, synthetic_scores
+from .simulation import held_mask, new_row_responses, prototype_scores, synthetic_scores
 
 __all__ = [
     "BINS",
@@ -157,8 +157,8 @@ def expected_rates(
     ``offset`` and their logits times each ``new_class_scale``, each group against every true row but its own
     classes'. Lists are indexed ``[count][scale]``; counts larger than the held-out classes are capped.
     """
-    target, _, responses = synthetic_scores(seen_rows, held_out, predicted_rows, features, feature_mean)
     rows = seen_rows.float()
+    target, responses = new_row_responses(rows[~held_mask(len(rows), held_out)], predicted_rows, features, feature_mean)
     counts = sorted({min(max(1, int(k)), len(held_out)) for k in counts})
     # The best old logit without a group's classes is among each feature's top (largest group + 1) old logits.
     top = (features @ rows[:, :-1].T + rows[:, -1]).topk(min(counts[-1] + 1, len(rows)), dim=1)

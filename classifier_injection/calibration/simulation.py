@@ -27,6 +27,7 @@ __all__ = [
     "held_mask",
     "largest_keeping",
     "largest_within_budget",
+    "new_row_responses",
     "prototype_gzsl_curve",
     "prototype_scores",
     "simulate_injections",
@@ -273,10 +274,18 @@ def synthetic_scores(
     direction and ``n`` the kept rows' mean norm.
     """
     kept = seen_rows[~held_mask(len(seen_rows), held_out)].float()
+    target, responses = new_row_responses(kept, predicted_rows, features, feature_mean)
+    return target, features @ kept[:, :-1].T + kept[:, -1], responses
+
+
+def new_row_responses(
+    kept_rows: torch.Tensor, predicted_rows: torch.Tensor, features: torch.Tensor, feature_mean: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """``(target, responses)`` of :func:`synthetic_scores`, without the kept rows' logits."""
     mean = feature_mean.float()
-    target = float((kept[:, :-1] @ mean + kept[:, -1]).mean())
-    units = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept[:, :-1].norm(dim=1).mean()
-    return target, features @ kept[:, :-1].T + kept[:, -1], (features - mean) @ units.T
+    target = float((kept_rows[:, :-1] @ mean + kept_rows[:, -1]).mean())
+    units = F.normalize(predicted_rows[:, :-1].float(), dim=1) * kept_rows[:, :-1].norm(dim=1).mean()
+    return target, (features - mean) @ units.T
 
 
 def num_held(holdout_fraction: float, num: int) -> int:
@@ -317,23 +326,22 @@ def simulated_features(
         seen_rows = context.seen_rows.detach().float().cpu()
         mean = context.feature_mean.detach().float().cpu()
         scaled = spread * context.feature_std.detach().float().cpu()
-        head = _digest(seen_rows, mean, scaled)
-        if _SYNTHESES.get("head") != head:
-            _SYNTHESES.clear()  # one head's features at a time: they cost memory in proportion to the head
-            _SYNTHESES["head"] = head
-        if settings not in _SYNTHESES:
-            _SYNTHESES[settings] = synthesize_features(
+        key = (_digest(seen_rows, mean, scaled), *settings)
+        if key not in _SYNTHESES:
+            # One head's features at a time: they cost memory in proportion to the head.
+            for other in [k for k in _SYNTHESES if k[0] != key[0]]:
+                del _SYNTHESES[other]
+            _SYNTHESES[key] = synthesize_features(
                 seen_rows, mean, scaled, confidence, samples, context.seed, neighbour_share=neighbour_share
             )
-        return _SYNTHESES[settings]
+        return _SYNTHESES[key]
 
     return context.memoized(("features", spread, *settings), compute)
 
 
 #: This process's syntheses for the last head: later injections into the same head (other names, descriptors or
-#: injectors) reuse its features instead of climbing again. Keyed by the content of the head (``"head"``) and
-#: the synthesis settings.
-_SYNTHESES: dict[object, object] = {}
+#: injectors) reuse its features instead of climbing again. Keyed by the content of the head and the settings.
+_SYNTHESES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _digest(*tensors: torch.Tensor) -> str:
