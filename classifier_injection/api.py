@@ -19,10 +19,10 @@ from torch import nn
 
 from ._version import __version__
 from .cache import EmbeddingCache, FitCache, resolve_cache
-from .calibration import CalibrationCache, get_calibration
-from .calibration.reliability import assess, expected_at, least_reliable
+from .calibration import CalibrationCache, apply_new_class_scale, get_calibration
+from .calibration.reliability import assess, expected_at, least_reliable, scale_for_precision
 from .config import InjectionConfig
-from .core import RowPrediction, head_fingerprint, needs_context, predict_rows
+from .core import head_fingerprint, needs_context, predict_rows
 from .descriptors import default_config_for, describe_injection, embed_classes, seen_class_names
 from .embedders import Embedder, default_embedder
 from .features import feature_statistics
@@ -196,9 +196,15 @@ def inject(
     )
     if not trained and hasattr(injector, "fingerprint"):
         injector.fingerprint = fingerprint
-    reliability = _reliability(prediction, seen_rows, seen_names, names, config.new_class_scale)
     diagnostics = getattr(prediction.calibration, "diagnostics", {})
-    expected = expected_at(diagnostics.get("expected"), len(names), config.new_class_scale)
+    scale, rows = config.new_class_scale, prediction.rows
+    if config.target_precision is not None:
+        scale = _scale_for_target(diagnostics.get("expected"), len(names), config.target_precision)
+        rows = apply_new_class_scale(rows, scale)
+    # The simulation's per-class rates hold at new_class_scale 1 only; other scales get the neighbours alone.
+    table = diagnostics.get("reliability") if scale == 1 else None
+    reliability = _reliability(rows, table, seen_rows, seen_names, names)
+    expected = expected_at(diagnostics.get("expected"), len(names), scale)
     method = getattr(injector, "name", type(injector).__name__)
     hparams = prediction.hparams
     elapsed = time.perf_counter() - start
@@ -206,7 +212,7 @@ def inject(
     del seen_rows, seen_descriptors, injector
 
     target = model if inplace else _copy_without_head(model, head)
-    _grow(target, head, prediction.rows, seen_names, names, descriptions)
+    _grow(target, head, rows, seen_names, names, descriptions)
     record = dict(getattr(target, "classifier_injection", None) or {})
     record["library_version"] = __version__
     record["injections"] = [
@@ -220,7 +226,8 @@ def inject(
             "descriptors": descriptor_config.to_dict(),
             "descriptions": described.provenance,
             "calibration": prediction.calibration.to_dict(),
-            "new_class_scale": config.new_class_scale,
+            "new_class_scale": scale,
+            "target_precision": config.target_precision,
             "reliability": reliability,
             "expected": expected,
             "seed": seed,
@@ -233,20 +240,38 @@ def inject(
     return target
 
 
+def _scale_for_target(table: dict | None, new_classes: int, target: float) -> float:
+    """The ``new_class_scale`` for ``target_precision`` (a fraction) from the calibration's expected rates."""
+    found = scale_for_precision(table, new_classes, 100 * target)
+    if found is None:
+        raise ValueError(
+            "target_precision needs the expected rates of the 'synthesize' calibration, which this model lacks (its "
+            "feature statistics could not be estimated): set new_class_scale instead"
+        )
+    scale, reached = found
+    if not reached:
+        warnings.warn(
+            f"no new_class_scale is expected to reach precision {target:.0%} for {new_classes} new classes; used "
+            f"{scale:g}, the most precise the calibration's simulation found",
+            UserWarning,
+            stacklevel=3,
+        )
+    return round(scale, 4)
+
+
 def _reliability(
-    prediction: RowPrediction,
+    rows: torch.Tensor,
+    table: dict | None,
     seen_rows: torch.Tensor,
     seen_names: Sequence[str],
     names: Sequence[str],
-    new_class_scale: float,
 ) -> dict[str, dict]:
-    """Per new class: its nearest old classes and, from the calibration's simulation, expected precision / recall.
+    """Per new class: its nearest old classes and, from the calibration's simulation (its reliability ``table``, if
+    any), expected precision / recall.
 
-    Warns about the classes in the simulation's least precise bin; the rates hold at ``new_class_scale=1`` only,
-    so other scales get the neighbours alone.
+    Warns about the classes in the simulation's least precise bin.
     """
-    table = getattr(prediction.calibration, "diagnostics", {}).get("reliability") if new_class_scale == 1 else None
-    entries = assess(prediction.rows, seen_rows, seen_names, table)
+    entries = assess(rows, seen_rows, seen_names, table)
     worst = [(names[i], entries[i]) for i in least_reliable(entries, table)]
     if worst:
         listing = ", ".join(f"{name!r} (near {e['nearest'][0][0]!r})" for name, e in worst[:5])

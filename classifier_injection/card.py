@@ -187,6 +187,7 @@ def injection_markdown(number: int, entry: Mapping[str, Any]) -> list[str]:
         ("Head", f"{_code(head.get('path', '?'))} ({md_text(head.get('family', '?'))})" if head else None),
         ("Seed", _number(entry["seed"]) if "seed" in entry else None),
         ("New-class scale", _number(entry["new_class_scale"]) if "new_class_scale" in entry else None),
+        ("Target precision", _number(entry.get("target_precision")) if entry.get("target_precision") else None),
         ("Expected (the calibration's simulation)", _expected(entry.get("expected"))),
     ]
     lines += [f"- **{label}:** {value}" for label, value in details if value is not None]

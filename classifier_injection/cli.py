@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import traceback
@@ -105,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--allow-existing", action="store_true", help="allow names the model already has")
     inject.add_argument("--calibration", metavar="NAME", help="calibration of the new rows (default: the library's)")
     inject.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    inject.add_argument(
+        "--new-class-scale",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="factor on the new classes' logits: > 1 makes them win more often, < 1 less (default 1)",
+    )
+    inject.add_argument(
+        "--target-precision",
+        type=_fraction,
+        metavar="P",
+        help="choose the new-class scale whose precision the calibration expects to reach P (e.g. 0.3): new "
+        "classes that fire more rarely and more often rightly",
+    )
     inject.add_argument("--epochs", type=_positive_int, metavar="N", help="maximum ICIS training epochs")
     inject.add_argument(
         "--latent-dim", type=_positive_int, metavar="N", help="ICIS latent width (default: ICISConfig().latent_dim)"
@@ -169,6 +184,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, e.g. 0.3, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, e.g. 0.3, got {text}")
     return value
 
 
@@ -324,8 +359,21 @@ def run_inject(args: argparse.Namespace) -> int:
             "cannot be used with --injector"
         )
 
-    embedder = _load_embedder(args.embedder, device, args.progress)
     icis_config = ICISConfig(**overrides) if overrides else None
+    own_injector = args.injector is not None or args.save_injector is not None
+    try:
+        config = InjectionConfig(
+            icis=None if own_injector else icis_config,  # an injector of our own carries its ICIS settings
+            calibration=args.calibration,
+            new_class_scale=args.new_class_scale,
+            target_precision=args.target_precision,
+            allow_existing=args.allow_existing,
+            progress=args.progress,
+        )
+    except (TypeError, ValueError) as err:
+        raise UsageError(_one_line(err)) from err
+
+    embedder = _load_embedder(args.embedder, device, args.progress)
     # Without --injector or --save-injector, inject() picks and fits its default injector itself.
     injector = ICISInjector.load(str(args.injector)) if args.injector is not None else None
     if injector is None and args.save_injector is not None:
@@ -343,12 +391,6 @@ def run_inject(args: argparse.Namespace) -> int:
     clash = existing_names(names, seen_names)
     if clash and not args.allow_existing:
         raise UsageError(f"{clash} already name classes of {args.model}: add --allow-existing to add them anyway")
-    config = InjectionConfig(
-        icis=icis_config if injector is None else None,
-        calibration=args.calibration,
-        allow_existing=args.allow_existing,
-        progress=args.progress,
-    )
     model = inject(
         model,
         names,
@@ -431,7 +473,7 @@ def run_info(args: argparse.Namespace) -> int:
             f"calibration {calibration}, seed {entry.get('seed')}, from {entry.get('source', '?')}"
         )
         print(f"    new classes: {_clip(', '.join(map(str, new)))}")
-        for line in _expected_lines(entry.get("expected")):
+        for line in _expected_lines(entry.get("expected"), entry.get("target_precision")):
             print(line)
         for line in _reliability_lines(entry.get("reliability"), args.all):
             print(line)
@@ -453,17 +495,20 @@ def _rate(value: object) -> str:
     return f"{value:.0f} %" if _is_number(value) else "?"
 
 
-def _expected_lines(expected: object) -> list[str]:
-    """``info``'s lines for an injection's ``expected`` rates (read defensively: untrusted file)."""
+def _expected_lines(expected: object, target_precision: object = None) -> list[str]:
+    """``info``'s lines for an injection's ``expected`` rates and ``target_precision`` (read defensively: untrusted
+    file)."""
     if not isinstance(expected, dict):
         return []
     stolen = expected.get("stolen_per_class")
     stolen = f"{stolen:.1f}" if _is_number(stolen) else "?"
+    target = f", chosen for precision {_rate(100 * target_precision)}" if _is_number(target_precision) else ""
     lines = [
         _clip(
             f"    expected (the calibration's simulation, {expected.get('simulated_new_classes', '?')} new classes at "
-            f"new_class_scale {expected.get('new_class_scale', '?')}): recall {_rate(expected.get('recall'))}, "
-            f"precision {_rate(expected.get('precision'))}, {stolen} old-class photos taken per new class"
+            f"new_class_scale {expected.get('new_class_scale', '?')}{target}): recall "
+            f"{_rate(expected.get('recall'))}, precision {_rate(expected.get('precision'))}, {stolen} old-class "
+            "photos taken per new class"
         )
     ]
     curve = expected.get("curve")

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .calibration import Calibration, FittableCalibration, check_new_class_scale, get_calibration
+from .calibration import (
+    Calibration,
+    FittableCalibration,
+    SynthesizedCalibration,
+    check_new_class_scale,
+    get_calibration,
+)
 from .calibration.base import rule_from_dict
 from .descriptors import DescriptorConfig
 from .icis import ICISConfig
@@ -24,6 +31,9 @@ class InjectionConfig:
         calibration: a rule name (``"synthesize"``, ``"simulate"``, ``"logit-match"``, ``"norm"``, ``"none"``) or
             instance; ``None``: the default, ``"synthesize"``.
         new_class_scale: factor on the new classes' logits after calibration: > 1 favours new classes, < 1 old.
+        target_precision: instead of ``new_class_scale``, the precision (a fraction) new classes should have when
+            they win: the largest scale whose precision the ``"synthesize"`` calibration's simulation expects to
+            reach it at this number of new classes (precision first, at the cost of recall); ``None``: off.
         allow_existing: allow new names that already name a class of the head.
         allow_projection: extend a CLIP-style projection head anyway (refused by default).
         progress: show progress bars.
@@ -33,6 +43,7 @@ class InjectionConfig:
     icis: ICISConfig | None = None
     calibration: str | Calibration | FittableCalibration | None = None
     new_class_scale: float = 1.0
+    target_precision: float | None = None
     allow_existing: bool = False
     allow_projection: bool = False
     progress: bool = False
@@ -42,8 +53,10 @@ class InjectionConfig:
             raise TypeError(f"descriptors must be a DescriptorConfig or None, got {type(self.descriptors).__name__}")
         if self.icis is not None and not isinstance(self.icis, ICISConfig):
             raise TypeError(f"icis must be an ICISConfig or None, got {type(self.icis).__name__}")
-        get_calibration(self.calibration)  # raises on unknown names and foreign objects
+        rule = get_calibration(self.calibration)  # raises on unknown names and foreign objects
         check_new_class_scale(self.new_class_scale)
+        if self.target_precision is not None:
+            _check_target_precision(self.target_precision, self.new_class_scale, rule)
         for flag in ("allow_existing", "allow_projection", "progress"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -71,3 +84,19 @@ class InjectionConfig:
         if isinstance(data.get("calibration"), dict):
             data["calibration"] = rule_from_dict(data["calibration"])
         return cls(**data)
+
+
+def _check_target_precision(target: object, new_class_scale: float, rule: object) -> None:
+    number = isinstance(target, int | float) and not isinstance(target, bool)
+    if not (number and math.isfinite(target) and 0 < target < 1):
+        raise ValueError(f"target_precision must be a fraction in (0, 1), e.g. 0.3, or None; got {target!r}")
+    if new_class_scale != 1.0:
+        raise ValueError(
+            f"target_precision chooses new_class_scale itself: leave new_class_scale at 1 (got {new_class_scale}) "
+            "or set target_precision=None"
+        )
+    if not isinstance(rule, SynthesizedCalibration):
+        raise ValueError(
+            f"target_precision needs the expected rates of the 'synthesize' calibration, not {rule.name!r}: use the "
+            "default calibration, or set new_class_scale instead"
+        )

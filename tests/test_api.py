@@ -57,21 +57,17 @@ def test_inject_records_each_new_class_reliability(resnet, embedder, fast_icis):
 
 def test_the_least_reliable_new_classes_get_a_warning_that_suggests_descriptions(monkeypatch):
     from classifier_injection import api
-    from classifier_injection.calibration import ScaledCalibration
-    from classifier_injection.core import RowPrediction
 
     seen = torch.eye(4, 5)  # four old rows along the axes, bias 0
     new = torch.tensor([[1.0, 0.1, 0, 0, 0], [0.5, 0.5, 0.5, 0.5, 0]])  # next to "a", and between all four
     table = {"statistic": "nearest_cosine", "edges": [0.9], "recall": [40.0, 60.0], "precision": [80.0, 30.0]}
-    prediction = RowPrediction(new, ScaledCalibration("synthesize", 1.0, 0.0, diagnostics={"reliability": table}))
     with pytest.warns(UserWarning, match=r"least reliable new classes: 'x' \(near 'a'\).* 30 %.*descriptions="):
-        record = api._reliability(prediction, seen, ["a", "b", "c", "d"], ["x", "y"], 1.0)
+        record = api._reliability(new, table, seen, ["a", "b", "c", "d"], ["x", "y"])
     assert record["x"]["expected_precision"] == 30.0 and record["y"]["expected_precision"] == 80.0
     single = {**table, "edges": [], "recall": [50.0], "precision": [50.0]}
-    prediction = RowPrediction(new, ScaledCalibration("synthesize", 1.0, 0.0, diagnostics={"reliability": single}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one bin: nothing to rank, no warning
-        api._reliability(prediction, seen, ["a", "b", "c", "d"], ["x", "y"], 1.0)
+        api._reliability(new, single, seen, ["a", "b", "c", "d"], ["x", "y"])
 
 
 def test_inplace_modifies_and_returns_same_model(resnet, embedder, fast_icis):

@@ -300,6 +300,80 @@ def test_inject_estimates_the_feature_mean_of_models_that_show_it():
     assert calibration["diagnostics"]["expected"]["new_classes"][0] == 1
 
 
+#: An expected-rates table as the ``synthesize`` rule records it (precision falls as the scale grows).
+EXPECTED_TABLE = {
+    "new_classes": [1, 10],
+    "scales": [0.5, 0.8, 1.0, 1.2],
+    "recall": [[0.0, 10.0, 40.0, 60.0], [0.0, 12.0, 45.0, 70.0]],
+    "precision": [[None, 90.0, 60.0, 30.0], [None, 50.0, 30.0, 10.0]],
+    "stolen_per_class": [[0.0, 0.0, 0.3, 1.4], [0.0, 0.1, 1.0, 6.3]],
+}
+
+
+def test_target_precision_picks_the_scale_the_simulation_expects_to_reach_it(tmp_path, monkeypatch):
+    import timm
+
+    from classifier_injection import ICISConfig, InjectionConfig, find_head, inject
+
+    # A random model's simulation expects nothing worth choosing from: the rule's table is given.
+    monkeypatch.setattr(SynthesizedCalibration, "expected", lambda self, context, factor: EXPECTED_TABLE)
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=12).eval()
+    kwargs = dict(embedder=FakeEmbedder(8), class_names=[f"class {i}" for i in range(12)], cache=tmp_path)
+    icis = ICISConfig(latent_dim=16, max_epochs=3)
+    plain = inject(model, ["capybara", "okapi"], InjectionConfig(icis=icis), **kwargs)
+    out = inject(model, ["capybara", "okapi"], InjectionConfig(icis=icis, target_precision=0.45), **kwargs)
+    record = out.classifier_injection["injections"][-1]
+    # 2 new classes read the table's 1-class curve: 60 % at scale 1.0, 30 % at 1.2, so 45 % at 1.1.
+    assert record["target_precision"] == 0.45 and record["new_class_scale"] == pytest.approx(1.1)
+    assert record["expected"]["precision"] == pytest.approx(45.0) and record["expected"]["simulated_new_classes"] == 1
+    rows, plain_rows = find_head(out).rows(out)[12:], find_head(plain).rows(plain)[12:]
+    torch.testing.assert_close(rows, plain_rows * record["new_class_scale"], rtol=0, atol=0)
+    assert "expected_precision" not in record["reliability"]["okapi"]  # the per-class rates hold at scale 1 only
+    # Models without feature statistics have no expected rates: a clear error, the model untouched.
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=12).eval()
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"target_precision needs the expected rates.*set new_class_scale instead"):
+        inject(resnet, ["capybara"], InjectionConfig(icis=icis, target_precision=0.3), inplace=True, **kwargs)
+    assert resnet.num_classes == 12 and all(torch.equal(v, resnet.state_dict()[k]) for k, v in before.items())
+
+
+def test_scale_for_precision_is_the_largest_scale_that_reaches_the_target():
+    from classifier_injection import api
+    from classifier_injection.calibration.reliability import scale_for_precision
+
+    table = EXPECTED_TABLE
+    assert scale_for_precision(table, 10, 40.0) == (pytest.approx(0.9), True)  # between 0.8 (50 %) and 1.0 (30 %)
+    assert scale_for_precision(table, 10, 30.0) == (1.0, True)
+    assert scale_for_precision(table, 1, 20.0) == (1.2, True)  # the largest simulated scale: no extrapolation
+    assert scale_for_precision(table, 10, 80.0) == (0.8, False)  # out of reach: the most precise scale
+    assert scale_for_precision(None, 10, 30.0) is None
+    assert scale_for_precision({**table, "precision": [[None] * 4] * 2}, 10, 30.0) is None
+    with pytest.warns(UserWarning, match="no new_class_scale is expected to reach precision 80% for 10 new"):
+        assert api._scale_for_target(table, 10, 0.8) == 0.8
+    with pytest.raises(ValueError, match="target_precision needs the expected rates"):
+        api._scale_for_target(None, 10, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_precision": 1.5}, r"target_precision must be a fraction in \(0, 1\)"),
+        ({"target_precision": True}, "target_precision must be a fraction"),
+        ({"target_precision": 30}, "target_precision must be a fraction"),
+        ({"target_precision": 0.3, "new_class_scale": 1.2}, "leave new_class_scale at 1"),
+        ({"target_precision": 0.3, "calibration": "norm"}, "needs the expected rates of the 'synthesize' calibration"),
+    ],
+)
+def test_target_precision_config_errors(kwargs, message):
+    from classifier_injection import InjectionConfig
+
+    with pytest.raises(ValueError, match=message):
+        InjectionConfig(**kwargs)
+    config = InjectionConfig(target_precision=0.3)
+    assert InjectionConfig.from_dict(config.to_dict()) == config
+
+
 def _context_with_statistics(num: int = 60, seed: int = 3, **extra) -> CalibrationContext:
     descriptors, rows = synthetic_head(num=num)
     dim = rows.shape[1] - 1

@@ -14,7 +14,7 @@ import timm
 import torch
 from PIL import Image
 
-from classifier_injection import cli, load_injected, save_injected
+from classifier_injection import cli, find_head, load_injected, save_injected
 from classifier_injection.cli import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, main
 
 NAMES = [f"class {i}" for i in range(6)]
@@ -137,6 +137,11 @@ def test_errors_exit_2_with_one_line_on_stderr(files, tmp_path):
         (["--classes", "capybara,Capybara"], "duplicates"),
         (["--classes", "zebra"], "no vector for ['zebra']"),
         (["--classes", "capybara", "--epochs", "0"], "expected a positive integer"),
+        (["--classes", "capybara", "--new-class-scale", "0"], "expected a positive number"),
+        (["--classes", "capybara", "--target-precision", "30"], "expected a fraction between 0 and 1"),
+        (["--classes", "capybara", "--target-precision", "0.3", "--new-class-scale", "2"], "leave new_class_scale"),
+        (["--classes", "capybara", "--target-precision", "0.3", "--calibration", "norm"], "'synthesize' calibration"),
+        (["--classes", "capybara", "--target-precision", "0.3", "--calibration", "synthesize"], "set new_class_scale"),
         (["--classes", "capybara", "--calibration", "magic"], "unknown calibration"),
         (["--classes", "capybara", "--device", "cuda:0" if not torch.cuda.is_available() else "nonsense"], "device"),
         (["--classes", "capybara", "--classes-file", "/nonexistent/names.txt"], "no such file"),
@@ -356,6 +361,18 @@ def test_row_decoder_option_reaches_the_provenance(files, tmp_path, capsys, deco
     assert code == EXIT_USAGE and "--row-decoder" in err
 
 
+def test_new_class_scale_option_scales_the_new_rows(files, tmp_path, capsys):
+    rows = {}
+    for scale in ("1", "1.5"):
+        out = tmp_path / scale
+        code, _, err = _run(capsys, *_inject_args(files, out, "--classes", "okapi", "--new-class-scale", scale))
+        assert code == EXIT_OK, err
+        model = load_injected(out)
+        assert model.classifier_injection["injections"][-1]["new_class_scale"] == float(scale)
+        rows[scale] = find_head(model).rows(model)[len(NAMES) :]
+    torch.testing.assert_close(rows["1.5"], 1.5 * rows["1"])
+
+
 def test_no_row_encoder_option_reaches_the_provenance_and_needs_a_new_injector(files, tmp_path, capsys):
     out = tmp_path / "fast"
     code, _, err = _run(capsys, *_inject_args(files, out, "--classes", "okapi", "--no-row-encoder"))
@@ -409,6 +426,9 @@ def test_info_lines_for_the_expected_rates_read_a_damaged_record_defensively():
     assert "10 new classes at new_class_scale 1.0" in line and "recall 64 %, precision 21 %" in line
     assert "2.5 old-class photos taken per new class" in line
     assert points.endswith("by new_class_scale (recall / precision): 0.9: 55 % / 27 %, 1.0: 64 % / 21 %")
+    [chosen] = _expected_lines({**record, "new_class_scale": 0.87}, 0.3)
+    assert "10 new classes at new_class_scale 0.87, chosen for precision 30 %): recall 64 %" in chosen
+    assert "chosen for" not in _expected_lines(record, "0.3")[0]
     [damaged] = _expected_lines({"recall": "64", "precision": True, "curve": {"scales": "x"}})
     assert "recall ?, precision ?, ? old-class" in damaged
     assert _expected_lines(None) == [] and _expected_lines([1, 2]) == []

@@ -32,6 +32,7 @@ __all__ = [
     "nearest_cosines",
     "prototype_wins",
     "reliability_table",
+    "scale_for_precision",
     "synthetic_wins",
 ]
 
@@ -193,8 +194,7 @@ def expected_at(table: dict | None, new_classes: int, new_class_scale: float) ->
     """
     if not table or not table.get("new_classes"):
         return None
-    scales = table["scales"]
-    i = min(range(len(table["new_classes"])), key=lambda j: abs(math.log(table["new_classes"][j] / new_classes)))
+    scales, i = table["scales"], _nearest_count(table, new_classes)
     out = {"new_classes": new_classes, "simulated_new_classes": table["new_classes"][i]}
     out["new_class_scale"] = new_class_scale
     for key in ("recall", "precision", "stolen_per_class"):
@@ -203,6 +203,35 @@ def expected_at(table: dict | None, new_classes: int, new_class_scale: float) ->
         out[key] = None if value is None else round(value, 2)
     out["curve"] = {"scales": scales, "recall": table["recall"][i], "precision": table["precision"][i]}
     return out
+
+
+def scale_for_precision(table: dict | None, new_classes: int, target: float) -> tuple[float, bool] | None:
+    """The largest ``new_class_scale`` whose expected precision (%) for ``new_classes`` reaches ``target``, and
+    whether one does; ``None`` without an :func:`expected_rates` table.
+
+    Between two simulated scales the crossing is interpolated. Where no scale reaches ``target`` the most precise
+    one is returned (``False``), so a new class fires as rarely as the curve allows.
+    """
+    if not table or not table.get("new_classes"):
+        return None
+    precision = table["precision"][_nearest_count(table, new_classes)]
+    points = [(s, p) for s, p in zip(table["scales"], precision, strict=True) if p is not None]
+    if not points:
+        return None
+    reaching = [i for i, (_, p) in enumerate(points) if p >= target]
+    if not reaching:
+        return max(points, key=lambda point: point[1])[0], False
+    j = reaching[-1]
+    if j == len(points) - 1:
+        return points[j][0], True
+    (low, above), (high, below) = points[j], points[j + 1]
+    return low + (above - target) / (above - below) * (high - low), True
+
+
+def _nearest_count(table: dict, new_classes: int) -> int:
+    """The index of the table's simulated number of new classes nearest to ``new_classes`` (by ratio)."""
+    counts = table["new_classes"]
+    return min(range(len(counts)), key=lambda j: abs(math.log(counts[j] / new_classes)))
 
 
 def _interpolate(x: float, xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
