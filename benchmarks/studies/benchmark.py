@@ -43,6 +43,7 @@ from benchmarks.harness.results import command_line, machine, record, study_dir
 from benchmarks.harness.user_regime import REGIMES, SCALES, inject_draw, make_draw, score_rows, summarize
 from classifier_injection import __version__
 from classifier_injection.calibration import get_calibration
+from classifier_injection.calibration.reliability import scale_for_precision
 
 STUDY = "benchmark"
 TITLE = "Benchmark: ICIS and the paper's baselines on real ImageNet heads"
@@ -229,8 +230,9 @@ def run_user_draw(
     hparams = json.loads(json.dumps(method.build().hparams()))
     key = f"user__{model}__K{k}__draw{draw}__{regime}__{method.name}" + (f"__{embedder_key}" if embedder_key else "")
     cached = _cached_result(key, method, hparams, fresh)
-    # Results from before the record had its expected rates are measured again.
-    if cached is not None and "expected" in cached and ("rows" in cached or method.name not in _ROWS_KEPT):
+    # Results from before the record had its expected rates and their curve are measured again.
+    current = cached is not None and "curve" in (cached.get("expected") or {})
+    if current and ("rows" in cached or method.name not in _ROWS_KEPT):
         return cached
     spec = make_draw(model, k, draw)
     start = time.perf_counter()
@@ -277,6 +279,32 @@ def mean_expected(records: Sequence[dict | None]) -> dict | None:
     for key in ("recall", "precision", "stolen_per_class"):
         values = [r[key] for r in records if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+#: ``InjectionConfig(target_precision=)`` values the user regime measures for ICIS.
+TARGET_PRECISIONS = (0.3, 0.4)
+
+
+def target_entries(specs: Sequence, results: Sequence[dict], targets: Sequence[float] = TARGET_PRECISIONS) -> dict:
+    """Per target precision: the photos' rates when each draw's new rows are scaled as
+    ``InjectionConfig(target_precision=target)`` scales them (the scale read off the draw's expected curve)."""
+    out = {}
+    for target in targets:
+        counts, scales = [], []
+        for spec, result in zip(specs, results, strict=False):
+            curve = (result.get("expected") or {}).get("curve")
+            if not curve or result.get("rows") is None:
+                continue
+            table = {"new_classes": [spec.k], "scales": curve["scales"], "precision": [curve["precision"]]}
+            found = scale_for_precision(table, spec.k, 100 * target)
+            if found is None:
+                continue
+            scale = round(found[0], 4)  # as inject() rounds it
+            counts.append(score_rows(spec, torch.tensor(result["rows"]), [scale])[str(scale)])
+            scales.append(scale)
+        if counts:
+            out[str(target)] = {"summary": summarize(counts), "scales": scales}
     return out
 
 
@@ -328,6 +356,7 @@ def run_user(
                     if name == "icis":  # the default's record is the one the report checks against the photos
                         table[regime][name]["reliability"] = [_expected_vs_measured(r) for r in done]
                         table[regime][name]["expected"] = mean_expected([r.get("expected") for r in done])
+                        table[regime][name]["targets"] = target_entries(specs, done)
                     s = table[regime][name]["summary"]
                     _log(
                         f"user {model} K={k} draw {draw} {regime} {name}: recall {s['recall']:.0f} "
@@ -507,6 +536,10 @@ def user_markdown(user: dict) -> list[str]:
                     lines.append(_user_line(regime, name, entry))
                     if entry.get("expected"):
                         lines.append(_expected_line(regime, entry["expected"]))
+                    for target, measured in entry.get("targets", {}).items():
+                        scales = f"scale {min(measured['scales']):.2f}-{max(measured['scales']):.2f}"
+                        label = f"{name}, target_precision={target} ({scales})"
+                        lines.append(_user_line(regime, label, measured))
             lines += ["", *_reliability_lines(table), ""]
     return lines
 
