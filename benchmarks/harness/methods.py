@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import benchmarks.harness.research_rules  # noqa: F401  (registers the research calibration rules)
 from benchmarks.harness.data import HeadData
 from benchmarks.harness.metrics import check_fold, evaluate_conse, evaluate_rows, seen_mask
 from benchmarks.harness.research_injectors import (
@@ -72,6 +73,12 @@ METHODS: dict[str, Method] = {
             "icis-no-row-encoder",
             lambda: ICISInjector(ICISConfig(row_encoder=False), seed=0),
             description="ablation: no W->W / W->A terms (the row encoder is not trained; a fit about twice as fast)",
+        ),
+        Method(
+            "icis-target30",
+            lambda: ICISInjector(seed=0),
+            calibration="synthesize-target",
+            description="ICIS, the default calibration at InjectionConfig(target_precision=0.3)",
         ),
         Method(
             "icis-refit",

@@ -1,9 +1,11 @@
-"""Research calibration rules kept for the calibration study's "budget" rows (removed from the library).
+"""Research calibration rules: the calibration study's "budget" rows, and the default at a target precision.
 
 :class:`BudgetCalibration` simulates an injection of the head's own classes as the library's rules do, scored on
 *noisy* row directions, and keeps the largest factor within an old-class budget. It lost to the default
-(``docs/decisions.md``); it stays here so the committed tables can be recomputed. Importing this module
-registers it as ``"budget"`` with :func:`classifier_injection.calibration.register_calibration`.
+(``docs/decisions.md``); it stays here so the committed tables can be recomputed. :class:`TargetPrecisionCalibration`
+is the default rule with its rows scaled as ``InjectionConfig(target_precision=)`` scales them, so the 5-fold
+protocol can measure that setting as a default. Importing this module registers them as ``"budget"`` and
+``"synthesize-target"`` with :func:`classifier_injection.calibration.register_calibration`.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from classifier_injection.calibration import (
+    Calibration,
     CalibrationContext,
     FactorChoice,
     ScaledCalibration,
+    SynthesizedCalibration,
     register_calibration,
     simulate_injections,
 )
 from classifier_injection.calibration.base import BiasRule, raise_unfitted
+from classifier_injection.calibration.reliability import scale_for_precision
 from classifier_injection.calibration.rules import check_simulation_rule
 from classifier_injection.calibration.simulation import (
     DEFAULT_FACTORS,
@@ -31,7 +36,7 @@ from classifier_injection.calibration.simulation import (
     simulation_diagnostics,
 )
 
-__all__ = ["BudgetCalibration", "noisy_prototype_gzsl_curve", "proxy_noise"]
+__all__ = ["BudgetCalibration", "TargetPrecisionCalibration", "noisy_prototype_gzsl_curve", "proxy_noise"]
 
 
 def proxy_noise(seen_rows: torch.Tensor, accuracy: float, samples: int = 8, seed: int = 0) -> float:
@@ -137,6 +142,44 @@ class BudgetCalibration:
         best = largest_within_budget(curve, self.factors, self.max_seen_drop)
         diagnostics = simulation_diagnostics(self, context, curve[best], proxy_noise=round(noise, 6))
         return FactorChoice(self.name, float(self.factors[best]), self.bias, 0.0, diagnostics)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Rescaled:
+    """A fitted calibration whose rows are then multiplied by ``scale``, as ``new_class_scale`` multiplies them."""
+
+    inner: Calibration
+    scale: float
+    name: str = "synthesize-target"
+
+    @property
+    def diagnostics(self) -> dict:
+        return {**getattr(self.inner, "diagnostics", {}), "target_scale": self.scale}
+
+    def __call__(self, new_rows: torch.Tensor, seen_rows: torch.Tensor) -> torch.Tensor:
+        return self.inner(new_rows, seen_rows) * self.scale
+
+    def to_dict(self) -> dict:
+        return {**self.inner.to_dict(), "name": self.name, "target_scale": self.scale}
+
+
+@register_calibration("synthesize-target")
+@dataclass(frozen=True)
+class TargetPrecisionCalibration:
+    """The default rule; its rows then scaled to the largest scale whose expected precision, at the number of rows
+    injected, reaches ``target`` (a fraction): ``InjectionConfig(target_precision=target)`` as a default."""
+
+    target: float = 0.3
+    name: str = "synthesize-target"
+
+    def fit(self, context: CalibrationContext) -> Calibration:
+        fitted = SynthesizedCalibration().fit(context)
+        table = getattr(fitted, "diagnostics", {}).get("expected")
+        found = scale_for_precision(table, len(context.new_rows), 100 * self.target)
+        return _Rescaled(fitted, 1.0 if found is None else round(found[0], 4))
 
     def to_dict(self) -> dict:
         return asdict(self)
