@@ -139,6 +139,15 @@ def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
     expected = "recall 64.5 %, precision 20 % (simulated with 1 new classes at new_class_scale 1)"
     assert f"- **Expected (the calibration's simulation):** {expected}" in card
     assert "- **Calibration:** `synthesize` (factor 1.25); one value per class for biases" in card
+    assert "Target precision" not in card
+    chosen = model_card(
+        {
+            "architecture": "resnet18",
+            "num_classes": 5,
+            "classifier_injection": {"injections": [{**entry, "new_class_scale": 0.87, "target_precision": 0.3}]},
+        }
+    )
+    assert "- **New-class scale:** 0.87" in chosen and "- **Target precision:** 0.3" in chosen
     assert "| simulated\\_H | 66.67 |" in card and "| fallback\\_from | None |" in card
     assert "| new class | expected precision (%) | expected recall (%) | nearest old classes |" in card
     assert "| okapi | 50.5 | 40 | zebra, ox |" in card and "| ka\\|kapo | - | - | kea\\|x |" in card
