@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-precision",
         type=_fraction,
         metavar="P",
-        help="choose the new-class scale whose precision the calibration expects to reach P (e.g. 0.3): new "
-        "classes that fire more rarely and more often rightly",
+        help="choose the largest new-class scale up to 1 whose precision the calibration expects to reach P "
+        "(e.g. 0.3): new classes that fire more rarely and more often rightly",
     )
     inject.add_argument("--epochs", type=_positive_int, metavar="N", help="maximum ICIS training epochs")
     inject.add_argument(

@@ -32,8 +32,9 @@ class InjectionConfig:
             instance; ``None``: the default, ``"synthesize"``.
         new_class_scale: factor on the new classes' logits after calibration: > 1 favours new classes, < 1 old.
         target_precision: instead of ``new_class_scale``, the precision (a fraction) new classes should have when
-            they win: the largest scale whose precision the ``"synthesize"`` calibration's simulation expects to
-            reach it at this number of new classes (precision first, at the cost of recall); ``None``: off.
+            they win: the largest scale up to 1 whose precision the ``"synthesize"`` calibration's simulation
+            expects to reach it at this number of new classes (precision first, at the cost of recall); ``None``:
+            off.
         allow_existing: allow new names that already name a class of the head.
         allow_projection: extend a CLIP-style projection head anyway (refused by default).
         progress: show progress bars.

@@ -322,14 +322,16 @@ def test_target_precision_picks_the_scale_the_simulation_expects_to_reach_it(tmp
     kwargs = dict(embedder=FakeEmbedder(8), class_names=[f"class {i}" for i in range(12)], cache=tmp_path)
     icis = ICISConfig(latent_dim=16, max_epochs=3)
     plain = inject(model, ["capybara", "okapi"], InjectionConfig(icis=icis), **kwargs)
-    out = inject(model, ["capybara", "okapi"], InjectionConfig(icis=icis, target_precision=0.45), **kwargs)
+    out = inject(model, ["capybara", "okapi"], InjectionConfig(icis=icis, target_precision=0.75), **kwargs)
     record = out.classifier_injection["injections"][-1]
-    # 2 new classes read the table's 1-class curve: 60 % at scale 1.0, 30 % at 1.2, so 45 % at 1.1.
-    assert record["target_precision"] == 0.45 and record["new_class_scale"] == pytest.approx(1.1)
-    assert record["expected"]["precision"] == pytest.approx(45.0) and record["expected"]["simulated_new_classes"] == 1
+    # 2 new classes read the table's 1-class curve: 90 % at scale 0.8, 60 % at 1.0, so 75 % at 0.9.
+    assert record["target_precision"] == 0.75 and record["new_class_scale"] == pytest.approx(0.9)
+    assert record["expected"]["precision"] == pytest.approx(75.0) and record["expected"]["simulated_new_classes"] == 1
     rows, plain_rows = find_head(out).rows(out)[12:], find_head(plain).rows(plain)[12:]
     torch.testing.assert_close(rows, plain_rows * record["new_class_scale"], rtol=0, atol=0)
     assert "expected_precision" not in record["reliability"]["okapi"]  # the per-class rates hold at scale 1 only
+    loose = inject(model, ["capybara", "okapi"], InjectionConfig(icis=icis, target_precision=0.4), **kwargs)
+    assert loose.classifier_injection["injections"][-1]["new_class_scale"] == 1.0  # reached above 1: kept at 1
     # Models without feature statistics have no expected rates: a clear error, the model untouched.
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=12).eval()
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
@@ -345,7 +347,7 @@ def test_scale_for_precision_is_the_largest_scale_that_reaches_the_target():
     table = EXPECTED_TABLE
     assert scale_for_precision(table, 10, 40.0) == (pytest.approx(0.9), True)  # between 0.8 (50 %) and 1.0 (30 %)
     assert scale_for_precision(table, 10, 30.0) == (1.0, True)
-    assert scale_for_precision(table, 1, 20.0) == (1.2, True)  # the largest simulated scale: no extrapolation
+    assert scale_for_precision(table, 1, 20.0) == (1.0, True)  # reached at 1.2, but never above the balance
     assert scale_for_precision(table, 10, 80.0) == (0.8, False)  # out of reach: the most precise scale
     assert scale_for_precision(None, 10, 30.0) is None
     assert scale_for_precision({**table, "precision": [[None] * 4] * 2}, 10, 30.0) is None

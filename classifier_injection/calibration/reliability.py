@@ -206,11 +206,12 @@ def expected_at(table: dict | None, new_classes: int, new_class_scale: float) ->
 
 
 def scale_for_precision(table: dict | None, new_classes: int, target: float) -> tuple[float, bool] | None:
-    """The largest ``new_class_scale`` whose expected precision (%) for ``new_classes`` reaches ``target``, and
-    whether one does; ``None`` without an :func:`expected_rates` table.
+    """The largest ``new_class_scale`` up to 1 whose expected precision (%) for ``new_classes`` reaches ``target``,
+    and whether one does; ``None`` without an :func:`expected_rates` table.
 
-    Between two simulated scales the crossing is interpolated. Where no scale reaches ``target`` the most precise
-    one is returned (``False``), so a new class fires as rarely as the curve allows.
+    Between two simulated scales the crossing is interpolated. Never above 1: a precision target only ever trades
+    the calibration's balance for fewer wrong wins. Where no scale reaches ``target`` the most precise one is
+    returned (``False``), so a new class fires as rarely as the curve allows.
     """
     if not table or not table.get("new_classes"):
         return None
@@ -220,12 +221,12 @@ def scale_for_precision(table: dict | None, new_classes: int, target: float) -> 
         return None
     reaching = [i for i, (_, p) in enumerate(points) if p >= target]
     if not reaching:
-        return max(points, key=lambda point: point[1])[0], False
+        return min(max(points, key=lambda point: point[1])[0], 1.0), False
     j = reaching[-1]
     if j == len(points) - 1:
-        return points[j][0], True
+        return min(points[j][0], 1.0), True
     (low, above), (high, below) = points[j], points[j + 1]
-    return low + (above - target) / (above - below) * (high - low), True
+    return min(low + (above - target) / (above - below) * (high - low), 1.0), True
 
 
 def _nearest_count(table: dict, new_classes: int) -> int:
