@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import pytest
@@ -413,11 +414,12 @@ def test_the_climb_on_the_logits_follows_the_climb_in_feature_space(max_steps):
 
     context = _context_with_statistics()
     rows, mean, spread = context.seen_rows.double(), context.feature_mean.double(), 3.8 * context.feature_std.double()
+    step_size = inspect.signature(synthesize_features).parameters["step_size"].default
     features, labels = synthesize_features(rows, mean, spread, confidence=0.5, samples=3, seed=0, max_steps=max_steps)
     # The reference: each feature steps along the normalised w_c - p @ W, logits recomputed from the feature.
     weights, biases = rows[:, :-1], rows[:, -1]
     expected = mean + spread * torch.randn(len(labels), len(mean), generator=torch.Generator().manual_seed(0))
-    step = float(spread.norm()) * 0.01  # synthesize_features' step_size
+    step = float(spread.norm()) * step_size
     for _ in range(max_steps):
         probs = torch.softmax(expected @ weights.T + biases, dim=1)
         climbing = probs[torch.arange(len(labels)), labels] < 0.5

@@ -137,7 +137,7 @@ def synthesize_features(
     max_steps: int = 2000,
     neighbour_share: float = 0.0,
     neighbours: int = 5,
-    step_size: float = 0.01,
+    step_size: float = 0.02,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N * samples, D]`` and labels ``[N * samples]`` synthesised for every class of the head.
 
