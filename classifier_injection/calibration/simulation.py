@@ -137,7 +137,7 @@ def synthesize_features(
     max_steps: int = 2000,
     neighbour_share: float = 0.0,
     neighbours: int = 5,
-    step_size: float = 0.02,
+    step_size: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features ``[N * samples, D]`` and labels ``[N * samples]`` synthesised for every class of the head.
 
@@ -313,6 +313,7 @@ def simulated_features(
     samples: int,
     rule: str = "synthesize",
     neighbour_share: float = 0.0,
+    step_size: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`synthesize_features` from the context's statistics (spread x ``feature_std``), once per context.
 
@@ -320,7 +321,7 @@ def simulated_features(
     """
     if context.feature_mean is None or context.feature_std is None:
         raise ValueError(f"the {rule!r} calibration needs context.feature_mean and context.feature_std")
-    settings = (confidence, samples, context.seed, neighbour_share)
+    settings = (confidence, samples, context.seed, neighbour_share, step_size)
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         seen_rows = context.seen_rows.detach().float().cpu()
@@ -332,7 +333,14 @@ def simulated_features(
             for other in [k for k in _SYNTHESES if k[0] != key[0]]:
                 del _SYNTHESES[other]
             _SYNTHESES[key] = synthesize_features(
-                seen_rows, mean, scaled, confidence, samples, context.seed, neighbour_share=neighbour_share
+                seen_rows,
+                mean,
+                scaled,
+                confidence,
+                samples,
+                context.seed,
+                neighbour_share=neighbour_share,
+                step_size=step_size,
             )
         return _SYNTHESES[key]
 
