@@ -712,3 +712,26 @@ def test_expected_rates_simulate_a_user_adding_k_classes():
     outside = expected_at(true, 10, 3.0)  # no rates outside the simulated scales, but the curve to choose one
     assert outside["recall"] is None and outside["curve"]["precision"] == true["precision"][1]
     assert expected_at(None, 10, 1.0) is None
+
+
+def test_the_expected_rates_read_features_climbed_in_coarser_steps_than_the_factors():
+    from classifier_injection.calibration import synthesize_features
+    from classifier_injection.calibration.rules import EXPECTED_STEP
+
+    context = _context_with_statistics()
+    rule = SynthesizedCalibration()
+    features, labels = rule.expected_features(context)
+    spread = rule.spread * context.feature_std
+    reference = synthesize_features(
+        context.seen_rows,
+        context.feature_mean,
+        spread,
+        rule.confidence,
+        rule.expected_samples,
+        context.seed,
+        neighbour_share=rule.neighbour_share,
+        step_size=EXPECTED_STEP,
+    )
+    assert inspect.signature(synthesize_features).parameters["step_size"].default < EXPECTED_STEP
+    torch.testing.assert_close(features, reference[0], rtol=0, atol=0)
+    assert torch.equal(labels, reference[1])
