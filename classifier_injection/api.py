@@ -256,7 +256,7 @@ def _scale_for_target(table: dict | None, new_classes: int, target: float) -> fl
             UserWarning,
             stacklevel=3,
         )
-    return round(scale, 4)
+    return scale
 
 
 def _reliability(

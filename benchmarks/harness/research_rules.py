@@ -179,7 +179,7 @@ class TargetPrecisionCalibration:
         fitted = SynthesizedCalibration().fit(context)
         table = getattr(fitted, "diagnostics", {}).get("expected")
         found = scale_for_precision(table, len(context.new_rows), 100 * self.target)
-        return _Rescaled(fitted, 1.0 if found is None else round(found[0], 4))
+        return _Rescaled(fitted, 1.0 if found is None else found[0])
 
     def to_dict(self) -> dict:
         return asdict(self)

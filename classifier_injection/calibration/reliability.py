@@ -209,9 +209,9 @@ def scale_for_precision(table: dict | None, new_classes: int, target: float) -> 
     """The largest ``new_class_scale`` up to 1 whose expected precision (%) for ``new_classes`` reaches ``target``,
     and whether one does; ``None`` without an :func:`expected_rates` table.
 
-    Between two simulated scales the crossing is interpolated. Never above 1: a precision target only ever trades
-    the calibration's balance for fewer wrong wins. Where no scale reaches ``target`` the most precise one is
-    returned (``False``), so a new class fires as rarely as the curve allows.
+    Between two simulated scales the crossing is interpolated (to 4 decimals). Never above 1: a precision target
+    only ever trades the calibration's balance for fewer wrong wins. Where no scale reaches ``target`` the most
+    precise one is returned (``False``), so a new class fires as rarely as the curve allows.
     """
     if not table or not table.get("new_classes"):
         return None
@@ -226,7 +226,7 @@ def scale_for_precision(table: dict | None, new_classes: int, target: float) -> 
     if j == len(points) - 1:
         return min(points[j][0], 1.0), True
     (low, above), (high, below) = points[j], points[j + 1]
-    return min(low + (above - target) / (above - below) * (high - low), 1.0), True
+    return min(round(low + (above - target) / (above - below) * (high - low), 4), 1.0), True
 
 
 def _nearest_count(table: dict, new_classes: int) -> int:
