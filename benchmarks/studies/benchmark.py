@@ -286,26 +286,29 @@ def mean_expected(records: Sequence[dict | None]) -> dict | None:
 TARGET_PRECISIONS = (0.3, 0.4)
 
 
-def target_entries(specs: Sequence, results: Sequence[dict], targets: Sequence[float] = TARGET_PRECISIONS) -> dict:
-    """Per target precision: the photos' rates when each draw's new rows are scaled as
-    ``InjectionConfig(target_precision=target)`` scales them (the scale read off the draw's expected curve)."""
+def draw_targets(spec, result: dict, targets: Sequence[float] = TARGET_PRECISIONS) -> dict[str, dict]:
+    """One draw, per target precision: the scale ``InjectionConfig(target_precision=target)`` picks from the
+    draw's expected curve and the photos' counts with the new rows scaled by it (none without a curve or rows)."""
+    curve = (result.get("expected") or {}).get("curve")
+    if not curve or result.get("rows") is None:
+        return {}
+    table = {"new_classes": [spec.k], "scales": curve["scales"], "precision": [curve["precision"]]}
+    rows = torch.tensor(result["rows"])
     out = {}
     for target in targets:
-        counts, scales = [], []
-        for spec, result in zip(specs, results, strict=False):
-            curve = (result.get("expected") or {}).get("curve")
-            if not curve or result.get("rows") is None:
-                continue
-            table = {"new_classes": [spec.k], "scales": curve["scales"], "precision": [curve["precision"]]}
-            found = scale_for_precision(table, spec.k, 100 * target)
-            if found is None:
-                continue
-            scale = round(found[0], 4)  # as inject() rounds it
-            counts.append(score_rows(spec, torch.tensor(result["rows"]), [scale])[str(scale)])
-            scales.append(scale)
-        if counts:
-            out[str(target)] = {"summary": summarize(counts), "scales": scales}
+        found = scale_for_precision(table, spec.k, 100 * target)
+        if found is not None:
+            out[str(target)] = {"scale": found[0], "counts": score_rows(spec, rows, [found[0]])[str(found[0])]}
     return out
+
+
+def target_entries(per_draw: Sequence[dict[str, dict]]) -> dict:
+    """Per target precision, over the draws of :func:`draw_targets`: the photos' rates and the scales picked."""
+    out = {}
+    for target in {t for draw in per_draw for t in draw}:
+        picked = [draw[target] for draw in per_draw if target in draw]
+        out[target] = {"summary": summarize([p["counts"] for p in picked]), "scales": [p["scale"] for p in picked]}
+    return dict(sorted(out.items()))
 
 
 def user_entry(per_draw: list[dict]) -> dict:
@@ -343,6 +346,7 @@ def run_user(
         specs = [make_draw(model, k, d) for d in draws]
         table["ceiling"] = user_entry([score_rows(spec, rows[torch.as_tensor(spec.removed)]) for spec in specs])
         results: dict[tuple[str, str], list[dict]] = {}  # the draws so far; the report keeps their rates
+        targets: dict[tuple[str, str], list[dict]] = {}  # ICIS's per-draw draw_targets, scored once each
         for draw in draws:
             for regime in regimes:
                 for name in (m for m in planned_methods if m in methods):
@@ -356,7 +360,9 @@ def run_user(
                     if name == "icis":  # the default's record is the one the report checks against the photos
                         table[regime][name]["reliability"] = [_expected_vs_measured(r) for r in done]
                         table[regime][name]["expected"] = mean_expected([r.get("expected") for r in done])
-                        table[regime][name]["targets"] = target_entries(specs, done)
+                        picked = targets.setdefault((regime, name), [])
+                        picked.append(draw_targets(specs[draw], result))
+                        table[regime][name]["targets"] = target_entries(picked)
                     s = table[regime][name]["summary"]
                     _log(
                         f"user {model} K={k} draw {draw} {regime} {name}: recall {s['recall']:.0f} "
