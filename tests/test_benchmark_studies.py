@@ -434,3 +434,22 @@ def test_the_user_stage_averages_what_inject_expected_over_draws():
     assert mean_expected([None]) is None
     line = "| wordnet | icis, expected by `inject()` | 50.0 | 20.0 | - | 2.50 | - | |"
     assert _expected_line("wordnet", mean) == line
+
+
+def test_target_entries_pool_each_targets_draws():
+    from benchmarks.harness.user_regime import COUNTS
+    from benchmarks.studies.benchmark import draw_targets, target_entries
+
+    def counts(hits: int, wins: int) -> dict:
+        return {**dict.fromkeys(COUNTS, 0), "new_photos": 10, "hits": hits, "new_wins": wins, "right_wins": hits}
+
+    per_draw = [
+        {"0.3": {"scale": 0.9, "counts": counts(3, 6)}, "0.4": {"scale": 0.8, "counts": counts(1, 2)}},
+        {},  # a draw without an expected curve
+        {"0.3": {"scale": 0.85, "counts": counts(1, 4)}},
+    ]
+    entries = target_entries(per_draw)
+    assert list(entries) == ["0.3", "0.4"] and entries["0.3"]["scales"] == [0.9, 0.85]
+    assert entries["0.3"]["summary"]["recall"] == 20.0 and entries["0.3"]["summary"]["precision"] == 40.0
+    assert entries["0.4"]["summary"]["draws"] == 1
+    assert draw_targets(None, {"expected": None, "rows": None}) == {}
