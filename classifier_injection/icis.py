@@ -174,8 +174,7 @@ class _MixtureDecoder(nn.Module):
             if left_out is not None:
                 logits = logits.masked_fill(left_out, float("-inf"))
             return torch.softmax(logits if exclude is None else logits.scatter(1, exclude[:, None], -torch.inf), 1)
-        bias = F.embedding(candidates, self.logits.bias[:, None]).squeeze(-1)
-        logits = _SparseScores.apply(z, candidates, self.logits.weight) + bias
+        logits = _SparseLinear.apply(z, candidates, self.logits.weight, self.logits.bias)
         if exclude is not None:
             logits = logits.masked_fill(candidates == exclude[:, None], float("-inf"))
         return torch.softmax(logits, dim=-1)
@@ -212,35 +211,54 @@ class _SparseBlend(torch.autograd.Function):
         return _sampled_dot(grad, table, candidates), None, None
 
 
-class _SparseScores(torch.autograd.Function):
-    """``s_bj = x_b . table[c_bj]`` for ``x [B, E]`` on candidates ``c [B, k]``: the transpose of :class:`_SparseBlend`,
-    with the table's gradient (dense, as the optimiser keeps it)."""
+class _SparseLinear(torch.autograd.Function):
+    """``s_bj = x_b . weight[c_bj] + bias[c_bj]`` for ``x [B, E]`` on candidates ``c [B, k]``: a linear layer scored on
+    the candidates only, with dense gradients for its weight and bias (as the optimiser keeps them).
+
+    The weight's gradient is one product with the transposed pattern built as CSR (a transposed CSR matrix is
+    converted on every product), the bias' one ``index_add_`` (an embedding's backward would sort the candidates).
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, candidates: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, candidates, table)
-        return _sampled_dot(x, table, candidates)
+    def forward(
+        ctx, x: torch.Tensor, candidates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, candidates, weight)
+        return _sampled_dot(x, weight, candidates) + bias[candidates]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
-        x, candidates, table = ctx.saved_tensors
-        grad_x = grad_table = None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, torch.Tensor | None]:
+        x, candidates, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(candidates, table, per_sample_weights=grad, mode="sum")
+            grad_x = F.embedding_bag(candidates, weight, per_sample_weights=grad, mode="sum")
         if ctx.needs_input_grad[2]:
-            grad_table = _pattern(grad, candidates, len(table)).t() @ x
-        return grad_x, None, grad_table
+            grad_weight = _transposed_pattern(grad, candidates, len(weight)) @ x
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.new_zeros(len(weight)).index_add_(0, candidates.reshape(-1), grad.reshape(-1))
+        return grad_x, None, grad_weight, grad_bias
 
 
 def _pattern(values: torch.Tensor, candidates: torch.Tensor, columns: int) -> torch.Tensor:
     """The sparse ``[B, columns]`` matrix holding ``values [B, k]`` at the columns ``candidates [B, k]``."""
     num, k = candidates.shape
     rows = torch.arange(0, num * k + 1, k, device=candidates.device)
+    return _csr(rows, candidates.reshape(-1), values.reshape(-1), (num, columns))
+
+
+def _transposed_pattern(values: torch.Tensor, candidates: torch.Tensor, columns: int) -> torch.Tensor:
+    """The transpose of :func:`_pattern` ``[columns, B]``, built as a CSR matrix of its own."""
+    flat = candidates.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    rows = torch.zeros(columns + 1, dtype=torch.long, device=flat.device)
+    torch.cumsum(torch.bincount(flat, minlength=columns), 0, out=rows[1:])
+    return _csr(rows, order // candidates.shape[1], values.reshape(-1)[order], (columns, len(candidates)))
+
+
+def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        return torch.sparse_csr_tensor(
-            rows, candidates.reshape(-1), values.reshape(-1), (num, columns), check_invariants=False
-        )
+        return torch.sparse_csr_tensor(rows, columns, values, size, check_invariants=False)
 
 
 def _sampled_dot(x: torch.Tensor, table: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

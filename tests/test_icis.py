@@ -313,23 +313,34 @@ def test_sparse_blends_and_their_gradient_equal_blends_of_the_gathered_rows():
     torch.testing.assert_close(sparse.grad, gathered.grad)
 
 
-def test_sparse_scores_and_their_gradients_equal_scores_of_the_gathered_rows():
-    from classifier_injection.icis import _SparseScores
+def test_sparse_linear_and_its_gradients_equal_the_linear_layer_on_the_gathered_rows():
+    from classifier_injection.icis import _SparseLinear
     from classifier_injection.injector import top_cosines
 
     a_seen, _, _, _ = _synthetic(num_seen=40)
     candidates = top_cosines(a_seen, a_seen, 6)[1]
     generator = torch.Generator().manual_seed(2)
-    x, table = torch.randn(40, 5, dtype=torch.float64, generator=generator), torch.randn(40, 5, dtype=torch.float64)
-    x_sparse, table_sparse = x.clone().requires_grad_(), table.clone().requires_grad_()
-    x_gathered, table_gathered = x.clone().requires_grad_(), table.clone().requires_grad_()
-    got = _SparseScores.apply(x_sparse, candidates, table_sparse)
-    expected = torch.einsum("bke,be->bk", table_gathered[candidates], x_gathered)
+    x = torch.randn(40, 5, dtype=torch.float64, generator=generator)
+    weight, bias = torch.randn(40, 5, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    sparse = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    gathered = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    got = _SparseLinear.apply(sparse[0], candidates, sparse[1], sparse[2])
+    expected = torch.einsum("bke,be->bk", gathered[1][candidates], gathered[0]) + gathered[2][candidates]
     got.sin().sum().backward(), expected.sin().sum().backward()
     torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(x_sparse.grad, x_gathered.grad)
-    assert table_sparse.grad.layout == torch.strided, "a dense gradient, as the optimiser keeps it"
-    torch.testing.assert_close(table_sparse.grad, table_gathered.grad)
+    for mine, reference in zip(sparse, gathered, strict=True):
+        assert mine.grad.layout == torch.strided, "dense gradients, as the optimiser keeps them"
+        torch.testing.assert_close(mine.grad, reference.grad)
+
+
+def test_transposed_pattern_is_the_pattern_transposed():
+    from classifier_injection.icis import _pattern, _transposed_pattern
+
+    candidates = torch.tensor([[3, 0, 5], [5, 3, 1], [0, 5, 2]])
+    values = torch.arange(9, dtype=torch.float64).reshape(3, 3)
+    torch.testing.assert_close(
+        _transposed_pattern(values, candidates, 7).to_dense(), _pattern(values, candidates, 7).to_dense().T
+    )
 
 
 def test_dense_blend_targets_give_the_loss_and_gradient_of_blending_the_whole_basis():
