@@ -215,8 +215,8 @@ class _SparseLinear(torch.autograd.Function):
     """``s_bj = x_b . weight[c_bj] + bias[c_bj]`` for ``x [B, E]`` on candidates ``c [B, k]``: a linear layer scored on
     the candidates only, with dense gradients for its weight and bias (as the optimiser keeps them).
 
-    The weight's gradient is one product with the transposed pattern built as CSR (a transposed CSR matrix is
-    converted on every product), the bias' one ``index_add_`` (an embedding's backward would sort the candidates).
+    Both gradients are one product of the transposed pattern, built as a CSR matrix, with ``[x, 1]``: a transposed
+    CSR matrix is converted on every product, and an embedding's backward sorts the candidates again.
     """
 
     @staticmethod
@@ -232,10 +232,9 @@ class _SparseLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(candidates, weight, per_sample_weights=grad, mode="sum")
-        if ctx.needs_input_grad[2]:
-            grad_weight = _transposed_pattern(grad, candidates, len(weight)) @ x
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad.new_zeros(len(weight)).index_add_(0, candidates.reshape(-1), grad.reshape(-1))
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grads = _transposed_pattern(grad, candidates, len(weight)) @ torch.cat([x, x.new_ones(len(x), 1)], 1)
+            grad_weight, grad_bias = grads[:, :-1], grads[:, -1]
         return grad_x, None, grad_weight, grad_bias
 
 
