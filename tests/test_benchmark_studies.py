@@ -368,6 +368,9 @@ def test_scaling_exponent_and_table_report_what_was_measured():
     assert "Device: cuda" in text and "| 21843 | 1 | 30.0 | 3000.0 | 900 | 300 | 100 | 3.0 | 200 |" in text
     assert "- N = 21843, K = 1: 512" in text
     assert "- N = 21843, K = 1: 0.5 s (50.0 forward passes), 200 epochs" in text
+    assert "nan" not in text  # one head size: no exponent, no ratio
+    measured = table({**results, "exponents": {"1": 0.25}, "ratios": {"11821_over_1000": 2.4}})
+    assert "- K = 1: 0.25" in measured and "time(11821) / time(1000), K = 1: 2.4" in measured
 
 
 def test_scaling_refuses_cuda_where_there_is_none(monkeypatch, capsys):
