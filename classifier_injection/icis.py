@@ -812,11 +812,12 @@ def _blend_targets(decoder: nn.Module, rows: torch.Tensor) -> _BlendTargets | No
     """What the row losses need to score blends of the whole basis without building them (``None``: build them, as
     for the linear decoder).
 
-    The Gram matrix pays only while the basis has no more rows than they are long.
+    The Gram matrix pays while the basis has fewer rows than twice their width: a blend's loss and gradient cost
+    ``S^2`` per class through it (the gradient reuses the product), ``2 S x width`` built.
     """
     if not isinstance(decoder, _MixtureDecoder):
         return None
-    return _BlendTargets.dense(decoder.basis) if len(decoder.basis) <= rows.shape[1] else None
+    return _BlendTargets.dense(decoder.basis) if len(decoder.basis) < 2 * rows.shape[1] else None
 
 
 def _top_k(config: ICISConfig, seen_classes: int) -> int | None:

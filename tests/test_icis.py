@@ -363,8 +363,8 @@ def test_dense_mixture_trains_on_the_gram_matrix_only_while_it_is_cheaper():
     from classifier_injection.icis import _blend_targets, _MixtureDecoder
 
     rows = torch.randn(30, 7)
-    assert _blend_targets(_MixtureDecoder(4, rows[:7]), rows[:7]).gram.shape == (7, 7)
-    assert _blend_targets(_MixtureDecoder(4, rows[:8]), rows[:8]) is None, "8 rows of width 7: blends are cheaper"
+    assert _blend_targets(_MixtureDecoder(4, rows[:13]), rows[:13]).gram.shape == (13, 13)
+    assert _blend_targets(_MixtureDecoder(4, rows[:14]), rows[:14]) is None, "14 rows of width 7: blends are cheaper"
     assert _blend_targets(torch.nn.Linear(4, 7), rows) is None
 
 
