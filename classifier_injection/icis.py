@@ -215,8 +215,8 @@ class _SparseLinear(torch.autograd.Function):
     """``s_bj = x_b . weight[c_bj] + bias[c_bj]`` for ``x [B, E]`` on candidates ``c [B, k]``: a linear layer scored on
     the candidates only, with dense gradients for its weight and bias (as the optimiser keeps them).
 
-    Both gradients are one product of the transposed pattern, built as a CSR matrix, with ``[x, 1]``: a transposed
-    CSR matrix is converted on every product, and an embedding's backward sorts the candidates again.
+    Both gradients are products with the transposed pattern, built once per step as a CSR matrix: a transposed CSR
+    matrix is converted on every product, and an embedding's backward sorts the candidates again.
     """
 
     @staticmethod
@@ -233,8 +233,9 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(candidates, weight, per_sample_weights=grad, mode="sum")
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            grads = _transposed_pattern(grad, candidates, len(weight)) @ torch.cat([x, x.new_ones(len(x), 1)], 1)
-            grad_weight, grad_bias = grads[:, :-1], grads[:, -1]
+            transposed = _transposed_pattern(grad, candidates, len(weight))
+            grad_weight = transposed @ x if ctx.needs_input_grad[2] else None
+            grad_bias = (transposed @ x.new_ones(len(x), 1)).squeeze(1) if ctx.needs_input_grad[3] else None
         return grad_x, None, grad_weight, grad_bias
 
 
