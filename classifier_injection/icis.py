@@ -256,6 +256,7 @@ def _transposed_pattern(values: torch.Tensor, candidates: torch.Tensor, columns:
 
 
 def _csr(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from parts built valid by the caller (no invariants check, no beta warning)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
         return torch.sparse_csr_tensor(rows, columns, values, size, check_invariants=False)
