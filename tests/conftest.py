@@ -33,13 +33,24 @@ def _private_cache(tmp_path_factory):
         os.environ["CLASSIFIER_INJECTION_CACHE"] = previous
 
 
+#: Torch's intra-op threads before the suite takes them to one.
+THREADS = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # The test models are tiny: intra-op threads only add overhead, and on a shared 2-core machine contention.
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(scope="module")
+def all_threads():
+    """Every thread torch had, for a module of real-size models (an ICIS fit on a 1000-class head is matrix-bound)."""
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(1)
 
 
 class FakeEmbedder:

