@@ -372,6 +372,16 @@ def test_scaling_exponent_and_table_report_what_was_measured():
     assert "nan" not in text  # one head size: no exponent, no ratio
     measured = table({**results, "exponents": {"1": 0.25}, "ratios": {"11821_over_1000": 2.4}})
     assert "- K = 1: 0.25" in measured and "time(11821) / time(1000), K = 1: 2.4" in measured
+    assert "GFLOP/s" not in text and "ICIS fit" not in text  # runs from before these were measured
+    phased = table(
+        {
+            **results,
+            "matmul_gflops": 68.04,
+            "rows": [{**row, "epochs": 200, "fit_seconds": 20.0, "calibration_seconds": 6.5}],
+        }
+    )
+    assert "2048^3 matrix product there: 68.0 GFLOP/s" in phased
+    assert "- N = 21843, K = 1: fit 20.0, calibration 6.5" in phased
 
 
 def test_scaling_refuses_cuda_where_there_is_none(monkeypatch, capsys):

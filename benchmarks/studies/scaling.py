@@ -19,6 +19,7 @@ the issue: ``--sizes 21843 --counts 1 --device cuda --name cuda``); the GPU's pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -105,7 +106,10 @@ def measure(
     _synchronize(device)
     start = time.perf_counter()
     config = InjectionConfig(icis=ICISConfig(**icis)) if icis else None
-    out = inject(model, new, config, descriptions=descriptions, class_names=names, embedder=embedder, cache=cache_dir)
+    with _phase_seconds() as phases:
+        out = inject(
+            model, new, config, descriptions=descriptions, class_names=names, embedder=embedder, cache=cache_dir
+        )
     _synchronize(device)
     seconds = time.perf_counter() - start
     peak = _rss_mb("VmHWM")
@@ -119,8 +123,46 @@ def measure(
         "extra_peak_mb": peak - before,
         "head_mb": head_mb,
         "epochs": record["hparams"].get("epochs_trained"),
+        "fit_seconds": phases.get("fit"),
+        "calibration_seconds": phases.get("calibration"),
         "simulated_classes": record["calibration"]["diagnostics"].get("simulated_classes", num),
     }
+
+
+@contextlib.contextmanager
+def _phase_seconds() -> Iterator[dict[str, float]]:
+    """The seconds of the fit and the calibration of the ``inject()`` run inside (read from its row prediction)."""
+    from classifier_injection import api
+
+    phases: dict[str, float] = {}
+    original = api.predict_rows
+
+    def timed(*args: object, **kwargs: object) -> object:
+        prediction = original(*args, **kwargs)
+        phases.update(prediction.seconds)
+        return prediction
+
+    api.predict_rows = timed
+    try:
+        yield phases
+    finally:
+        api.predict_rows = original
+
+
+def matmul_gflops(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
+    """The best of ``repeats`` float32 ``size^3`` matrix products on ``device``, in GFLOP/s: the ceiling of a fit."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
+    a @ b
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times) / 1e9
 
 
 def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
@@ -191,6 +233,11 @@ def table(results: dict) -> str:
         "### inject() against the head size (embeddings cached, calibration simulated anew, one process each)",
         "",
         f"Device: {device}. One lite0 forward pass of 32 images there: {forward:.2f} s.",
+        *(
+            [f"A float32 2048^3 matrix product there: {results['matmul_gflops']:.1f} GFLOP/s."]
+            if "matmul_gflops" in results
+            else []
+        ),
         *([f"ICIS settings changed: {json.dumps(results['icis'])}."] if results.get("icis") else []),
         "",
         "| N old | K new | seconds | x forward | peak MiB | extra peak MiB | head MiB | extra / head | epochs |",
@@ -202,6 +249,14 @@ def table(results: dict) -> str:
             f"{row['peak_mb']:.0f} | {row['extra_peak_mb']:.0f} | {row['head_mb']:.0f} | "
             f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} |"
         )
+    phased = [row for row in results["rows"] if row.get("fit_seconds") is not None]
+    if phased:
+        lines += ["", "Of which the ICIS fit and the calibration (seconds):", ""]
+        lines += [
+            f"- N = {r['num']}, K = {r['count']}: fit {r['fit_seconds']:.1f}, "
+            f"calibration {r['calibration_seconds']:.1f}"
+            for r in phased
+        ]
     seen = [row for row in results["rows"] if "seen_head" in row]
     if seen:
         lines += ["", "Other names into a head injected into before (the caches kept from that injection):", ""]
@@ -273,6 +328,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         "device": args.device,
         "icis": icis,
         "forward_seconds": forward_seconds(device=args.device),
+        "matmul_gflops": matmul_gflops(args.device),
         "rows": rows,
         "cold_embedding_seconds": cold,
         "exponents": {
