@@ -1,4 +1,5 @@
-"""Injected models export like any timm model: fx, timm's fx feature extraction, torch.export, TorchScript, ONNX.
+"""Injected models export like any timm model: fx, timm's fx feature extraction, torch.export, TorchScript, ONNX
+(timm's exporter and torch's default one).
 
 One tiny model per head family. Every path is traced or exported on one input and checked on another against
 eager mode. Tolerances: fx, feature extraction, ``torch.export``, ``torch.jit.script`` and ``torch.jit.trace`` run
@@ -112,8 +113,24 @@ def test_torch_jit_trace(case):
     assert torch.equal(_run(traced, case.check), case.eager)
 
 
-def test_onnx_export_runs_in_onnxruntime(case, tmp_path):
+def test_timm_onnx_export_runs_in_onnxruntime(case, tmp_path):
+    """timm's exporter (TorchScript-based, dynamic batch, ONNX checker): a batch of another size runs too."""
     ort = pytest.importorskip("onnxruntime")
+    from timm.utils.onnx import onnx_export
+
+    path = tmp_path / "model.onnx"
+    onnx_export(case.fresh(), str(path), example_input=case.example, input_names=["x"], output_names=["logits"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": case.check.numpy()})
+    _assert_close_to_eager(torch.from_numpy(out), case.eager)
+    (one,) = session.run(None, {"x": case.check[:1].numpy()})
+    _assert_close_to_eager(torch.from_numpy(one), case.eager[:1])
+
+
+def test_torch_onnx_export_default_exporter_runs_in_onnxruntime(tmp_path):
+    """torch's default (dynamo) exporter, on one family: it exports through ``torch.export``, tested on every one."""
+    ort = pytest.importorskip("onnxruntime")
+    case = Case("deit_tiny_distilled_patch16_224")
     path = tmp_path / "model.onnx"
     torch.onnx.export(case.fresh(), (case.example,), str(path), input_names=["x"], output_names=["logits"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
