@@ -135,23 +135,7 @@ def inject(
         The extended model: ``num_classes == N + K``, ``pretrained_cfg["label_names"]`` = old + new names, old
         logits bit-identical to the input model's, provenance in ``model.classifier_injection``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a timm nn.Module, got {type(model).__name__}")
-    config = _check_config(config, injector)
-    head = find_head(model, allow_projection=config.allow_projection)
-    seen_names = seen_class_names(model, head.num_classes, class_names)
-    names = check_new_class_names(new_class_names, seen_names, config.allow_existing)
-    if descriptions is not None and not isinstance(descriptions, Mapping):
-        raise TypeError(f"descriptions must be a mapping name -> text, got {type(descriptions).__name__}")
-    if model.training:
-        # Growing the head does not depend on the mode; only what the caller does next with the model does.
-        warnings.warn(
-            f"{type(model).__name__} is in train mode: injection works the same, and the returned model stays in "
-            "train mode (dropout, batch-norm updates); call .eval() on it before predicting",
-            UserWarning,
-            stacklevel=2,
-        )
-
+    config, head, seen_names, names = _check_inputs(model, new_class_names, config, injector, class_names, descriptions)
     embedder = embedder or default_embedder(show_progress=config.progress)
     rule = get_calibration(config.calibration)
     start = time.perf_counter()
@@ -292,6 +276,34 @@ def _accelerator(model: nn.Module) -> torch.device | None:
     """The model's CUDA device, where ICIS trains too (float32 maths); ``None`` for models on the CPU."""
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None and parameter.device.type == "cuda" else None
+
+
+def _check_inputs(
+    model: nn.Module,
+    new_class_names: Sequence[str],
+    config: InjectionConfig | None,
+    injector: Injector | None,
+    class_names: Sequence[str] | None,
+    descriptions: Mapping[str, str] | None,
+) -> tuple[InjectionConfig, ClassifierHead, list[str], list[str]]:
+    """The config, the model's head, its classes' names and the new ones, checked; warns about train mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a timm nn.Module, got {type(model).__name__}")
+    config = _check_config(config, injector)
+    head = find_head(model, allow_projection=config.allow_projection)
+    seen_names = seen_class_names(model, head.num_classes, class_names)
+    names = check_new_class_names(new_class_names, seen_names, config.allow_existing)
+    if descriptions is not None and not isinstance(descriptions, Mapping):
+        raise TypeError(f"descriptions must be a mapping name -> text, got {type(descriptions).__name__}")
+    if model.training:
+        # Growing the head does not depend on the mode; only what the caller does next with the model does.
+        warnings.warn(
+            f"{type(model).__name__} is in train mode: injection works the same, and the returned model stays in "
+            "train mode (dropout, batch-norm updates); call .eval() on it before predicting",
+            UserWarning,
+            stacklevel=3,
+        )
+    return config, head, seen_names, names
 
 
 def _check_config(config: InjectionConfig | None, injector: Injector | None) -> InjectionConfig:
