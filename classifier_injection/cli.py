@@ -15,7 +15,11 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:  # the library is imported lazily: --help stays fast
+    from .config import InjectionConfig
+    from .icis import ICISConfig
 
 PROG = "classifier-injection"
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -318,10 +322,9 @@ def load_model_source(spec: str, *, offline_weights: bool = False):
 def run_inject(args: argparse.Namespace) -> int:
     """``inject``: load, inject, save. Inputs are checked before anything expensive runs."""
     from .api import check_new_class_names, existing_names, inject
-    from .config import InjectionConfig
     from .descriptors import seen_class_names
     from .heads import find_head
-    from .icis import ICISConfig, ICISInjector
+    from .icis import ICISInjector
     from .io import check_output_path, save_injected
 
     names = _new_class_names(args)
@@ -335,34 +338,7 @@ def run_inject(args: argparse.Namespace) -> int:
     if args.save_injector is not None and args.save_injector.exists() and not args.overwrite:
         raise UsageError(f"--save-injector: {args.save_injector} already exists (add --overwrite to replace it)")
     device = _check_device(args.device)
-    options = {
-        "max_epochs": args.epochs,
-        "latent_dim": args.latent_dim,
-        "row_decoder": args.row_decoder,
-        "row_encoder": False if args.no_row_encoder else None,
-        "include_new_descriptors": False if args.fit_per_model else None,
-    }
-    overrides = {k: v for k, v in options.items() if v is not None}
-    if args.injector is not None and overrides:
-        raise UsageError(
-            "--epochs, --latent-dim, --row-decoder, --no-row-encoder and --fit-per-model train a new injector: they "
-            "cannot be used with --injector"
-        )
-
-    icis_config = ICISConfig(**overrides) if overrides else None
-    own_injector = args.injector is not None or args.save_injector is not None
-    try:
-        config = InjectionConfig(
-            icis=None if own_injector else icis_config,  # an injector of our own carries its ICIS settings
-            calibration=args.calibration,
-            new_class_scale=args.new_class_scale,
-            target_precision=args.target_precision,
-            allow_existing=args.allow_existing,
-            progress=args.progress,
-        )
-    except (TypeError, ValueError) as err:
-        raise UsageError(_one_line(err)) from err
-
+    config, icis_config = _injection_config(args)
     embedder = _load_embedder(args.embedder, device, args.progress)
     # Without --injector or --save-injector, inject() picks and fits its default injector itself.
     injector = ICISInjector.load(str(args.injector)) if args.injector is not None else None
@@ -405,6 +381,40 @@ def run_inject(args: argparse.Namespace) -> int:
     print(f"injected {_count(len(names))} into {args.model} ({num_before} -> {model.num_classes} classes){took}")
     print(f"saved to {out}")
     return EXIT_OK
+
+
+def _injection_config(args: argparse.Namespace) -> tuple[InjectionConfig, ICISConfig | None]:
+    """The ``inject`` options as an :class:`InjectionConfig`, and the ICIS settings a new injector trains with."""
+    from .config import InjectionConfig
+    from .icis import ICISConfig
+
+    options = {
+        "max_epochs": args.epochs,
+        "latent_dim": args.latent_dim,
+        "row_decoder": args.row_decoder,
+        "row_encoder": False if args.no_row_encoder else None,
+        "include_new_descriptors": False if args.fit_per_model else None,
+    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if args.injector is not None and overrides:
+        raise UsageError(
+            "--epochs, --latent-dim, --row-decoder, --no-row-encoder and --fit-per-model train a new injector: they "
+            "cannot be used with --injector"
+        )
+    icis_config = ICISConfig(**overrides) if overrides else None
+    own_injector = args.injector is not None or args.save_injector is not None
+    try:
+        config = InjectionConfig(
+            icis=None if own_injector else icis_config,  # an injector of our own carries its ICIS settings
+            calibration=args.calibration,
+            new_class_scale=args.new_class_scale,
+            target_precision=args.target_precision,
+            allow_existing=args.allow_existing,
+            progress=args.progress,
+        )
+    except (TypeError, ValueError) as err:
+        raise UsageError(_one_line(err)) from err
+    return config, icis_config
 
 
 def _summary(config: dict) -> dict:
