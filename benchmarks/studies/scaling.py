@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -225,6 +225,13 @@ def exponent(sizes: Sequence[int], seconds: Sequence[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum((a - mx) ** 2 for a in x)
 
 
+def _row_list(title: str, rows: list[dict], describe: Callable[[dict], str]) -> list[str]:
+    """``title`` and a bullet ``- N = .., K = ..: describe(row)`` per row; nothing without rows."""
+    if not rows:
+        return []
+    return ["", title, "", *(f"- N = {r['num']}, K = {r['count']}: {describe(r)}" for r in rows)]
+
+
 def table(results: dict) -> str:
     """The markdown table of a run."""
     forward = results["forward_seconds"]
@@ -249,26 +256,25 @@ def table(results: dict) -> str:
             f"{row['peak_mb']:.0f} | {row['extra_peak_mb']:.0f} | {row['head_mb']:.0f} | "
             f"{row['extra_peak_mb'] / row['head_mb']:.1f} | {row['epochs']} |"
         )
-    phased = [row for row in results["rows"] if row.get("fit_seconds") is not None]
-    if phased:
-        lines += ["", "Of which the ICIS fit and the calibration (seconds):", ""]
-        lines += [
-            f"- N = {r['num']}, K = {r['count']}: fit {r['fit_seconds']:.1f}, "
-            f"calibration {r['calibration_seconds']:.1f}"
-            for r in phased
-        ]
-    seen = [row for row in results["rows"] if "seen_head" in row]
-    if seen:
-        lines += ["", "Other names into a head injected into before (the caches kept from that injection):", ""]
-        lines += [
-            f"- N = {r['num']}, K = {r['count']}: {r['seen_head']['seconds']:.1f} s "
-            f"({r['seen_head']['seconds'] / forward:.1f} forward passes), {r['seen_head']['epochs']} epochs"
-            for r in seen
-        ]
-    gpu = [r for r in results["rows"] if "gpu_peak_mb" in r]
-    if gpu:
-        lines += ["", "GPU peak memory (MiB) during inject():", ""]
-        lines += [f"- N = {r['num']}, K = {r['count']}: {r['gpu_peak_mb']:.0f}" for r in gpu]
+    rows = results["rows"]
+    lines += _row_list(
+        "Of which the ICIS fit and the calibration (seconds):",
+        [r for r in rows if r.get("fit_seconds") is not None],
+        lambda r: f"fit {r['fit_seconds']:.1f}, calibration {r['calibration_seconds']:.1f}",
+    )
+    lines += _row_list(
+        "Other names into a head injected into before (the caches kept from that injection):",
+        [r for r in rows if "seen_head" in r],
+        lambda r: (
+            f"{r['seen_head']['seconds']:.1f} s ({r['seen_head']['seconds'] / forward:.1f} forward passes), "
+            f"{r['seen_head']['epochs']} epochs"
+        ),
+    )
+    lines += _row_list(
+        "GPU peak memory (MiB) during inject():",
+        [r for r in rows if "gpu_peak_mb" in r],
+        lambda r: f"{r['gpu_peak_mb']:.0f}",
+    )
     fitted = {k: e for k, e in results["exponents"].items() if not math.isnan(e)}
     if fitted:
         lines += ["", "Fitted exponent of time vs N (least squares on log-log):", ""]
