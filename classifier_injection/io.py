@@ -194,24 +194,34 @@ def read_saved_config(path: str | os.PathLike, *, require_record: bool = True) -
         raise ValueError(f"{where}: 'num_classes' must be an int in [1, {MAX_CLASSES}], got {num_classes!r:.100}")
     config["model_args"] = _check_model_args(config.get("model_args") or {}, num_classes, f"{where}: model_args")
 
-    pretrained_cfg = config.get("pretrained_cfg") or {}
+    if config.get("label_names") is not None:
+        _check_names(config["label_names"], num_classes, f"{where}: label_names")
+    config["pretrained_cfg"] = _checked_pretrained_cfg(config.get("pretrained_cfg") or {}, num_classes, where)
+    record = config.get(CONFIG_KEY)
+    if record is None and not require_record:
+        record = {"segments": [num_classes]}
+    config[CONFIG_KEY] = _checked_record(record, num_classes, where)
+    return config
+
+
+def _checked_pretrained_cfg(pretrained_cfg: object, num_classes: int, where: str) -> dict:
+    """A saved ``pretrained_cfg``: its data config, label names and label descriptions checked."""
     if not isinstance(pretrained_cfg, dict):
         raise ValueError(f"{where}: 'pretrained_cfg' must be an object, got {type(pretrained_cfg).__name__}")
     _check_data_config(pretrained_cfg, f"{where}: pretrained_cfg")
-    for key, cfg in (("label_names", config), ("pretrained_cfg.label_names", pretrained_cfg)):
-        if cfg.get("label_names") is not None:
-            _check_names(cfg["label_names"], num_classes, f"{where}: {key}")
+    if pretrained_cfg.get("label_names") is not None:
+        _check_names(pretrained_cfg["label_names"], num_classes, f"{where}: pretrained_cfg.label_names")
     descriptions = pretrained_cfg.get("label_descriptions")
     if descriptions is not None and not (
         isinstance(descriptions, dict)
         and all(isinstance(v, str) and len(v) <= MAX_LABEL_CHARS for v in descriptions.values())
     ):
         raise ValueError(f"{where}: pretrained_cfg.label_descriptions must map names to strings")
-    config["pretrained_cfg"] = pretrained_cfg
+    return pretrained_cfg
 
-    record = config.get(CONFIG_KEY)
-    if record is None and not require_record:
-        record = {"segments": [num_classes]}
+
+def _checked_record(record: object, num_classes: int, where: str) -> dict:
+    """A saved injection record: head segments that add up to ``num_classes``, injections, weights checksum."""
     if not isinstance(record, dict):
         raise ValueError(
             f"{where} has no {CONFIG_KEY!r} block: it was not written by save_injected(); "
@@ -231,8 +241,7 @@ def read_saved_config(path: str | os.PathLike, *, require_record: bool = True) -
     checksum = record.get("weights_sha256")
     if checksum is not None and not (isinstance(checksum, str) and len(checksum) == 64):
         raise ValueError(f"{where}: {CONFIG_KEY}.weights_sha256 must be a 64-character hex string")
-    config[CONFIG_KEY] = record
-    return config
+    return record
 
 
 # --------------------------------------------------------------------------------------------------
