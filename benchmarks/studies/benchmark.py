@@ -189,11 +189,12 @@ USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo", "mlp", "subre
 #: The closed-form ones (a second each; MLP and Sub.Reg. train for about a minute per injection).
 FAST_USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo")
 #: Ways to make ICIS rows discriminate against their neighbours (``benchmarks.harness.research_injectors``), ICIS
-#: without the row encoder's terms (a faster fit), ICIS whose calibration simulation refits it (a second fit) and
-#: ICIS with or without the new classes' descriptors in its fit; run when asked for (``--methods``: on every model;
-#: ``--user-methods``: on the main case).
+#: without the row encoder's terms or trained 20 epochs of batch 32 (faster fits), ICIS whose calibration simulation
+#: refits it (a second fit) and ICIS with or without the new classes' descriptors in its fit; run when asked for
+#: (``--methods``: on every model; ``--user-methods``: on the main case).
 ROW_VARIANTS = (
     "icis-no-row-encoder",
+    "icis-batch32",
     "icis-no-new-descriptors",
     "icis-refit",
     "icis-loo",
