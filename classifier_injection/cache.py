@@ -2,7 +2,9 @@
 
 Injecting into an ImageNet head embeds the descriptors of its 1000 seen classes every time; with the cache
 only texts never seen before are encoded. One safetensors file per embedder id holds a ``[n, d]`` float32
-matrix and, in its (string) metadata, the JSON list of the ``n`` texts. Nothing is unpickled on load.
+matrix and, in its (string) metadata, the JSON list of the ``n`` texts. Nothing is unpickled on load. The package
+ships such a file for the default embedder and ImageNet-1k's class texts (:data:`SHIPPED_DIR`), read for the texts a
+cache lacks, so even a first injection into an ImageNet-1k head embeds only the new names.
 
 The cache trusts the embedder id: an id must change whenever the vectors would (different model or weights).
 So only embedders that declare ``cacheable = True`` are cached (the library's sentence-transformers and
@@ -56,6 +58,42 @@ def default_cache_dir() -> Path:
     return base / "classifier_injection" / "embeddings"
 
 
+#: Package data: the default embedder's vectors of the texts that describe ImageNet-1k's classes, so that a first
+#: injection into an ImageNet-1k head need not embed its 1000 classes (built by
+#: ``python -m benchmarks.harness.shipped_embeddings``; read-only, same format as a cache file).
+SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "embeddings"
+
+
+def _file_name(embedder_id: str) -> str:
+    """The name of the file holding ``embedder_id``'s vectors (a hash: ids may contain any character)."""
+    return hashlib.sha256(embedder_id.encode("utf-8")).hexdigest()[:24] + ".safetensors"
+
+
+def _read_vectors(path: Path, embedder_id: str) -> tuple[dict[str, int], torch.Tensor]:
+    """The texts (text -> row) and vectors of a file of ``embedder_id``'s vectors; empty if missing or unreadable."""
+    if not path.is_file():
+        return {}, torch.zeros(0, 0)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            vectors = f.get_tensor("vectors")
+        texts = json.loads(metadata.get("texts", "[]"))
+        if metadata.get("embedder") != embedder_id or len(texts) != len(vectors):
+            raise ValueError("header does not match its content")
+    except Exception as err:  # a corrupt or foreign file
+        _logger.warning("ignoring unreadable embedding file %s (%s)", path, err)
+        return {}, torch.zeros(0, 0)
+    return {t: i for i, t in enumerate(texts)}, vectors
+
+
+@functools.cache
+def _shipped(embedder_id: str) -> tuple[dict[str, int], torch.Tensor]:
+    """The vectors of ``embedder_id`` shipped in :data:`SHIPPED_DIR` (empty for other embedders)."""
+    return _read_vectors(SHIPPED_DIR / _file_name(embedder_id), embedder_id)
+
+
 class EmbeddingCache:
     """Embeddings on disk, one file per embedder id.
 
@@ -70,46 +108,33 @@ class EmbeddingCache:
 
     def path(self, embedder_id: str) -> Path:
         """File holding the vectors of ``embedder_id`` (a hash of the id: ids may contain any character)."""
-        digest = hashlib.sha256(embedder_id.encode("utf-8")).hexdigest()[:24]
-        return self.directory / f"{digest}.safetensors"
+        return self.directory / _file_name(embedder_id)
 
     def _load(self, embedder_id: str) -> tuple[dict[str, int], torch.Tensor]:
-        if embedder_id in self._loaded:
-            return self._loaded[embedder_id]
-        path = self.path(embedder_id)
-        entry: tuple[dict[str, int], torch.Tensor] = ({}, torch.zeros(0, 0))
-        if path.is_file():
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    metadata = f.metadata() or {}
-                    vectors = f.get_tensor("vectors")
-                texts = json.loads(metadata.get("texts", "[]"))
-                if metadata.get("embedder") != embedder_id or len(texts) != len(vectors):
-                    raise ValueError("header does not match its content")
-                entry = ({t: i for i, t in enumerate(texts)}, vectors)
-            except Exception as err:  # a corrupt or foreign file: ignore it, it is rewritten on the next put
-                _logger.warning("ignoring unreadable embedding cache %s (%s)", path, err)
-        self._loaded[embedder_id] = entry
-        return entry
+        if embedder_id not in self._loaded:
+            # A corrupt or foreign file is ignored: it is rewritten on the next put.
+            self._loaded[embedder_id] = _read_vectors(self.path(embedder_id), embedder_id)
+        return self._loaded[embedder_id]
 
     def get(self, embedder_id: str, texts: Sequence[str]) -> tuple[torch.Tensor | None, list[int]]:
         """Cached vectors of ``texts``: ``(vectors [n, d] with zeros where missing, missing indices)``.
 
-        Returns ``(None, all indices)`` when nothing is cached for ``embedder_id``.
+        Texts this cache lacks are looked up in the vectors shipped with the package (:data:`SHIPPED_DIR`).
+        Returns ``(None, all indices)`` when nothing is cached or shipped for ``embedder_id``.
         """
-        index, vectors = self._load(embedder_id)
-        if not index:
+        stores = [store for store in (self._load(embedder_id), _shipped(embedder_id)) if store[0]]
+        if not stores:
             return None, list(range(len(texts)))
-        out = torch.zeros(len(texts), vectors.shape[1])
+        dim = stores[0][1].shape[1]
+        stores = [(index, vectors) for index, vectors in stores if vectors.shape[1] == dim]
+        out = torch.zeros(len(texts), dim)
         missing = []
         for i, text in enumerate(texts):
-            j = index.get(text)
-            if j is None:
+            found = next(((vectors, index[text]) for index, vectors in stores if text in index), None)
+            if found is None:
                 missing.append(i)
             else:
-                out[i] = vectors[j]
+                out[i] = found[0][found[1]]
         return out, missing
 
     def put(self, embedder_id: str, texts: Sequence[str], vectors: torch.Tensor) -> None:

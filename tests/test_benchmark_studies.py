@@ -382,6 +382,9 @@ def test_scaling_exponent_and_table_report_what_was_measured():
     )
     assert "2048^3 matrix product there: 68.0 GFLOP/s" in phased
     assert "- N = 21843, K = 1: fit 20.0, calibration 6.5" in phased
+    assert "inject() alone" not in phased  # runs from before it was measured
+    cold = table({**results, "cold_inject_seconds": {"1000": 20.0}, "cold_inject_seconds_unshipped": {"1000": 32.5}})
+    assert "inject() alone" in cold and "- N = 1000: 20.0 s (32.5 s)" in cold
 
 
 def test_scaling_refuses_cuda_where_there_is_none(monkeypatch, capsys):

