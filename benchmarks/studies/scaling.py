@@ -194,17 +194,10 @@ def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
     return min(times)
 
 
-def _in_subprocess(
-    num: int,
-    count: int,
-    cache_dir: str,
-    device: str = "cpu",
-    icis: dict | None = None,
-    seen_head: bool = False,
-    shipped: bool = True,
-) -> dict:
+def _in_subprocess(num: int, count: int, cache_dir: str, device: str, icis: dict, *flags: str) -> dict:
+    """:func:`measure` in a fresh process; ``flags``: the worker's ``--other-names`` and ``--no-shipped``."""
     command = [sys.executable, "-m", "benchmarks.studies.scaling", "--worker", str(num), str(count), cache_dir]
-    command += ["--device", device, *(["--other-names"] if seen_head else []), *([] if shipped else ["--no-shipped"])]
+    command += ["--device", device, *flags]
     if icis:
         command += ["--icis", *(f"{key}={json.dumps(value)}" for key, value in icis.items())]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -349,12 +342,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scal
         print(f"N={num}: first injection with cold embeddings {cold[str(num)]:.1f} s (process included)", flush=True)
         if num == 1000:  # the head whose class texts the package ships vectors for
             empty = tempfile.mkdtemp(prefix="scaling-cache-")
-            unshipped[str(num)] = _in_subprocess(num, 1, empty, args.device, icis, shipped=False)["seconds"]
+            unshipped[str(num)] = _in_subprocess(num, 1, empty, args.device, icis, "--no-shipped")["seconds"]
             shutil.rmtree(empty, ignore_errors=True)
         for count in args.counts:
             row = {"num": num, "count": count, **_in_subprocess(num, count, cache_dir, args.device, icis)}
             if args.seen_head:
-                again = _in_subprocess(num, count, cache_dir, args.device, icis, seen_head=True)
+                again = _in_subprocess(num, count, cache_dir, args.device, icis, "--other-names")
                 row["seen_head"] = {key: again[key] for key in ("seconds", "extra_peak_mb", "epochs")}
             rows.append(row)
             print(f"N={num} K={count}: {row['seconds']:.1f} s, extra peak {row['extra_peak_mb']:.0f} MiB", flush=True)
