@@ -41,6 +41,7 @@ __all__ = [
     "fit_key",
     "reads_new_descriptors",
     "resolve_cache",
+    "shipped_path",
     "source_digest",
 ]
 
@@ -88,10 +89,15 @@ def _read_vectors(path: Path, embedder_id: str) -> tuple[dict[str, int], torch.T
     return {t: i for i, t in enumerate(texts)}, vectors
 
 
+def shipped_path(embedder_id: str) -> Path:
+    """Where the package keeps the vectors it ships for ``embedder_id`` (the file exists for the default embedder)."""
+    return SHIPPED_DIR / _file_name(embedder_id)
+
+
 @functools.cache
 def _shipped(embedder_id: str) -> tuple[dict[str, int], torch.Tensor]:
     """The vectors of ``embedder_id`` shipped in :data:`SHIPPED_DIR` (empty for other embedders)."""
-    return _read_vectors(SHIPPED_DIR / _file_name(embedder_id), embedder_id)
+    return _read_vectors(shipped_path(embedder_id), embedder_id)
 
 
 class EmbeddingCache:

@@ -2,7 +2,7 @@
 
 ``inject()`` embeds the texts of a head's old classes on its first call for a model; for ImageNet-1k heads (most timm
 checkpoints) these texts are always the same, so the package ships their vectors
-(``classifier_injection/cache.py: SHIPPED_DIR``) in the embedding cache's file format. Both texts a class can get are
+(``classifier_injection.cache.shipped_path``) in the embedding cache's file format. Both texts a class can get are
 included: its WordNet definition (``"{name}: {definition}"``) and its name alone (used when no new class has a
 definition). The vectors are what the embedder's ``encode`` returns, as the cache stores them.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from classifier_injection.cache import SHIPPED_DIR, _file_name
+from classifier_injection.cache import shipped_path
 from classifier_injection.descriptors import (
     default_config_for,
     describe_classes,
@@ -46,7 +46,7 @@ def main() -> None:
     embedder = default_embedder(show_progress=True)
     texts = imagenet_texts(embedder)
     vectors = embedder.encode(texts).detach().float().cpu().contiguous()
-    path = SHIPPED_DIR / _file_name(embedder.id)
+    path = shipped_path(embedder.id)
     metadata = {"embedder": embedder.id, "texts": json.dumps(texts)}
     atomic_save_safetensors({"vectors": vectors}, path, metadata, overwrite=True)
     print(f"{len(texts)} texts of {embedder.id} -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
