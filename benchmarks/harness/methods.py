@@ -80,6 +80,11 @@ METHODS: dict[str, Method] = {
             description="ICIS trained 20 epochs of batch 32 (a fit about twice as fast as the slope-stopped default)",
         ),
         Method(
+            "icis-batch32-30",
+            lambda: ICISInjector(ICISConfig(batch_size=32, max_epochs=30), seed=0),
+            description="ICIS trained 30 epochs of batch 32 (a fit about 1.5 times as fast as the default)",
+        ),
+        Method(
             "icis-target30",
             lambda: ICISInjector(seed=0),
             calibration="synthesize-target",

@@ -195,6 +195,7 @@ FAST_USER_METHODS = ("icis", "ridge", "costa", "vgse-wavg", "vgse-smo")
 ROW_VARIANTS = (
     "icis-no-row-encoder",
     "icis-batch32",
+    "icis-batch32-30",
     "icis-no-new-descriptors",
     "icis-refit",
     "icis-loo",
