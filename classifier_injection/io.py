@@ -194,9 +194,7 @@ def read_saved_config(path: str | os.PathLike, *, require_record: bool = True) -
         raise ValueError(f"{where}: 'num_classes' must be an int in [1, {MAX_CLASSES}], got {num_classes!r:.100}")
     config["model_args"] = _check_model_args(config.get("model_args") or {}, num_classes, f"{where}: model_args")
 
-    if config.get("label_names") is not None:
-        _check_names(config["label_names"], num_classes, f"{where}: label_names")
-    config["pretrained_cfg"] = _checked_pretrained_cfg(config.get("pretrained_cfg") or {}, num_classes, where)
+    config["pretrained_cfg"] = _checked_labels(config, num_classes, where)
     record = config.get(CONFIG_KEY)
     if record is None and not require_record:
         record = {"segments": [num_classes]}
@@ -204,13 +202,16 @@ def read_saved_config(path: str | os.PathLike, *, require_record: bool = True) -
     return config
 
 
-def _checked_pretrained_cfg(pretrained_cfg: object, num_classes: int, where: str) -> dict:
-    """A saved ``pretrained_cfg``: its data config, label names and label descriptions checked."""
+def _checked_labels(config: dict, num_classes: int, where: str) -> dict:
+    """A saved config's ``pretrained_cfg``, checked: its data config, the label names (top level and in it), and its
+    label descriptions."""
+    pretrained_cfg = config.get("pretrained_cfg") or {}
     if not isinstance(pretrained_cfg, dict):
         raise ValueError(f"{where}: 'pretrained_cfg' must be an object, got {type(pretrained_cfg).__name__}")
     _check_data_config(pretrained_cfg, f"{where}: pretrained_cfg")
-    if pretrained_cfg.get("label_names") is not None:
-        _check_names(pretrained_cfg["label_names"], num_classes, f"{where}: pretrained_cfg.label_names")
+    for key, cfg in (("label_names", config), ("pretrained_cfg.label_names", pretrained_cfg)):
+        if cfg.get("label_names") is not None:
+            _check_names(cfg["label_names"], num_classes, f"{where}: {key}")
     descriptions = pretrained_cfg.get("label_descriptions")
     if descriptions is not None and not (
         isinstance(descriptions, dict)
