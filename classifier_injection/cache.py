@@ -136,11 +136,12 @@ class EmbeddingCache:
         out = torch.zeros(len(texts), dim)
         missing = []
         for i, text in enumerate(texts):
-            found = next(((vectors, index[text]) for index, vectors in stores if text in index), None)
-            if found is None:
-                missing.append(i)
+            for index, vectors in stores:
+                if text in index:
+                    out[i] = vectors[index[text]]
+                    break
             else:
-                out[i] = found[0][found[1]]
+                missing.append(i)
         return out, missing
 
     def put(self, embedder_id: str, texts: Sequence[str], vectors: torch.Tensor) -> None:
