@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+import timm
+
 from classifier_injection.cache import shipped_path
 from classifier_injection.descriptors import (
     default_config_for,
@@ -21,7 +23,6 @@ from classifier_injection.descriptors import (
     seen_class_wnids,
 )
 from classifier_injection.embedders import Embedder, default_embedder
-from classifier_injection.offline import efficientnet_lite
 from classifier_injection.serialization import atomic_save_safetensors
 
 IMAGENET_CLASSES = 1000
@@ -29,7 +30,8 @@ IMAGENET_CLASSES = 1000
 
 def imagenet_texts(embedder: Embedder) -> list[str]:
     """Every text ``inject()`` embeds for the old classes of an ImageNet-1k head with ``embedder``'s default config."""
-    model = efficientnet_lite(0)  # an ImageNet-1k head without label names: timm's metadata names its classes
+    # An ImageNet-1k head without label names (no weights needed): timm's metadata names its classes.
+    model = timm.create_model("resnet18", pretrained=False)
     config = default_config_for(embedder)
     names = seen_class_names(model, IMAGENET_CLASSES)
     definitions, _ = describe_classes(names, None, config, wnids=seen_class_wnids(model, IMAGENET_CLASSES))

@@ -161,20 +161,26 @@ def _phase_seconds() -> Iterator[dict[str, float]]:
         api.predict_rows = original
 
 
+@torch.no_grad()
+def _best_seconds(work: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """The best of ``repeats`` timed calls of ``work`` on ``device``, after one untimed call (warm-up)."""
+    work()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        work()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def matmul_gflops(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
     """The best of ``repeats`` float32 ``size^3`` matrix products on ``device``, in GFLOP/s: the ceiling of a fit."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
-    a @ b
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times) / 1e9
+    return 2 * size**3 / _best_seconds(lambda: a @ b, repeats, device) / 1e9
 
 
 def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
@@ -182,16 +188,7 @@ def forward_seconds(repeats: int = 3, device: str = "cpu") -> float:
     device = torch.device(device)
     model = load_model("tf_efficientnet_lite0").to(device)
     images = torch.randn(32, 3, 224, 224, device=device)
-    with torch.no_grad():
-        model(images)
-        times = []
-        for _ in range(repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            model(images)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-    return min(times)
+    return _best_seconds(lambda: model(images), repeats, device)
 
 
 def _in_subprocess(num: int, count: int, cache_dir: str, device: str, icis: dict, *flags: str) -> dict:
