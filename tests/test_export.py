@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import timm
@@ -120,11 +122,8 @@ def test_timm_onnx_export_runs_in_onnxruntime(case, tmp_path):
 
     path = tmp_path / "model.onnx"
     onnx_export(case.fresh(), str(path), example_input=case.example, input_names=["x"], output_names=["logits"])
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {"x": case.check.numpy()})
-    _assert_close_to_eager(torch.from_numpy(out), case.eager)
-    (one,) = session.run(None, {"x": case.check[:1].numpy()})
-    _assert_close_to_eager(torch.from_numpy(one), case.eager[:1])
+    _assert_close_to_eager(_onnxruntime_logits(ort, path, case.check), case.eager)
+    _assert_close_to_eager(_onnxruntime_logits(ort, path, case.check[:1]), case.eager[:1])
 
 
 def test_torch_onnx_export_default_exporter_runs_in_onnxruntime(tmp_path):
@@ -133,9 +132,14 @@ def test_torch_onnx_export_default_exporter_runs_in_onnxruntime(tmp_path):
     case = Case("deit_tiny_distilled_patch16_224")
     path = tmp_path / "model.onnx"
     torch.onnx.export(case.fresh(), (case.example,), str(path), input_names=["x"], output_names=["logits"])
+    _assert_close_to_eager(_onnxruntime_logits(ort, path, case.check), case.eager)
+
+
+def _onnxruntime_logits(ort: ModuleType, path: Path, x: torch.Tensor) -> torch.Tensor:
+    """The logits onnxruntime computes for ``x`` (input ``"x"``) with the model exported to ``path``."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {"x": case.check.numpy()})
-    _assert_close_to_eager(torch.from_numpy(out), case.eager)
+    (out,) = session.run(None, {"x": x.numpy()})
+    return torch.from_numpy(out)
 
 
 def test_torch_compile():
