@@ -470,3 +470,46 @@ def test_target_entries_pool_each_targets_draws():
     assert entries["0.3"]["summary"]["recall"] == 20.0 and entries["0.3"]["summary"]["precision"] == 40.0
     assert entries["0.4"]["summary"]["draws"] == 1
     assert draw_targets(None, {"expected": None, "rows": None}) == {}
+
+
+def test_row_bound_oracles_recover_rows_they_can_reach_and_rows_are_calibrated_alike():
+    from benchmarks.studies.row_bound import OFFSET, SCALES, best_blend, best_linear, calibrated, curve_summary
+    from classifier_injection.calibration.base import feature_mean_biases
+
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.randn(12, 6, generator=generator)
+    weights = torch.softmax(torch.randn(2, 12, generator=generator), 1)
+    blend, found = best_blend(kept, weights @ kept)
+    assert torch.nn.functional.cosine_similarity(blend, weights @ kept).min() > 0.999
+    assert torch.allclose(found.sum(1), torch.ones(2))
+    among = torch.tensor([[0, 1], [2, 3]])
+    _, only = best_blend(kept, weights @ kept, among, steps=50)
+    assert only[0, 2:].sum() == 0 and only[1, :2].sum() == 0 and only[1, 4:].sum() == 0
+    mixed = torch.randn(3, 12, generator=generator) @ kept
+    torch.testing.assert_close(best_linear(kept, mixed), mixed, rtol=1e-4, atol=1e-4)
+
+    old_rows = torch.randn(12, 7, generator=generator)
+    mean = torch.randn(6, generator=generator)
+    rows = calibrated(torch.randn(2, 6, generator=generator), old_rows, mean)
+    torch.testing.assert_close(rows[:, :-1].norm(dim=1), old_rows[:, :-1].norm(dim=1).mean().expand(2))
+    torch.testing.assert_close(rows[:, -1], feature_mean_biases(rows[:, :-1], old_rows, mean) + OFFSET)
+
+    def counts(hits: int, wins: int, right: int) -> dict[str, int]:
+        return {
+            "new_photos": 10,
+            "hits": hits,
+            "top5_hits": 10,
+            "new_wins": wins,
+            "right_wins": right,
+            "stolen": 0,
+            "old_photos": 990,
+            "old_before": 900,
+            "old_after": 900,
+        }
+
+    # Precision 60 % at recall 30 %, 40 % at 50 %, nothing won below scale 1.
+    draw = {str(s): counts(5, 10, 4) if s > 1 else counts(3, 5, 3) if s == 1 else counts(0, 0, 0) for s in SCALES}
+    summary = curve_summary([draw, draw], [0.5, 0.7])
+    assert summary["cosine"] == pytest.approx(0.6)
+    assert summary["recall_at_precision_50"] == 30 and summary["recall_at_precision_35"] == 50
+    assert summary["best_f1"] == pytest.approx(2 * 50 * 40 / 90) and summary["best_f1_scale"] == 1.05
