@@ -7,6 +7,7 @@ on every write, so the two never disagree. Plots of a study go next to them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ from pathlib import Path
 from benchmarks.harness.data import RESULTS
 from classifier_injection.serialization import atomic_write_text
 
-__all__ = ["command_line", "load_study", "machine", "machine_line", "readme", "record", "study_dir"]
+__all__ = ["command_line", "load_study", "machine", "machine_line", "readme", "record", "study_dir", "study_parser"]
 
 
 def study_dir(study: str, root: Path = RESULTS) -> Path:
@@ -26,6 +27,13 @@ def study_dir(study: str, root: Path = RESULTS) -> Path:
     path = Path(root) / study
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def study_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a study run as ``python -m prog``: its module docstring, as written, is the help."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {prog}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def command_line(module: str, argv: list[str] | None = None) -> str:

@@ -22,7 +22,6 @@ Run: ``HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.calibration --mod
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -52,7 +51,7 @@ from benchmarks.harness.metrics import (
 )
 from benchmarks.harness.plots import plot_tradeoff
 from benchmarks.harness.research_rules import BudgetCalibration
-from benchmarks.harness.results import command_line, load_study, record, study_dir
+from benchmarks.harness.results import command_line, load_study, record, study_dir, study_parser
 from classifier_injection.calibration import (
     LogitMatchCalibration,
     NormCalibration,
@@ -369,9 +368,7 @@ def tradeoff_curves(results: dict) -> dict[str, tuple[list[float], list[float]]]
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.calibration") -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--injectors", nargs="+", default=["icis", "ridge"], choices=sorted(INJECTORS))
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

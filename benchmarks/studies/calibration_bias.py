@@ -18,7 +18,6 @@ factors with S at most 15 points below the original head's accuracy on the same 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +28,7 @@ from benchmarks.harness.calibration import injection_context
 from benchmarks.harness.data import estimated_feature_mean, fold_classes, head_data
 from benchmarks.harness.descriptors import load_descriptors
 from benchmarks.harness.metrics import norm_rows
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 from classifier_injection.calibration import SimulatedCalibration
 from classifier_injection.calibration.simulation import DEFAULT_FACTORS
 from classifier_injection.icis import ICISInjector
@@ -48,9 +47,7 @@ def _scores(features, labels, num_kept, rows) -> tuple[float, float, float]:
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.calibration_bias") -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.parse_args(argv)
     torch.set_num_threads(1)
     data = head_data(MODEL)

@@ -24,7 +24,6 @@ one with the highest inner H averaged over the sizes (ties: the smaller offset).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -43,7 +42,7 @@ from benchmarks.harness.calibration import (
 from benchmarks.harness.data import MODELS, head_data, load_model
 from benchmarks.harness.descriptors import load_descriptors
 from benchmarks.harness.metrics import evaluate_rows, mean_of, oracle, picked_on_test_photos
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 from classifier_injection.calibration import SynthesizedCalibration, fit_calibration
 
 STUDY = "calibration_shift"
@@ -218,9 +217,7 @@ def summarise(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.calibration_shift") -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default=None, help="run name in benchmarks/results/calibration_shift")

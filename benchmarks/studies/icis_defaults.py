@@ -15,7 +15,6 @@ Run: ``.venv/bin/python -m benchmarks.studies.icis_defaults [--splits 1 2 3] [--
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from benchmarks.harness.data import fold_classes, head_data
 from benchmarks.harness.descriptors import load_descriptors
 from benchmarks.harness.research_injectors import SeparatedICIS
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 from classifier_injection import ICISConfig, ICISInjector
 
 STUDY = "icis_defaults"
@@ -92,9 +91,7 @@ def nearest_kept_cosine(pred: torch.Tensor, kept: torch.Tensor) -> float:
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.icis_defaults") -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.add_argument("--splits", type=int, nargs="+", default=[1])
     parser.add_argument("--skip-paper", action="store_true", help="leave out the (slow) paper settings")
     parser.add_argument("--descriptors", choices=["minilm-name", "default"], default="minilm-name")

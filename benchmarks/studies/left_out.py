@@ -11,7 +11,6 @@ are the candidates whose factors best match the refit's.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ import torch
 from benchmarks.harness.data import fold_classes, head_data
 from benchmarks.harness.descriptors import fold_descriptors
 from benchmarks.harness.metrics import check_fold, seen_mask
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 from classifier_injection import ICISInjector
 from classifier_injection.calibration import SimulatedCalibration, SynthesizedCalibration
 from classifier_injection.core import calibration_context, copying_factory
@@ -86,9 +85,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.left_out") -> dict:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     default_models = ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
     parser.add_argument("--models", nargs="+", default=default_models)
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

@@ -15,7 +15,6 @@ simulated F0.5, at most 1) would choose. Image-free on the simulated side; the p
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 from benchmarks.harness.data import RESULTS, load_model
 from benchmarks.harness.descriptors import embedding_cache
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import REGIMES
 from classifier_injection import InjectionConfig, inject
 from classifier_injection.calibration import SynthesizedCalibration
@@ -148,9 +147,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.operating_point") -> dict:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument(

@@ -19,7 +19,6 @@ measure, never to choose anything.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 
@@ -27,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness.data import head_data
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import Draw, inject_draw, make_draw, score_rows, summarize
 from classifier_injection.calibration.base import feature_mean_biases, mean_norm
 
 STUDY = "row_bound"
+TITLE = "What a new row needs: the user regime against the row's cosine to the true row"
 #: The default rule's offset on the feature-mean bias (``SynthesizedCalibration.offset``).
 OFFSET = 1.0
 #: ``new_class_scale`` values scored (the rows' logits times the scale).
@@ -166,9 +166,7 @@ def table(model: str, k: int, draws: Sequence[int], result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.row_bound") -> dict:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--k", type=int, default=10, help="classes removed and injected back per draw")
     parser.add_argument("--draws", type=int, default=8, help="draws 0..N-1 of the user regime")
@@ -179,8 +177,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.row_
     result = measure(args.model, args.k, draws, args.regimes)
     text = table(args.model, args.k, draws, result)
     print(text)
-    title = "What a new row needs: the user regime against the row's cosine to the true row"
-    record(STUDY, args.name, result, text, command_line(prog, argv), title=title)
+    record(STUDY, args.name, result, text, command_line(prog, argv), title=TITLE)
     return result
 
 

@@ -11,7 +11,6 @@ writes the rows and provenance; ``--compare FILE`` checks them against a saved f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from benchmarks.harness.data import fold_classes, load_model
+from benchmarks.harness.results import study_parser
 from classifier_injection import InjectionConfig, find_head, inject
 from classifier_injection.descriptors import seen_class_names
 from classifier_injection.serialization import atomic_save_safetensors, read_safetensors
@@ -63,9 +63,7 @@ def injected_rows() -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.row_identity") -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--save", metavar="FILE", help="write the rows and provenance (safetensors)")
     group.add_argument("--compare", metavar="FILE", help="compare with a file written by --save")

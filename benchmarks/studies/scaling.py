@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness.data import load_model
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 
 STUDY = "scaling"
 HEAD_SIZES = (1000, 2000, 5000, 11821, 21843)
@@ -303,9 +303,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.scaling") -> None:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(HEAD_SIZES), help="head sizes N")
     parser.add_argument("--counts", type=int, nargs="+", default=list(NEW_COUNTS), help="new classes K")
     parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/scaling")

@@ -10,14 +10,13 @@ method's difference from the first one, seed by seed. Seed 0 is the main benchma
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections.abc import Sequence
 
 from benchmarks.harness.data import fold_classes, head_data
 from benchmarks.harness.descriptors import fold_descriptors
 from benchmarks.harness.methods import METHODS, run_method
-from benchmarks.harness.results import command_line, record
+from benchmarks.harness.results import command_line, record, study_parser
 
 STUDY = "seeds"
 SOURCE = "minilm-default"
@@ -80,9 +79,7 @@ def table(results: dict, seeds: Sequence[int]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.seeds") -> dict:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m {prog}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = study_parser(prog, __doc__)
     parser.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0"])
     parser.add_argument("--methods", nargs="+", default=["icis"], choices=sorted(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
