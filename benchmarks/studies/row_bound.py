@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from benchmarks.harness.data import head_data
 from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import Draw, inject_draw, make_draw, score_rows, summarize
+from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import feature_mean_biases, mean_norm
 
 STUDY = "row_bound"
 TITLE = "What a new row needs: the user regime against the row's cosine to the true row"
-#: The default rule's offset on the feature-mean bias (``SynthesizedCalibration.offset``).
-OFFSET = 1.0
+#: The default rule's offset on the feature-mean bias.
+OFFSET = SynthesizedCalibration().offset
 #: ``new_class_scale`` values scored (the rows' logits times the scale).
 SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(41))
 #: Shares of the way from ICIS's row towards the true row.
@@ -42,7 +43,9 @@ SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
 PRECISIONS = (50.0, 35.0)
 
 
-def best_blend(kept: torch.Tensor, target: torch.Tensor, among: torch.Tensor | None = None, steps: int = 1500):
+def best_blend(
+    kept: torch.Tensor, target: torch.Tensor, among: torch.Tensor | None = None, steps: int = 1500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The convex blends ``[K, D]`` of ``kept [N, D]`` with the highest cosine to each ``target [K, D]`` (over the
     rows ``among [K, m]`` only, if given), and their weights ``[K, N]``: Adam on softmax logits from uniform."""
     logits = torch.zeros(len(target), len(kept), requires_grad=True)
@@ -73,13 +76,12 @@ def calibrated(directions: torch.Tensor, old_rows: torch.Tensor, feature_mean: t
     return torch.cat([weights, biases[:, None].to(weights.dtype)], 1)
 
 
-def draw_directions(draw: Draw, regimes: Sequence[str], oracles: bool) -> tuple[dict[str, torch.Tensor], dict]:
+def draw_directions(draw: Draw, regimes: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The weight directions ``[K, D]`` of every row family for one draw, and the best blends' effective rows."""
     data = head_data(draw.model_name)
     weights = data.rows[:, :-1].float()
     kept, true = weights[draw.kept], weights[torch.as_tensor(draw.removed)]
     out = {"true rows": true}
-    extra: dict[str, float] = {}
     for regime in regimes:
         icis = inject_draw(draw, regime)[0][:, :-1].float()
         out[f"{regime}: ICIS"] = icis
@@ -87,13 +89,11 @@ def draw_directions(draw: Draw, regimes: Sequence[str], oracles: bool) -> tuple[
             out[f"{regime}: ICIS, {share:g} of the way to the true row"] = (
                 F.normalize(icis, dim=1) * (1 - share) + F.normalize(true, dim=1) * share
             )
-    if oracles:
-        out["best blend of all kept rows"], blend = best_blend(kept, true)
-        nearest = (F.normalize(true, dim=1) @ F.normalize(kept, dim=1).T).topk(5, dim=1).indices
-        out["best blend of the 5 kept rows nearest the true row"], _ = best_blend(kept, true, nearest)
-        out["best linear combination of the kept rows"] = best_linear(kept, true)
-        extra["best blend's effective rows"] = (1 / blend.square().sum(1)).mean().item()
-    return out, extra
+    out["best blend of all kept rows"], blend = best_blend(kept, true)
+    nearest = (F.normalize(true, dim=1) @ F.normalize(kept, dim=1).T).topk(5, dim=1).indices
+    out["best blend of the 5 kept rows nearest the true row"], _ = best_blend(kept, true, nearest)
+    out["best linear combination of the kept rows"] = best_linear(kept, true)
+    return out, {"best blend's effective rows": (1 / blend.square().sum(1)).mean().item()}
 
 
 def curve_summary(per_draw: list[dict], cosines: list[float]) -> dict:
@@ -121,7 +121,7 @@ def measure(model: str, k: int, draws: Sequence[int], regimes: Sequence[str]) ->
     extras: dict[str, list[float]] = {}
     for number in draws:
         draw = make_draw(model, k, number)
-        directions, extra = draw_directions(draw, regimes, oracles=True)
+        directions, extra = draw_directions(draw, regimes)
         true = directions["true rows"]
         old_rows = data.rows[draw.kept]
         for name, direction in directions.items():
