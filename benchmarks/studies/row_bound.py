@@ -82,6 +82,8 @@ def draw_directions(draw: Draw, regimes: Sequence[str]) -> tuple[dict[str, torch
     weights = data.rows[:, :-1].float()
     kept, true = weights[draw.kept], weights[torch.as_tensor(draw.removed)]
     out = {"true rows": true}
+    nearest = _nearest(true, kept)
+    extra: dict[str, float] = {}
     for regime in regimes:
         icis = inject_draw(draw, regime)[0][:, :-1].float()
         out[f"{regime}: ICIS"] = icis
@@ -89,11 +91,19 @@ def draw_directions(draw: Draw, regimes: Sequence[str]) -> tuple[dict[str, torch
             out[f"{regime}: ICIS, {share:g} of the way to the true row"] = (
                 F.normalize(icis, dim=1) * (1 - share) + F.normalize(true, dim=1) * share
             )
+        near_icis = _nearest(icis, kept)
+        out[f"{regime}: the best blend of the 5 kept rows nearest ICIS's row"], _ = best_blend(kept, true, near_icis)
+        shared = (nearest[:, :, None] == near_icis[:, None, :]).any(2).sum(1)
+        extra[f"{regime}: shared nearest rows"] = shared.float().mean().item()
     out["best blend of all kept rows"], blend = best_blend(kept, true)
-    nearest = (F.normalize(true, dim=1) @ F.normalize(kept, dim=1).T).topk(5, dim=1).indices
     out["best blend of the 5 kept rows nearest the true row"], _ = best_blend(kept, true, nearest)
     out["best linear combination of the kept rows"] = best_linear(kept, true)
-    return out, {"best blend's effective rows": (1 / blend.square().sum(1)).mean().item()}
+    return out, {**extra, "best blend's effective rows": (1 / blend.square().sum(1)).mean().item()}
+
+
+def _nearest(rows: torch.Tensor, kept: torch.Tensor, count: int = 5) -> torch.Tensor:
+    """The ``count`` kept rows nearest each row by cosine ``[K, count]``."""
+    return (F.normalize(rows, dim=1) @ F.normalize(kept, dim=1).T).topk(count, dim=1).indices
 
 
 def curve_summary(per_draw: list[dict], cosines: list[float]) -> dict:
@@ -139,7 +149,7 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
-def table(model: str, k: int, draws: Sequence[int], result: dict) -> str:
+def table(model: str, k: int, draws: Sequence[int], regimes: Sequence[str], result: dict) -> str:
     """Markdown: one line per row family."""
     levels = " | ".join(f"highest recall at precision >= {level:g} %" for level in PRECISIONS)
     effective = result["best blend's effective rows"]
@@ -148,7 +158,12 @@ def table(model: str, k: int, draws: Sequence[int], result: dict) -> str:
         "",
         f"Recall / precision / top-5 recall in %, pooled over the draws; scales {SCALES[0]}-{SCALES[-1]} in steps "
         f"of 0.05. The best blend of all kept rows has {effective:.0f} effective rows "
-        "(`1 / sum(w^2)`, mean over the new classes).",
+        "(`1 / sum(w^2)`, mean over the new classes)."
+        + "".join(
+            f" {regime}: ICIS's row has {result[f'{regime}: shared nearest rows']:.2f} of the 5 kept rows nearest the "
+            "true row among its own 5 nearest."
+            for regime in regimes
+        ),
         "",
         "| rows | cosine to the true row | at scale 1: recall / precision / top-5 recall | stolen per class | "
         f"{levels} | best F1 (scale) |",
@@ -175,7 +190,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.row_
     args = parser.parse_args(argv)
     draws = list(range(args.draws))
     result = measure(args.model, args.k, draws, args.regimes)
-    text = table(args.model, args.k, draws, result)
+    text = table(args.model, args.k, draws, args.regimes, result)
     print(text)
     record(STUDY, args.name, result, text, command_line(prog, argv), title=TITLE)
     return result
