@@ -667,6 +667,10 @@ def find_head(model: nn.Module, *, allow_projection: bool = False) -> Classifier
     """
     name = type(model).__name__
     if not isinstance(model, nn.Module) or not hasattr(model, "get_classifier"):
+        if hasattr(getattr(model, "module", None), "get_classifier"):
+            raise UnsupportedHeadError(
+                f"{name} wraps the classifier: pass model.module (wrap the injected model again afterwards)"
+            )
         raise UnsupportedHeadError(f"{name} has no get_classifier(): pass a timm classification model")
     num_classes = getattr(model, "num_classes", None)
     classifier = model.get_classifier()

@@ -131,8 +131,9 @@ def test_as_many_names_as_the_limit_work():
         (lambda: _model(0), UnsupportedHeadError, "no classifier to extend"),
         (lambda: nn.Linear(4, 3), UnsupportedHeadError, "get_classifier"),
         (lambda: "resnet50", TypeError, "model must be a timm nn.Module"),
+        (lambda: nn.DataParallel(_model(5)), UnsupportedHeadError, r"DataParallel wraps .* pass model\.module"),
     ],
-    ids=["num-classes-0", "not-timm", "string"],
+    ids=["num-classes-0", "not-timm", "string", "wrapped"],
 )
 def test_models_without_a_classifier(make, error, match):
     with pytest.raises(error, match=match):
