@@ -119,8 +119,8 @@ def inject(
         model: a timm classification model with ``N`` classes.
         new_class_names: the ``K`` classes to add, as plain text.
         config: the method's knobs (descriptors, ICIS settings, calibration, ``new_class_scale``, ...).
-        descriptions: optional ``{class name: description}``; other classes get their WordNet definition when
-            WordNet knows the name.
+        descriptions: optional ``{class name: description}``, each key a new or existing class name exactly;
+            other classes get their WordNet definition when WordNet knows the name.
         class_names: names of the ``N`` existing classes in head order (default: the model's label names).
         embedder: text embedder; default all-MiniLM-L6-v2.
         injector: any :class:`~classifier_injection.injector.Injector` (default ICIS); a trained ICIS injector
@@ -293,8 +293,7 @@ def _check_inputs(
     head = find_head(model, allow_projection=config.allow_projection)
     seen_names = seen_class_names(model, head.num_classes, class_names)
     names = check_new_class_names(new_class_names, seen_names, config.allow_existing)
-    if descriptions is not None and not isinstance(descriptions, Mapping):
-        raise TypeError(f"descriptions must be a mapping name -> text, got {type(descriptions).__name__}")
+    _check_descriptions(descriptions, seen_names, names)
     if model.training:
         # Growing the head does not depend on the mode; only what the caller does next with the model does.
         warnings.warn(
@@ -304,6 +303,28 @@ def _check_inputs(
             stacklevel=3,
         )
     return config, head, seen_names, names
+
+
+def _check_descriptions(
+    descriptions: Mapping[str, str] | None, seen_names: Sequence[str], names: Sequence[str]
+) -> None:
+    """Every key names a class exactly and every text is a non-empty string: a misspelt key would go unused."""
+    if descriptions is None:
+        return
+    if not isinstance(descriptions, Mapping):
+        raise TypeError(f"descriptions must be a mapping name -> text, got {type(descriptions).__name__}")
+    classes = {*names, *seen_names}
+    by_key = {_key(n): n for n in classes}
+    for name, text in descriptions.items():
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"descriptions[{name!r}] must be a non-empty string, got {text!r}")
+        if name not in classes:
+            near = by_key.get(_key(name)) if isinstance(name, str) else None
+            hint = f"did you mean {near!r}? " if near is not None else ""
+            raise ValueError(
+                f"descriptions has {name!r}, which names no new class and no class of the head: {hint}keys must "
+                "match new_class_names (or the head's class names) exactly"
+            )
 
 
 def _check_config(config: InjectionConfig | None, injector: Injector | None) -> InjectionConfig:

@@ -99,6 +99,32 @@ def test_bad_names_fail_before_anything_happens(names, error, match, inplace):
     _assert_unchanged(model, snapshot)
 
 
+@pytest.mark.parametrize(
+    ("descriptions", "error", "match"),
+    [
+        (["a large rodent"], TypeError, "descriptions must be a mapping"),
+        ({"capybarra": "a large rodent"}, ValueError, r"'capybarra', which names no new class.*exactly"),
+        ({"Red Panda": "a small mammal"}, ValueError, r"'Red Panda'.*did you mean 'red panda'\?"),
+        ({"capybara": ""}, ValueError, r"descriptions\['capybara'\] must be a non-empty string"),
+        ({"capybara": ["a large rodent"]}, ValueError, r"descriptions\['capybara'\] must be a non-empty string"),
+    ],
+    ids=["list", "misspelt", "case", "empty-text", "not-text"],
+)
+def test_bad_descriptions_fail_before_anything_happens(descriptions, error, match):
+    model = _model()
+    snapshot = _snapshot(model)
+    embedder = FakeEmbedder()
+    with pytest.raises(error, match=match):
+        _inject(model, NEW, embedder=embedder, descriptions=descriptions, inplace=True)
+    assert embedder.calls == []
+    _assert_unchanged(model, snapshot)
+
+
+def test_descriptions_may_describe_the_heads_own_classes():
+    out = _inject(_model(), NEW, descriptions={"class 3": "an old class", "capybara": "a large rodent"})
+    assert out.pretrained_cfg["label_names"][-2:] == NEW
+
+
 def test_existing_names_are_allowed_when_asked():
     out = _inject(_model(), ["class 3", "okapi"], config=InjectionConfig(allow_existing=True))
     assert out.pretrained_cfg["label_names"][-2:] == ["class 3", "okapi"]
