@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "DEFAULT_SENTENCE_MODEL",
+    "NAMES_ONLY_SENTENCE_MODEL",
     "Embedder",
     "OpenCLIPEmbedder",
     "PrecomputedEmbedder",
@@ -41,6 +42,9 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 DEFAULT_SENTENCE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+#: Suggested for classes known by their names alone, whose rows it makes more precise (``docs/decisions.md``);
+#: not the default, for its 438 MB download.
+NAMES_ONLY_SENTENCE_MODEL = "sentence-transformers/all-mpnet-base-v2"
 
 
 @runtime_checkable

@@ -272,3 +272,4 @@ def test_inject_without_any_new_description_describes_everything_by_name(imagene
     assert "tench" in texts and not any(t.startswith("tench: ") for t in texts)  # seen side matches the new side
     assert record["descriptions"] == {"zorblax": {"text": None, "source": "none"}}
     assert "no description for any new class" in caplog.text
+    assert "embedder=SentenceTransformerEmbedder('sentence-transformers/all-mpnet-base-v2')" in caplog.text
