@@ -121,8 +121,12 @@ def test_bad_descriptions_fail_before_anything_happens(descriptions, error, matc
 
 
 def test_descriptions_may_describe_the_heads_own_classes():
-    out = _inject(_model(), NEW, descriptions={"class 3": "an old class", "capybara": "a large rodent"})
+    embedder = FakeEmbedder()
+    descriptions = {"class 3": "an old class", "capybara": "a large rodent"}
+    out = _inject(_model(), NEW, embedder=embedder, descriptions=descriptions)
     assert out.pretrained_cfg["label_names"][-2:] == NEW
+    texts = {text for call in embedder.calls for text in call}
+    assert {"class 3: an old class", "capybara: a large rodent"} <= texts
 
 
 def test_existing_names_are_allowed_when_asked():
