@@ -314,13 +314,12 @@ def _check_descriptions(
     if not isinstance(descriptions, Mapping):
         raise TypeError(f"descriptions must be a mapping name -> text, got {type(descriptions).__name__}")
     classes = {*names, *seen_names}
-    by_key = {_key(n): n for n in classes}
     for name, text in descriptions.items():
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"descriptions[{name!r}] must be a non-empty string, got {text!r}")
         if name not in classes:
-            near = by_key.get(_key(name)) if isinstance(name, str) else None
-            hint = f"did you mean {near!r}? " if near is not None else ""
+            near = existing_names([*names, *seen_names], [name]) if isinstance(name, str) else []
+            hint = f"did you mean {near[0]!r}? " if near else ""
             raise ValueError(
                 f"descriptions has {name!r}, which names no new class and no class of the head: {hint}keys must "
                 "match new_class_names (or the head's class names) exactly"
