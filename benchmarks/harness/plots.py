@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness.user_regime import SCALES
+from benchmarks.harness.user_regime import SCALES, f1
 
 
 def plot_report(report: dict, directory: Path) -> list[Path]:
@@ -81,11 +81,6 @@ def plot_tradeoff(curves: dict[str, tuple[list[float], list[float]]], knob: tupl
     plt.close(fig)
 
 
-def _f1(summary: dict) -> float:
-    recall, precision = summary["recall"], summary["precision"]
-    return 0.0 if not recall or not precision or np.isnan(precision) else 2 * recall * precision / (recall + precision)
-
-
 def plot_user_curves(report: dict, directory: Path) -> list[Path]:
     """``<name>_<model>_K<k>_pr.png``: precision against recall over ``new_class_scale`` per name regime.
 
@@ -107,7 +102,7 @@ def plot_user_curves(report: dict, directory: Path) -> list[Path]:
                 baselines = [m for m in methods if m != "icis"]
                 shown = [m for m in ("icis",) if m in methods]
                 if baselines:
-                    shown.append(max(baselines, key=lambda m: _f1(methods[m]["summary"])))
+                    shown.append(max(baselines, key=lambda m: f1(methods[m]["summary"])))
                 for name in shown:
                     curve = methods[name]["curve"]
                     ax.plot([c["recall"] for c in curve], [c["precision"] for c in curve], marker="o", label=name)

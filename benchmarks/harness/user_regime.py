@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,6 +195,14 @@ def _per_class(draw: Draw, predicted: torch.Tensor, target: torch.Tensor, is_new
         {"hit": int(predicted[photo[num_old + j]] == num_old + j), "wins": int((predicted == num_old + j).sum())}
         for j in range(draw.k)
     ]
+
+
+def f1(rates: dict[str, float]) -> float:
+    """The F1 (%) of :func:`summarize`'s recall and precision; 0 where either is 0 or undefined."""
+    recall, precision = rates["recall"], rates["precision"]
+    if not recall or not precision or math.isnan(precision):
+        return 0.0
+    return 2 * recall * precision / (recall + precision)
 
 
 def summarize(counts: Sequence[dict[str, int]]) -> dict[str, float]:

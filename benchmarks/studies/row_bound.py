@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from benchmarks.harness.data import HeadData, head_data
 from benchmarks.harness.results import command_line, record, study_parser
-from benchmarks.harness.user_regime import Draw, inject_draw, make_draw, score_rows, summarize
+from benchmarks.harness.user_regime import Draw, f1, inject_draw, make_draw, score_rows, summarize
 from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import feature_mean_biases, mean_norm
+from classifier_injection.injector import top_cosines
 
 STUDY = "row_bound"
 TITLE = "What a new row needs: the user regime against the row's cosine to the true row"
@@ -39,6 +40,8 @@ OFFSET = SynthesizedCalibration().offset
 SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(41))
 #: Shares of the way from ICIS's row towards the true row.
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
+#: Kept rows nearest a row (by cosine) that count as its siblings.
+NEAREST = 5
 #: Precision levels of the issue's targets (names WordNet knows: 50 %, names it lacks: 35 %).
 PRECISIONS = (50.0, 35.0)
 
@@ -84,7 +87,7 @@ def draw_directions(
     weights = data.rows[:, :-1].float()
     kept, true = weights[draw.kept], weights[torch.as_tensor(draw.removed)]
     out = {"true rows": true}
-    nearest = _nearest(true, kept)
+    nearest = top_cosines(kept, true, NEAREST)[1]
     extra: dict[str, float] = {}
     for regime in regimes:
         icis = inject_draw(draw, regime)[0][:, :-1].float()
@@ -93,7 +96,7 @@ def draw_directions(
             out[f"{regime}: ICIS, {share:g} of the way to the true row"] = (
                 F.normalize(icis, dim=1) * (1 - share) + F.normalize(true, dim=1) * share
             )
-        near_icis = _nearest(icis, kept)
+        near_icis = top_cosines(kept, icis, NEAREST)[1]
         out[f"{regime}: the best blend of the 5 kept rows nearest ICIS's row"], _ = best_blend(kept, true, near_icis)
         shared = (nearest[:, :, None] == near_icis[:, None, :]).any(2).sum(1)
         extra[f"{regime}: shared nearest rows"] = shared.float().mean().item()
@@ -103,11 +106,6 @@ def draw_directions(
     return out, {**extra, "best blend's effective rows": (1 / blend.square().sum(1)).mean().item()}
 
 
-def _nearest(rows: torch.Tensor, kept: torch.Tensor, count: int = 5) -> torch.Tensor:
-    """The ``count`` kept rows nearest each row by cosine ``[K, count]``."""
-    return (F.normalize(rows, dim=1) @ F.normalize(kept, dim=1).T).topk(count, dim=1).indices
-
-
 def curve_summary(per_draw: list[dict], cosines: list[float]) -> dict:
     """Rates at scale 1, the highest recall at each target precision, and the best F1 over :data:`SCALES`."""
     rates = {scale: summarize([counts[str(scale)] for counts in per_draw]) for scale in SCALES}
@@ -115,13 +113,8 @@ def curve_summary(per_draw: list[dict], cosines: list[float]) -> dict:
     for level in PRECISIONS:
         reached = [r["recall"] for r in rates.values() if r["precision"] >= level]
         out[f"recall_at_precision_{level:g}"] = max(reached) if reached else None
-    f1 = {
-        scale: 2 * r["recall"] * r["precision"] / (r["recall"] + r["precision"])
-        for scale, r in rates.items()
-        if not math.isnan(r["precision"]) and r["recall"] + r["precision"] > 0
-    }
-    best = max(f1, key=f1.get)
-    out["best_f1"], out["best_f1_scale"] = f1[best], best
+    best = max(rates, key=lambda scale: f1(rates[scale]))
+    out["best_f1"], out["best_f1_scale"] = f1(rates[best]), best
     return out
 
 
