@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,16 +49,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _plain_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # mkstemp's file is private (0600); the result should read like any other file
         fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _plain_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: the file's own if it exists, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only portable way to read it
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:

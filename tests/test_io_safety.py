@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from classifier_injection import ICISConfig, InjectionConfig, inject, load_injected, save_injected
 from classifier_injection.embedders import PrecomputedEmbedder
 from classifier_injection.io import CONFIG_KEY, MAX_CONFIG_BYTES, read_saved_config
-from classifier_injection.serialization import atomic_save_safetensors, read_safetensors
+from classifier_injection.serialization import atomic_save_safetensors, atomic_write_text, read_safetensors
 
 NAMES = [f"class {i}" for i in range(6)]
 NEW = ["capybara", "red panda"]
@@ -154,6 +155,21 @@ def test_a_failing_save_leaves_nothing_behind(saved, copy, monkeypatch):
         save_injected(saved[1], copy, overwrite=True)
     assert sorted(p.name for p in copy.parent.iterdir()) == ["copy"]  # no temp dirs, no "new"
     assert load_injected(copy).num_classes == 8  # the previous model is intact
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_atomic_writes_leave_the_permissions_a_plain_write_would(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        new = atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "new.safetensors")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640  # not mkstemp's private 0600
+        existing = tmp_path / "existing.txt"
+        existing.write_text("old")
+        existing.chmod(0o604)
+        atomic_write_text(existing, "new")
+        assert stat.S_IMODE(existing.stat().st_mode) == 0o604 and existing.read_text() == "new"
+    finally:
+        os.umask(umask)
 
 
 def test_atomic_safetensors_refuses_to_overwrite(tmp_path):
