@@ -22,6 +22,7 @@ STUDIES = (
     "icis_defaults",
     "left_out",
     "operating_point",
+    "photo_wins",
     "row_bound",
     "row_identity",
     "scaling",

@@ -169,7 +169,7 @@ def _expected(expected: Any) -> str | None:
         return None
     rates = {k: expected.get(k) for k in ("recall", "precision", "simulated_new_classes", "new_class_scale")}
     return (
-        f"precision {_number(rates['precision'])} %, recall {_number(rates['recall'])} % (an upper bound) "
+        f"precision {_number(rates['precision'])} %, recall {_number(rates['recall'])} % "
         f"(simulated with {_number(rates['simulated_new_classes'])} new classes at new_class_scale "
         f"{_number(rates['new_class_scale'])})"
     )

@@ -507,7 +507,7 @@ def _expected_lines(expected: object, target_precision: object = None) -> list[s
         _clip(
             f"    expected (the calibration's simulation, {expected.get('simulated_new_classes', '?')} new classes at "
             f"new_class_scale {expected.get('new_class_scale', '?')}{target}): precision "
-            f"{_rate(expected.get('precision'))}, recall {_rate(expected.get('recall'))} (an upper bound), "
+            f"{_rate(expected.get('precision'))}, recall {_rate(expected.get('recall'))}, "
             f"{stolen} old-class photos taken per new class"
         )
     ]

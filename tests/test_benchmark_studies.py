@@ -190,6 +190,36 @@ def test_operating_point_scores_the_simulation_with_every_other_true_row_competi
     assert precision_first(table) == 1.0  # F0.5 34.6 against 40.0
 
 
+def test_photo_wins_pools_the_rates_of_several_hold_outs():
+    from benchmarks.studies.photo_wins import _pooled
+    from classifier_injection.calibration.reliability import expected_rates
+
+    _, rows = synthetic_head(num=60)
+    dim = rows.shape[1] - 1
+    features = rows[:, :-1].repeat(2, 1) + 0.3 * torch.randn(120, dim, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(60).repeat(2)
+    tables = [
+        expected_rates(
+            rows,
+            held,
+            (rows[held] + rows[held.roll(1)]) / 2,
+            features,
+            labels,
+            torch.zeros(dim),
+            1.0,
+            0.0,
+            (5,),
+            (1.0,),
+        )
+        for held in (torch.arange(0, 60, 3), torch.arange(1, 60, 3))
+    ]
+    pooled = _pooled(tables)
+    assert pooled["recall"] == pytest.approx((tables[0]["recall"][0][0] + tables[1]["recall"][0][0]) / 2)
+    alone = _pooled(tables[:1])
+    assert alone["precision"] == pytest.approx(tables[0]["precision"][0][0], abs=0.5)  # to the table's rounding
+    assert 0 <= pooled["precision"] <= 100 and pooled["stolen_per_class"] >= 0
+
+
 @pytest.mark.usefixtures("all_threads")
 def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     """lite0, fold 0, ridge rows (weak: photo-prompt names): ``logit-match`` reaches >= 80 % of the H of the best

@@ -714,6 +714,33 @@ def test_expected_rates_simulate_a_user_adding_k_classes():
     assert expected_at(None, 10, 1.0) is None
 
 
+def test_the_win_share_discounts_recall_and_photos_taken_not_precision():
+    from classifier_injection.calibration import synthesize_features
+    from classifier_injection.calibration.reliability import expected_rates, reliability_table, synthetic_wins
+
+    context = _context_with_statistics(num=60)
+    rows, mean = context.seen_rows, context.feature_mean
+    features, labels = synthesize_features(rows, mean, 3.8 * context.feature_std, 0.3, samples=4, neighbour_share=0.5)
+    held = torch.arange(0, 60, 3)
+    kept = torch.tensor([i for i in range(60) if i % 3])
+    neighbour = kept[(F.normalize(rows[held, :-1], dim=1) @ F.normalize(rows[kept, :-1], dim=1).T).argmax(1)]
+    predicted = (rows[held] + rows[neighbour]) / 2  # rows that win some features and take some
+    args = (rows, held, predicted, features, labels, mean, 1.0, 0.0, (1, 5), (0.8, 1.0, 1.5), 0)
+    full, half = expected_rates(*args), expected_rates(*args, win_share=0.5)
+    assert half["precision"] == full["precision"]
+    assert max(max(r) for r in full["recall"]) > 0 and max(max(s) for s in full["stolen_per_class"]) > 0
+    for key, digits in (("recall", 1), ("stolen_per_class", 2)):
+        for ours, theirs in zip(half[key], full[key], strict=True):
+            assert ours == pytest.approx([t / 2 for t in theirs], abs=10**-digits)
+    wins = synthetic_wins(rows, held, predicted, features, mean, 1.0, 0.0)
+    table, discounted = (reliability_table(wins, labels, rows, held, predicted, s) for s in (1.0, 0.5))
+    assert discounted["precision"] == table["precision"] and discounted["edges"] == table["edges"]
+    for ours, theirs in zip(discounted["recall"], table["recall"], strict=True):
+        assert ours == pytest.approx(theirs / 2, abs=0.1)
+    with pytest.raises(ValueError, match="win_share"):
+        SynthesizedCalibration(win_share=0.0)
+
+
 def test_the_expected_rates_read_features_climbed_in_coarser_steps_than_the_factors():
     from classifier_injection.calibration import synthesize_features
     from classifier_injection.calibration.rules import EXPECTED_STEP

@@ -136,7 +136,7 @@ def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
         },
     }
     card = model_card({"architecture": "resnet18", "num_classes": 5, "classifier_injection": {"injections": [entry]}})
-    expected = "precision 20 %, recall 64.5 % (an upper bound) (simulated with 1 new classes at new_class_scale 1)"
+    expected = "precision 20 %, recall 64.5 % (simulated with 1 new classes at new_class_scale 1)"
     assert f"- **Expected (the calibration's simulation):** {expected}" in card
     assert "- **Calibration:** `synthesize` (factor 1.25); one value per class for biases" in card
     assert "Target precision" not in card

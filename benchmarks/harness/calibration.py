@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from benchmarks.harness.data import CACHE, HeadData, fold_classes
+from benchmarks.harness.data import CACHE, HeadData, fold_classes, load_model
+from benchmarks.harness.descriptors import embedding_cache
 from benchmarks.harness.metrics import evaluate_rows, mean_of, seen_mask
+from benchmarks.harness.user_regime import REGIMES
+from classifier_injection import InjectionConfig, inject
 from classifier_injection.baselines import RidgeInjector
-from classifier_injection.calibration import CalibrationContext, SynthesizedCalibration, simulate_injections
+from classifier_injection.calibration import (
+    CalibrationContext,
+    FactorChoice,
+    SynthesizedCalibration,
+    simulate_injections,
+)
 from classifier_injection.calibration.simulation import simulated_head
 from classifier_injection.core import calibration_context, copying_factory
 from classifier_injection.features import FeatureStatistics
@@ -38,6 +48,7 @@ __all__ = [
     "injection_context",
     "inner_split",
     "inner_summary",
+    "recorded_injection",
     "share_default_simulation",
 ]
 
@@ -176,3 +187,30 @@ def inner_summary(table: dict[tuple, list[dict]]) -> dict[tuple, dict]:
         drops = [r["s_drop"] for r in v]
         summary[k]["s_drop_se"] = float(np.std(drops, ddof=1) / np.sqrt(len(drops))) if len(drops) > 1 else 0.0
     return summary
+
+
+@dataclass(frozen=True)
+class _Recording(SynthesizedCalibration):
+    """The default rule, keeping the context it chose on and its choice."""
+
+    def select(self, context: CalibrationContext) -> FactorChoice:
+        choice = super().select(context)
+        _RECORDED.update(context=context, choice=choice)
+        return choice
+
+
+_RECORDED: dict = {}
+
+
+def recorded_injection(
+    model_name: str, regime: str, rule: SynthesizedCalibration | None = None
+) -> tuple[CalibrationContext, FactorChoice]:
+    """The calibration context and choice of ``rule`` (the default) when ``inject()`` adds "capybara" to the model's
+    full head with the descriptors of a user-regime ``regime``, simulated anew: what a first injection records."""
+    rule = rule or SynthesizedCalibration()
+    shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # simulate anew
+    config = InjectionConfig(descriptors=REGIMES[regime], calibration=_Recording(**rule.to_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the unreliable-class warning
+        inject(load_model(model_name), ["capybara"], config, cache=embedding_cache())
+    return _RECORDED["context"], _RECORDED["choice"]

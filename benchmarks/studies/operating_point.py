@@ -17,40 +17,22 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from benchmarks.harness.data import RESULTS, load_model
-from benchmarks.harness.descriptors import embedding_cache
+from benchmarks.harness.calibration import recorded_injection
+from benchmarks.harness.data import MODELS, RESULTS
 from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import REGIMES
-from classifier_injection import InjectionConfig, inject
 from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import CalibrationContext
 
 STUDY = "operating_point"
-MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 COUNTS = (1, 10, 50)
 #: Scales of the table (those of the user regime's curve) and the candidates of the precision-first rule.
 SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 CANDIDATES = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 #: The benchmark's runs whose ICIS rows are the current defaults' (the first that has a case is used).
 PHOTO_RUNS = ("user-no-new-descriptors", "user-leave-out-lite12", "user-current-k1-k50")
-
-
-@dataclass(frozen=True)
-class _Recording(SynthesizedCalibration):
-    """The default rule, keeping the context it chose on (so the study can score the same simulation)."""
-
-    def select(self, context: CalibrationContext):
-        choice = super().select(context)
-        _LAST.update(context=context, choice=choice)
-        return choice
-
-
-_LAST: dict = {}
 
 
 def f_half(precision: float, recall: float) -> float:
@@ -97,13 +79,8 @@ def photo_curve(model: str, k: int, regime: str) -> tuple[str, list[dict | None]
 
 def measure(model_name: str, regime: str, neighbour_share: float) -> dict:
     """Simulated rates at each ``K`` of :data:`COUNTS`, the precision-first scale, and the photos' rates."""
-    shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # simulate anew
-    config = InjectionConfig(descriptors=REGIMES[regime], calibration=_Recording(neighbour_share=neighbour_share))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        inject(load_model(model_name), ["capybara"], config, cache=embedding_cache())
-    context, choice = _LAST["context"], _LAST["choice"]
-    rule = _Recording(neighbour_share=neighbour_share)
+    rule = SynthesizedCalibration(neighbour_share=neighbour_share)
+    context, choice = recorded_injection(model_name, regime, rule)
     out: dict = {"factor": choice.factor, "offset": choice.offset, "neighbour_share": neighbour_share, "counts": {}}
     for k in COUNTS:
         rates = simulated_rates(rule, context, choice.factor, k, SCALES)

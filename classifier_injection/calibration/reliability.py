@@ -78,6 +78,7 @@ def reliability_table(
     seen_rows: torch.Tensor,
     held_out: torch.Tensor,
     predicted_rows: torch.Tensor,
+    win_share: float = 1.0,
 ) -> dict:
     """Recall and precision (%) of simulated rows per bin of their nearest-kept-row cosine; JSON-able.
 
@@ -86,6 +87,7 @@ def reliability_table(
         labels: the class ``[M]`` of each scored feature.
         seen_rows: the simulated head ``[N, D + 1]``.
         held_out: the held-out classes ``[H]``; ``predicted_rows`` ``[H, D + 1]`` are their simulated rows.
+        win_share: share of the wins counted in the recall (1: the simulation's own).
     """
     held = held_mask(len(seen_rows), held_out)
     own = labels[:, None] == held_out[None, :]
@@ -97,7 +99,7 @@ def reliability_table(
     for b in range(len(edges) + 1):
         members = bins == b
         tp, fp, n = int(hits[members].sum()), int(stolen[members].sum()), int(photos[members].sum())
-        recall.append(round(100 * tp / n, 1) if n else None)
+        recall.append(round(100 * win_share * tp / n, 1) if n else None)
         precision.append(round(100 * tp / (tp + fp), 1) if tp + fp else None)
     return {
         "statistic": "nearest_cosine",
@@ -151,12 +153,14 @@ def expected_rates(
     counts: Sequence[int] = EXPECTED_COUNTS,
     scales: Sequence[float] = EXPECTED_SCALES,
     seed: int = 0,
+    win_share: float = 1.0,
 ) -> dict:
     """Recall and precision (%) and old features taken per new class when ``k`` simulated classes are added; JSON-able.
 
     As a user adds ``k`` classes: the held-out rows in seeded groups of ``k``, calibrated at ``factor`` and
     ``offset`` and their logits times each ``new_class_scale``, each group against every true row but its own
-    classes'. Lists are indexed ``[count][scale]``; counts larger than the held-out classes are capped.
+    classes'. Lists are indexed ``[count][scale]``; counts larger than the held-out classes are capped. Recall and
+    features taken count ``win_share`` of the wins (1: the simulation's own rates); precision counts them all.
     """
     rows = seen_rows.float()
     target, responses = new_row_responses(rows[~held_mask(len(rows), held_out)], predicted_rows, features, feature_mean)
@@ -180,9 +184,11 @@ def expected_rates(
             photos += int(torch.isin(labels, classes).sum())
             wins, right = wins + won.sum(1), right + correct.sum(1)
         pairs = list(zip(right.tolist(), wins.tolist(), strict=True))
-        out["recall"].append([round(100 * r / photos, 1) for r, _ in pairs])
+        out["recall"].append([round(100 * win_share * r / photos, 1) for r, _ in pairs])
         out["precision"].append([round(100 * r / w, 1) if w else None for r, w in pairs])
-        out["stolen_per_class"].append([round((w - r) / (len(groups) * k) / per_class, 2) for r, w in pairs])
+        out["stolen_per_class"].append(
+            [round(win_share * (w - r) / (len(groups) * k) / per_class, 2) for r, w in pairs]
+        )
     return out
 
 

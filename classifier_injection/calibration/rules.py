@@ -241,6 +241,8 @@ class SynthesizedCalibration:
             precision and recall are measured on (features that climb to their class alone are far less confused
             with their neighbours than photos are).
         expected_samples: such features per old class.
+        win_share: share of the simulated wins counted in the expected recall and old photos taken (precision
+            counts them all): new rows win fewer photos than the simulation's rows win features.
     """
 
     holdout_fraction: float = 0.2
@@ -255,6 +257,7 @@ class SynthesizedCalibration:
     offset: float = 1.0
     neighbour_share: float = 0.7
     expected_samples: int = 2
+    win_share: float = 0.55
     name: str = "synthesize"
 
     def __post_init__(self) -> None:
@@ -263,6 +266,8 @@ class SynthesizedCalibration:
             raise ValueError(f"samples and expected_samples must be >= 1, got {self.samples}, {self.expected_samples}")
         if not 0 <= self.neighbour_share < 1:
             raise ValueError(f"neighbour_share must be in [0, 1), got {self.neighbour_share}")
+        if not 0 < self.win_share <= 1:
+            raise ValueError(f"win_share must be in (0, 1], got {self.win_share}")
         if not (math.isfinite(self.spread) and self.spread > 0):
             raise ValueError(f"spread must be a finite number > 0, got {self.spread}")
         if not 0 < self.confidence < 1:
@@ -315,7 +320,7 @@ class SynthesizedCalibration:
         """:func:`reliability_table` of the first simulated injection at ``factor``: what new rows can expect."""
         seen_rows, held, predicted, features, labels, mean = self._first_injection(context)
         wins = synthetic_wins(seen_rows, held, predicted, features, mean, factor, self.offset)
-        return reliability_table(wins, labels, seen_rows, held, predicted)
+        return reliability_table(wins, labels, seen_rows, held, predicted, self.win_share)
 
     def expected(
         self,
@@ -327,7 +332,18 @@ class SynthesizedCalibration:
         """:func:`expected_rates` of the first simulated injection at ``factor``, per number of new classes."""
         seen_rows, held, predicted, features, labels, mean = self._first_injection(context)
         return expected_rates(
-            seen_rows, held, predicted, features, labels, mean, factor, self.offset, counts, scales, context.seed
+            seen_rows,
+            held,
+            predicted,
+            features,
+            labels,
+            mean,
+            factor,
+            self.offset,
+            counts,
+            scales,
+            context.seed,
+            self.win_share,
         )
 
     def _first_injection(self, context: CalibrationContext) -> tuple[torch.Tensor, ...]:
