@@ -330,21 +330,8 @@ class SynthesizedCalibration:
         scales: Sequence[float] = EXPECTED_SCALES,
     ) -> dict:
         """:func:`expected_rates` of the first simulated injection at ``factor``, per number of new classes."""
-        seen_rows, held, predicted, features, labels, mean = self._first_injection(context)
-        return expected_rates(
-            seen_rows,
-            held,
-            predicted,
-            features,
-            labels,
-            mean,
-            factor,
-            self.offset,
-            counts,
-            scales,
-            context.seed,
-            self.win_share,
-        )
+        injection = self._first_injection(context)
+        return expected_rates(*injection, factor, self.offset, counts, scales, context.seed, self.win_share)
 
     def _first_injection(self, context: CalibrationContext) -> tuple[torch.Tensor, ...]:
         """``(seen_rows, held_out, predicted_rows, features, labels, feature_mean)``: what the expected rates read."""
