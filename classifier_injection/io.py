@@ -29,7 +29,7 @@ from torch import nn
 
 from .card import model_card
 from .heads import find_head, head_segments, restore_segments
-from .serialization import check_state_dict, few, fsync, read_safetensors
+from .serialization import check_state_dict, default_permissions, few, fsync, read_safetensors
 
 __all__ = ["CONFIG_KEY", "check_output_path", "load_injected", "read_saved_config", "save_injected"]
 
@@ -317,6 +317,10 @@ def save_injected(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
         fsync(tmp / "config.json")
         (tmp / "README.md").write_text(model_card(config, base_model=cfg.get("hf_hub_id")), encoding="utf-8")
         fsync(tmp / "README.md")
+        # mkdtemp's directory and safetensors' file are private (0700 / 0600); a saved model reads like any other.
+        for file in tmp.iterdir():
+            os.chmod(file, default_permissions())
+        os.chmod(tmp, default_permissions(directory=True))
         if path.exists():
             # Swap: move the old directory aside first so the new one lands with a single rename.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

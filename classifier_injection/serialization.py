@@ -19,6 +19,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "check_state_dict",
+    "default_permissions",
     "few",
     "fsync",
     "read_safetensors",
@@ -63,14 +64,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     return path
 
 
+def default_permissions(directory: bool = False) -> int:
+    """The mode a plain ``open`` gives a new file (0666), or ``mkdir`` a new directory (0777), less the umask."""
+    umask = os.umask(0)  # the only portable way to read it
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _plain_mode(path: Path) -> int:
-    """The permissions ``open(path, "w")`` would leave: the file's own if it exists, else 0666 less the umask."""
+    """The permissions ``open(path, "w")`` would leave: the file's own, else :func:`default_permissions`."""
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)  # the only portable way to read it
-        os.umask(umask)
-        return 0o666 & ~umask
+        return default_permissions()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:

@@ -161,6 +161,13 @@ def test_a_failing_save_leaves_nothing_behind(saved, copy, monkeypatch):
 def test_atomic_writes_leave_the_permissions_a_plain_write_would(tmp_path):
     umask = os.umask(0o027)
     try:
+        directory = save_injected(_injected(), tmp_path / "model")  # not mkdtemp's 0700, nor safetensors' 0600
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o750
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in directory.iterdir()} == {
+            "model.safetensors": 0o640,
+            "config.json": 0o640,
+            "README.md": 0o640,
+        }
         new = atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "new.safetensors")
         assert stat.S_IMODE(new.stat().st_mode) == 0o640  # not mkstemp's private 0600
         existing = tmp_path / "existing.txt"
