@@ -468,9 +468,10 @@ def run_info(args: argparse.Namespace) -> int:
         calibration = entry.get("calibration", {})
         calibration = calibration.get("name", calibration) if isinstance(calibration, dict) else calibration
         new = entry.get("names") or []
+        source = f", from {entry['source']}" if entry.get("source") else ""  # the CLI's input model, if it was used
         print(
             f"  injection {n}: {_count(len(new))}, method {entry.get('method')}, embedder {entry.get('embedder')}, "
-            f"calibration {calibration}, seed {entry.get('seed')}, from {entry.get('source', '?')}"
+            f"calibration {calibration}, seed {entry.get('seed')}{source}"
         )
         print(f"    new classes: {_clip(', '.join(map(str, new)))}")
         for line in _expected_lines(entry.get("expected"), entry.get("target_precision")):

@@ -282,7 +282,12 @@ def test_info_json_and_all(files, tmp_path, capsys):
     assert info["label_names"] == [*NAMES, "capybara"] and info["head"]["family"] == "linear"
     assert info["injections"][0]["names"] == ["capybara"] and info["injections"][0]["source"] == str(files["base"])
     code, stdout, _ = _run(capsys, "info", out, "--all")
-    assert "     6  capybara" in stdout
+    assert "     6  capybara" in stdout and f"seed 0, from {files['base']}\n" in stdout
+    config = json.loads((out / "config.json").read_text())
+    del config["classifier_injection"]["injections"][0]["source"]  # as inject() in Python records it
+    (out / "config.json").write_text(json.dumps(config))
+    code, stdout, _ = _run(capsys, "info", out)
+    assert code == EXIT_OK and "seed 0\n" in stdout and "from ?" not in stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
