@@ -116,6 +116,8 @@ def _class_rows(entry: Mapping[str, Any]) -> list[list[str]]:
         described = described if isinstance(described, Mapping) else {}
         index = str(start + i) if isinstance(start, int) else "?"
         text, source = described.get("text"), described.get("source")
+        if isinstance(text, list):  # a name of several WordNet senses is described by all of them
+            text = " / ".join(str(t) for t in text)
         rows.append([index, md_text(name), md_text(text) if text else "-", md_text(source) if source else "-"])
     return rows
 
@@ -136,7 +138,10 @@ def calibration_markdown(calibration: Any) -> list[str]:
     lines = [line]
     diagnostics = calibration.get("diagnostics")
     if isinstance(diagnostics, Mapping) and diagnostics:
-        rows = [[md_text(k), _number(v)] for k, v in diagnostics.items()]
+        # Tables (the expected rates, the reliability bins) are summarised above; their numbers stay in config.json.
+        rows = [
+            [md_text(k), "see `config.json`" if isinstance(v, dict) else _number(v)] for k, v in diagnostics.items()
+        ]
         lines += ["", "Calibration diagnostics (image-free, computed from the model alone):", ""]
         lines += _table(["diagnostic", "value"], rows)
     return lines

@@ -117,11 +117,12 @@ def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
     entry = {
         "names": ["okapi", "ka|kapo"],
         "num_classes_before": 3,
+        "descriptions": {"okapi": {"text": ["a giraffe relative", "a striped ungulate"], "source": "wordnet-senses"}},
         "calibration": {
             "name": "synthesize",
             "factor": 1.25,
             "biases": [0.1, 0.2],
-            "diagnostics": {"simulated_H": 66.666, "fallback_from": None},
+            "diagnostics": {"simulated_H": 66.666, "fallback_from": None, "expected": {"recall": [[1.0]]}},
         },
         "reliability": {
             "okapi": {"nearest": [["zebra", 0.8], ["ox", 0.7]], "expected_precision": 50.5, "expected_recall": 40.0},
@@ -149,9 +150,11 @@ def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
     )
     assert "- **New-class scale:** 0.87" in chosen and "- **Target precision:** 0.3" in chosen
     assert "| simulated\\_H | 66.67 |" in card and "| fallback\\_from | None |" in card
+    assert "| expected | see `config.json` |" in card
     assert "| new class | expected precision (%) | expected recall (%) | nearest old classes |" in card
     assert "| okapi | 50.5 | 40 | zebra, ox |" in card and "| ka\\|kapo | - | - | kea\\|x |" in card
-    assert "| 3 | okapi | - | - |" in card and "| 4 | ka\\|kapo | - | - |" in card
+    assert "| 3 | okapi | a giraffe relative / a striped ungulate | wordnet-senses |" in card
+    assert "| 4 | ka\\|kapo | - | - |" in card
 
 
 @pytest.mark.parametrize(
