@@ -318,8 +318,9 @@ def save_injected(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
         (tmp / "README.md").write_text(model_card(config, base_model=cfg.get("hf_hub_id")), encoding="utf-8")
         fsync(tmp / "README.md")
         # mkdtemp's directory and safetensors' file are private (0700 / 0600); a saved model reads like any other.
+        mode = default_permissions()
         for file in tmp.iterdir():
-            os.chmod(file, default_permissions())
+            os.chmod(file, mode)
         os.chmod(tmp, default_permissions(directory=True))
         if path.exists():
             # Swap: move the old directory aside first so the new one lands with a single rename.
