@@ -23,6 +23,7 @@ STUDIES = (
     "left_out",
     "operating_point",
     "photo_wins",
+    "prototype_rates",
     "row_bound",
     "row_identity",
     "scaling",

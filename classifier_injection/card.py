@@ -151,18 +151,20 @@ def _reliability_lines(reliability: Any) -> list[str]:
     """A table of the new classes' reliability record (expected precision / recall, nearest old classes)."""
     if not isinstance(reliability, Mapping):
         return []
+    entries = {name: entry for name, entry in reliability.items() if isinstance(entry, Mapping)}
+    if not entries:
+        return []
+    keys = ("expected_precision", "expected_recall")
+    rated = any(entry.get(k) is not None for entry in entries.values() for k in keys)
     rows = []
-    for name, entry in reliability.items():
-        if not isinstance(entry, Mapping):
-            continue
+    for name, entry in entries.items():
         nearest = entry.get("nearest") if isinstance(entry.get("nearest"), list) else []
         near = ", ".join(md_text(n[0]) for n in nearest if isinstance(n, list) and n)
-        rates = [
-            _number(entry[k]) if entry.get(k) is not None else "-" for k in ("expected_precision", "expected_recall")
-        ]
+        rates = [_number(entry[k]) if entry.get(k) is not None else "-" for k in keys] if rated else []
         rows.append([md_text(name), *rates, near])
-    if not rows:
-        return []
+    if not rated:
+        intro = "Nearest old classes by row cosine (the calibration recorded no expected rates):"
+        return ["", intro, "", *_table(["new class", "nearest old classes"], rows)]
     header = ["new class", "expected precision (%)", "expected recall (%)", "nearest old classes"]
     intro = "Reliability (expected from the calibration's simulation; nearest old classes by row cosine):"
     return ["", intro, "", *_table(header, rows)]

@@ -528,8 +528,11 @@ def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
     """``info``'s lines for an injection's per-class ``reliability`` record (read defensively: untrusted file)."""
     if not isinstance(reliability, dict) or not reliability:
         return []
-    lines = ["    reliability (expected from the calibration's simulation; nearest old classes by row cosine):"]
     items = list(reliability.items())
+    if any(isinstance(entry, dict) and "expected_precision" in entry for _, entry in items):
+        lines = ["    reliability (expected from the calibration's simulation; nearest old classes by row cosine):"]
+    else:
+        lines = ["    nearest old classes by row cosine (the calibration recorded no expected rates):"]
     for name, entry in items if show_all else items[:_RELIABILITY_SHOWN]:
         if not isinstance(entry, dict):
             continue

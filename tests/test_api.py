@@ -42,17 +42,31 @@ def test_inject_extends_head_and_keeps_old_logits(resnet, embedder, fast_icis):
     assert record["names"] == NEW and record["method"] == "icis" and record["embedder"] == embedder.id
 
 
-def test_inject_records_each_new_class_reliability(resnet, embedder, fast_icis):
-    out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
-    reliability = out.classifier_injection["injections"][0]["reliability"]
-    assert list(reliability) == NEW
-    old_names = resnet.pretrained_cfg["label_names"]
-    for entry in reliability.values():
+def test_inject_records_each_new_class_reliability(embedder, fast_icis):
+    model = tiny_model("test_efficientnet", num_classes=12)  # BatchNorm-fed head: the feature statistics are known
+    out = inject(model, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
+    record = out.classifier_injection["injections"][0]
+    assert record["calibration"]["name"] == "synthesize" and list(record["reliability"]) == NEW
+    old_names = model.pretrained_cfg["label_names"]
+    for entry in record["reliability"].values():
         assert len(entry["nearest"]) == 3 and all(name in old_names for name, _ in entry["nearest"])
         assert {"expected_precision", "expected_recall"} <= set(entry)  # the default calibration simulates
-    scaled = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis, new_class_scale=2.0))
+    scaled = inject(model, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis, new_class_scale=2.0))
     entry = scaled.classifier_injection["injections"][0]["reliability"]["capybara"]
     assert "expected_precision" not in entry and len(entry["nearest"]) == 3  # the rates hold at scale 1 only
+
+
+def test_without_feature_statistics_only_the_nearest_old_classes_are_recorded(resnet, embedder, fast_icis):
+    # resnet's head reads a residual sum: the default rule falls back to "simulate", whose rates (scored on the
+    # rows' own directions) would be far above what photos give, so none are recorded and no class is warned about.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="least reliable")
+        out = inject(resnet, NEW, embedder=embedder, config=InjectionConfig(icis=fast_icis))
+    record = out.classifier_injection["injections"][0]
+    assert record["calibration"]["name"] == "simulate" and record["expected"] is None
+    assert "reliability" not in record["calibration"]["diagnostics"]
+    for entry in record["reliability"].values():
+        assert set(entry) == {"nearest"} and len(entry["nearest"]) == 3
 
 
 def test_the_least_reliable_new_classes_get_a_warning_that_suggests_descriptions(monkeypatch):

@@ -220,6 +220,27 @@ def test_photo_wins_pools_the_rates_of_several_hold_outs():
     assert 0 <= pooled["precision"] <= 100 and pooled["stolen_per_class"] >= 0
 
 
+def test_prototype_rates_score_true_rows_as_perfect_and_pool_classes_into_thirds():
+    from benchmarks.harness.calibration import prototype_wins
+    from benchmarks.studies.prototype_rates import summary
+
+    rows = torch.cat([2 * torch.eye(30), torch.zeros(30, 1)], dim=1)  # orthogonal rows of one norm, no bias
+    held = torch.arange(0, 30, 3)
+    wins = prototype_wins(rows, held, rows[held], 1.0)
+    # A true row wins its own class's prototype and no other: the simulation sees a perfect row.
+    assert torch.equal(wins, torch.arange(30)[:, None] == held[None, :])
+    classes = [
+        {"expected_precision": float(p), "expected_recall": 50.0, "hit": hit, "wins": wins_, "factor": 1.0}
+        for p, hit, wins_ in [(10, 1, 4), (20, 0, 2), (30, 1, 1), (40, 1, 2), (50, 0, 0), (60, 1, 1)]
+    ]
+    out = summary(classes)
+    assert out["all"]["classes"] == 6 and out["all"]["measured_precision"] == pytest.approx(100 * 4 / 10)
+    assert [t["classes"] for t in out["thirds"]] == [2, 2, 2]
+    assert out["thirds"][0]["expected_precision"] == 15.0
+    assert out["thirds"][0]["measured_precision"] == pytest.approx(100 / 6)
+    assert out["thirds"][2]["measured_recall"] == 50.0 and out["factors"] == [1.0]
+
+
 @pytest.mark.usefixtures("all_threads")
 def test_real_head_one_fold_image_free_rules_against_the_test_picked_scale():
     """lite0, fold 0, ridge rows (weak: photo-prompt names): ``logit-match`` reaches >= 80 % of the H of the best

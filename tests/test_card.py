@@ -155,6 +155,12 @@ def test_calibration_diagnostics_and_per_class_reliability_are_tabulated():
     assert "| okapi | 50.5 | 40 | zebra, ox |" in card and "| ka\\|kapo | - | - | kea\\|x |" in card
     assert "| 3 | okapi | a giraffe relative / a striped ungulate | wordnet-senses |" in card
     assert "| 4 | ka\\|kapo | - | - |" in card
+    # Without any rates (the fallback rule records none) the table keeps the nearest old classes alone.
+    unrated = {**entry, "reliability": {"okapi": {"nearest": [["zebra", 0.8]]}}}
+    card = model_card({"architecture": "vit", "num_classes": 5, "classifier_injection": {"injections": [unrated]}})
+    assert "Nearest old classes by row cosine (the calibration recorded no expected rates):" in card
+    assert "| new class | nearest old classes |" in card and "| okapi | zebra |" in card
+    assert "expected precision (%)" not in card
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,7 @@ def test_inject_info_predict(files, tmp_path, capsys):
     assert "8 (6 original + 2 injected)" in stdout
     assert "capybara, red panda" in stdout and "fc (linear" in stdout
     assert "embedder precomputed:vectors.json" in stdout
-    assert "reliability" in stdout and "capybara: near class" in stdout  # the norm rule has no rates
+    assert "recorded no expected rates" in stdout and "capybara: near class" in stdout  # the norm rule has none
 
     result = _cli("predict", out, files["image"], "--top-k", "8", "--json")
     assert result.returncode == EXIT_OK, result.stderr

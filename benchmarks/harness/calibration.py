@@ -27,10 +27,12 @@ from classifier_injection.baselines import RidgeInjector
 from classifier_injection.calibration import (
     CalibrationContext,
     FactorChoice,
+    SimulatedCalibration,
     SynthesizedCalibration,
     simulate_injections,
 )
-from classifier_injection.calibration.simulation import simulated_head
+from classifier_injection.calibration.reliability import reliability_table
+from classifier_injection.calibration.simulation import prototype_scores, simulated_head
 from classifier_injection.core import calibration_context, copying_factory
 from classifier_injection.features import FeatureStatistics
 from classifier_injection.icis import ICISInjector
@@ -43,11 +45,15 @@ __all__ = [
     "SYNTHESIZE_OFFSETS",
     "CachedICIS",
     "InnerSplit",
+    "RecordingSimulated",
     "fold_context",
     "fold_inputs",
     "injection_context",
     "inner_split",
     "inner_summary",
+    "last_recorded",
+    "prototype_reliability",
+    "prototype_wins",
     "recorded_injection",
     "share_default_simulation",
 ]
@@ -189,9 +195,8 @@ def inner_summary(table: dict[tuple, list[dict]]) -> dict[tuple, dict]:
     return summary
 
 
-@dataclass(frozen=True)
-class _Recording(SynthesizedCalibration):
-    """The default rule, keeping the context it chose on and its choice."""
+class _Records:
+    """A simulation rule that keeps the context it chose on and its choice in ``_RECORDED``."""
 
     def select(self, context: CalibrationContext) -> FactorChoice:
         choice = super().select(context)
@@ -199,7 +204,41 @@ class _Recording(SynthesizedCalibration):
         return choice
 
 
+@dataclass(frozen=True)
+class _Recording(_Records, SynthesizedCalibration):
+    """The default rule, recording."""
+
+
+@dataclass(frozen=True)
+class RecordingSimulated(_Records, SimulatedCalibration):
+    """The ``simulate`` rule (what a model without feature statistics gets), recording: :func:`last_recorded`."""
+
+
 _RECORDED: dict = {}
+
+
+def last_recorded() -> tuple[CalibrationContext, FactorChoice]:
+    """The context and choice of the last recording rule that chose."""
+    return _RECORDED["context"], _RECORDED["choice"]
+
+
+def prototype_wins(
+    seen_rows: torch.Tensor, held_out: torch.Tensor, predicted_rows: torch.Tensor, factor: float
+) -> torch.Tensor:
+    """``[N, H]``: held-out row ``i`` at ``factor`` out-scores every kept row on class ``n``'s prototype (its row's
+    direction; biases left out): the ``simulate`` rule's view of a win."""
+    old, new = prototype_scores(seen_rows, held_out, predicted_rows)
+    return factor * new > old.max(dim=1).values[:, None]
+
+
+def prototype_reliability(context: CalibrationContext, rule: SimulatedCalibration, factor: float) -> dict:
+    """:func:`~classifier_injection.calibration.reliability.reliability_table` of ``rule``'s first simulated
+    injection at ``factor``, scored on the rows' directions (what models without feature statistics were told)."""
+    context = simulated_head(context)
+    held, predicted = simulate_injections(context, rule.holdout_fraction, rule.repeats, rule.name)[0]
+    seen_rows = context.seen_rows.detach().float().cpu()
+    wins = prototype_wins(seen_rows, held, predicted, factor)
+    return reliability_table(wins, torch.arange(len(seen_rows)), seen_rows, held, predicted)
 
 
 def recorded_injection(
@@ -213,4 +252,4 @@ def recorded_injection(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the unreliable-class warning
         inject(load_model(model_name), ["capybara"], config, cache=embedding_cache())
-    return _RECORDED["context"], _RECORDED["choice"]
+    return last_recorded()

@@ -138,11 +138,13 @@ def reduced_model(draw: Draw) -> nn.Module:
     return model.eval()
 
 
-def inject_draw(draw: Draw, regime: str, injector=None, embedder=None, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """The new rows ``[K, D + 1]`` that ``inject()`` puts in the reduced model's head (``injector=None``: ICIS),
-    and its record of the injection."""
+def inject_draw(
+    draw: Draw, regime: str, injector=None, embedder=None, seed: int = 0, calibration=None
+) -> tuple[torch.Tensor, dict]:
+    """The new rows ``[K, D + 1]`` that ``inject()`` puts in the reduced model's head (``injector=None``: ICIS;
+    ``calibration=None``: the default rule), and its record of the injection."""
     model = reduced_model(draw)
-    config = InjectionConfig(descriptors=REGIMES[regime], allow_existing=True)
+    config = InjectionConfig(descriptors=REGIMES[regime], allow_existing=True, calibration=calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the unreliable-class warning: its record is kept instead
         grown = inject(

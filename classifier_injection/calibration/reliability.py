@@ -3,8 +3,9 @@
 A new row predicted from text is a blend of its neighbours' rows, and the closer it sits to one old row the more
 of that class's photos it takes. The ``synthesize`` rule's simulation measures this on the head's own classes:
 each held-out row, calibrated as the real new rows will be, is scored alone against the kept rows on features
-synthesised to be confused with their classes' neighbours as photos are, or on the rows' own directions without
-statistics (recall on its class's features; precision against the kept classes' features it wins).
+synthesised to be confused with their classes' neighbours as photos are (recall on its class's features; precision
+against the kept classes' features it wins). Without feature statistics there are no such features, and no rates:
+the rows' own directions make wins far easier and cleaner than photos do.
 :func:`reliability_table` bins those rows by their cosine to the nearest kept row, a statistic of the head
 alone; :func:`assess` gives a new class the rates of its bin and the old classes nearest to it;
 :func:`expected_rates` scores them in groups, as a user's injection of several classes.
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..injector import top_cosines
-from .simulation import held_mask, new_row_responses, prototype_scores, synthetic_scores
+from .simulation import held_mask, new_row_responses, synthetic_scores
 
 __all__ = [
     "BINS",
@@ -30,7 +31,6 @@ __all__ = [
     "expected_rates",
     "least_reliable",
     "nearest_cosines",
-    "prototype_wins",
     "reliability_table",
     "scale_for_precision",
     "synthetic_wins",
@@ -64,14 +64,6 @@ def synthetic_wins(
     return target + offset + factor * responses > old.max(dim=1).values[:, None]
 
 
-def prototype_wins(
-    seen_rows: torch.Tensor, held_out: torch.Tensor, predicted_rows: torch.Tensor, factor: float
-) -> torch.Tensor:
-    """``[N, H]``: as :func:`synthetic_wins` on the rows' own directions as features (biases left out)."""
-    old, new = prototype_scores(seen_rows, held_out, predicted_rows)
-    return factor * new > old.max(dim=1).values[:, None]
-
-
 def reliability_table(
     wins: torch.Tensor,
     labels: torch.Tensor,
@@ -83,7 +75,7 @@ def reliability_table(
     """Recall and precision (%) of simulated rows per bin of their nearest-kept-row cosine; JSON-able.
 
     Args:
-        wins: ``[M, H]`` from :func:`synthetic_wins` or :func:`prototype_wins` (each row scored alone).
+        wins: ``[M, H]`` from :func:`synthetic_wins` (each row scored alone).
         labels: the class ``[M]`` of each scored feature.
         seen_rows: the simulated head ``[N, D + 1]``.
         held_out: the held-out classes ``[H]``; ``predicted_rows`` ``[H, D + 1]`` are their simulated rows.

@@ -1,0 +1,122 @@
+"""What a model without feature statistics is told about its new classes, against the photos.
+
+``inject()`` estimates the mean and spread of the head's input from a BatchNorm's running statistics
+(:mod:`classifier_injection.features`); models that end otherwise (ViTs, ConvNeXts, ResNets: most of timm) fall
+back to the ``simulate`` rule, whose simulation scores its held-out rows on the rows' own directions
+("prototypes") instead of synthesised features. This study measures, in the user regime
+(:mod:`benchmarks.harness.user_regime`: ``K`` classes removed from the head and injected back by name), what that
+simulation says each new class can expect (the rates of its bin of the nearest-kept-row cosine, as
+:func:`~classifier_injection.calibration.reliability.assess` reads a table) and what the photos give:
+
+* pooled over the draws: the mean expected precision / recall of the new classes, and the photos' rates;
+* the new classes in thirds by expected precision: does the simulation at least rank them?
+
+lite0 stands in for such a model: it is injected with ``calibration="simulate"``, as if its statistics were
+hidden. The rows and their calibration are what such a model gets; only the expected rates are at issue.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.prototype_rates
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+
+from benchmarks.harness.calibration import RecordingSimulated, last_recorded, prototype_reliability
+from benchmarks.harness.descriptors import embedding_cache, imagenet_classes
+from benchmarks.harness.results import command_line, record, study_parser
+from benchmarks.harness.user_regime import REGIMES, inject_draw, make_draw, score_rows
+from classifier_injection.calibration.reliability import assess
+
+STUDY = "prototype_rates"
+#: Draws of the user regime measured per regime (its plan's number for K = 10).
+DRAWS = 8
+
+
+def measure_draw(model_name: str, k: int, draw: int, regime: str) -> list[dict]:
+    """Per new class of one draw: the prototype simulation's expected rates (%) and the photos' outcome at scale 1."""
+    spec = make_draw(model_name, k, draw)
+    shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # the rule chooses anew
+    rule = RecordingSimulated()
+    rows, _ = inject_draw(spec, regime, calibration=rule)
+    context, choice = last_recorded()
+    table = prototype_reliability(context, rule, choice.factor)
+    seen_names = [name for name, kept in zip(imagenet_classes()[0], spec.kept.tolist(), strict=True) if kept]
+    entries = assess(rows, context.seen_rows, seen_names, table)
+    outcomes = score_rows(spec, rows, (1.0,))["per_class"]
+    return [
+        {
+            "name": name,
+            "expected_precision": entry.get("expected_precision"),
+            "expected_recall": entry.get("expected_recall"),
+            "factor": choice.factor,
+            **outcome,
+        }
+        for name, entry, outcome in zip(spec.names, entries, outcomes, strict=True)
+    ]
+
+
+def summary(classes: Sequence[dict]) -> dict:
+    """Expected (mean over classes) and measured (pooled) precision / recall in %, overall and in thirds."""
+
+    def rates(members: Sequence[dict]) -> dict:
+        wins = sum(c["wins"] for c in members)
+        return {
+            "classes": len(members),
+            "expected_precision": float(np.mean([c["expected_precision"] or 0.0 for c in members])),
+            "measured_precision": 100 * sum(c["hit"] for c in members) / wins if wins else float("nan"),
+            "expected_recall": float(np.mean([c["expected_recall"] or 0.0 for c in members])),
+            "measured_recall": 100 * float(np.mean([c["hit"] for c in members])),
+        }
+
+    rated = sorted((c for c in classes if c["expected_precision"] is not None), key=lambda c: c["expected_precision"])
+    thirds = [rates([rated[i] for i in part]) for part in np.array_split(np.arange(len(rated)), 3)]
+    return {"all": rates(rated), "thirds": thirds, "factors": sorted({c["factor"] for c in classes})}
+
+
+def table(results: dict) -> str:
+    """Markdown: expected against measured, per model, K and regime, overall and by thirds of expected precision."""
+    lines = [
+        "### Expected by the prototype simulation against the photos (scale 1; precision / recall %)",
+        "",
+        "| model, K | regime | classes | expected precision | measured precision | expected recall | measured recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case, regimes in results.items():
+        for regime, entry in regimes.items():
+            for label, row in [("all", entry["summary"]["all"])] + [
+                (f"third {i + 1}", third) for i, third in enumerate(entry["summary"]["thirds"])
+            ]:
+                lines.append(
+                    f"| {case} | {regime}, {label} | {row['classes']} | {row['expected_precision']:.1f} | "
+                    f"{row['measured_precision']:.1f} | {row['expected_recall']:.1f} | {row['measured_recall']:.1f} |"
+                )
+    lines += ["", "Thirds: the new classes sorted by expected precision, least first."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.prototype_rates") -> dict:
+    parser = study_parser(prog, __doc__)
+    parser.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0"])
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--k", type=int, default=10, help="classes removed and injected back per draw")
+    parser.add_argument("--draws", type=int, default=DRAWS, help="draws per regime")
+    parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/prototype_rates")
+    args = parser.parse_args(argv)
+    results: dict = {}
+    for model_name in args.models:
+        for regime in args.regimes:
+            classes = [c for d in range(args.draws) for c in measure_draw(model_name, args.k, d, regime)]
+            entry = {"classes": classes, "summary": summary(classes)}
+            results.setdefault(f"{model_name}, K = {args.k}", {})[regime] = entry
+            print(f"{model_name} {regime}: {entry['summary']['all']}", flush=True)
+    text = table(results)
+    print(text)
+    record(STUDY, args.name, results, text, command_line(prog, argv), title="Expected rates without feature statistics")
+    return results
+
+
+if __name__ == "__main__":
+    main()
