@@ -11,8 +11,9 @@ simulation says each new class can expect (the rates of its bin of the nearest-k
 * pooled over the draws: the mean expected precision / recall of the new classes, and the photos' rates;
 * the new classes in thirds by expected precision: does the simulation at least rank them?
 
-lite0 stands in for such a model: it is injected with ``calibration="simulate"``, as if its statistics were
-hidden. The rows and their calibration are what such a model gets; only the expected rates are at issue.
+The EfficientNets stand in for such models: they are injected with the ``simulate`` rule and the old rows' mean
+bias for the new rows, as if their statistics were hidden, so the rows and their calibration are what such a model
+gets.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.prototype_rates
 """
@@ -39,7 +40,7 @@ def measure_draw(model_name: str, k: int, draw: int, regime: str) -> list[dict]:
     """Per new class of one draw: the prototype simulation's expected rates (%) and the photos' outcome at scale 1."""
     spec = make_draw(model_name, k, draw)
     shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # the rule chooses anew
-    rule = RecordingSimulated()
+    rule = RecordingSimulated(bias="mean")  # the fallback's biases: a model without statistics has no feature mean
     rows, _ = inject_draw(spec, regime, calibration=rule)
     context, choice = last_recorded()
     table = prototype_reliability(context, rule, choice.factor)
