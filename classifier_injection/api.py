@@ -139,6 +139,9 @@ def inject(
     embedder = embedder or default_embedder(show_progress=config.progress)
     rule = get_calibration(config.calibration)
     start = time.perf_counter()
+    features = feature_statistics(model, head) if needs_context(rule) else None
+    if config.target_precision is not None and features is None:
+        raise ValueError(_NO_EXPECTED_RATES)  # before any work: without statistics there are no expected rates
     seen_rows = head.rows(model)
     fingerprint = head_fingerprint(seen_rows)
     descriptor_config = config.descriptors or default_config_for(embedder)
@@ -172,7 +175,7 @@ def inject(
         new_descriptors,
         injector,
         rule,
-        features=feature_statistics(model, head) if needs_context(rule) else None,
+        features=features,
         seed=seed,
         new_class_scale=config.new_class_scale,
         choices=choices,
@@ -224,14 +227,17 @@ def inject(
     return target
 
 
+_NO_EXPECTED_RATES = (
+    "target_precision needs the expected rates of the 'synthesize' calibration, which this model lacks (its "
+    "feature statistics could not be estimated): set new_class_scale instead"
+)
+
+
 def _scale_for_target(table: dict | None, new_classes: int, target: float) -> float:
     """The ``new_class_scale`` for ``target_precision`` (a fraction) from the calibration's expected rates."""
     found = scale_for_precision(table, new_classes, 100 * target)
     if found is None:
-        raise ValueError(
-            "target_precision needs the expected rates of the 'synthesize' calibration, which this model lacks (its "
-            "feature statistics could not be estimated): set new_class_scale instead"
-        )
+        raise ValueError(_NO_EXPECTED_RATES)
     scale, reached = found
     if not reached:
         warnings.warn(

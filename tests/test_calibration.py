@@ -333,9 +333,10 @@ def test_target_precision_picks_the_scale_the_simulation_expects_to_reach_it(tmp
     assert "expected_precision" not in record["reliability"]["okapi"]  # the per-class rates hold at scale 1 only
     loose = inject(model, ["capybara", "okapi"], InjectionConfig(icis=icis, target_precision=0.4), **kwargs)
     assert loose.classifier_injection["injections"][-1]["new_class_scale"] == 1.0  # reached above 1: kept at 1
-    # Models without feature statistics have no expected rates: a clear error, the model untouched.
+    # Models without feature statistics have no expected rates: a clear error before any work, the model untouched.
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=12).eval()
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    monkeypatch.setattr(FakeEmbedder, "encode", lambda self, texts: pytest.fail("embedded before the check"))
     with pytest.raises(ValueError, match=r"target_precision needs the expected rates.*set new_class_scale instead"):
         inject(resnet, ["capybara"], InjectionConfig(icis=icis, target_precision=0.3), inplace=True, **kwargs)
     assert resnet.num_classes == 12 and all(torch.equal(v, resnet.state_dict()[k]) for k, v in before.items())
