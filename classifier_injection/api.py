@@ -144,6 +144,9 @@ def inject(
         raise ValueError(_NO_EXPECTED_RATES)  # before any work: without statistics there are no expected rates
     seen_rows = head.rows(model)
     fingerprint = head_fingerprint(seen_rows)
+    trained = bool(getattr(injector, "is_fitted", False))
+    if trained:
+        _check_trained_on(injector, model, head, seen_rows)
     descriptor_config = config.descriptors or default_config_for(embedder)
     disk_cache = resolve_cache(cache)
     # Seen and new classes are described by the same rules (definitions for both, or for neither).
@@ -161,9 +164,6 @@ def inject(
     fits = FitCache(disk_cache.directory / "fits") if injector is None and disk_cache is not None else None
     if injector is None:
         injector = ICISInjector(config.icis, seed=seed, progress=config.progress, device=_accelerator(model))
-    trained = bool(getattr(injector, "is_fitted", False))
-    if trained:
-        _check_trained_on(injector, model, head, seen_rows)
     seen_descriptors = None
     if not trained or needs_context(rule):
         seen_descriptors = embed_classes(embedder, seen_names, descriptor_config, described.seen, cache=disk_cache)

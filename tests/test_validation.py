@@ -232,11 +232,12 @@ def test_a_saved_injector_is_reused_on_its_own_head(trained):
     assert out.num_classes == len(NAMES) + 1
 
 
-def test_a_saved_injector_refuses_another_head(trained):
+def test_a_saved_injector_refuses_another_head(trained, monkeypatch):
     _, path = trained
     torch.manual_seed(1)
     other = _model()
     snapshot = _snapshot(other)
+    monkeypatch.setattr(FakeEmbedder, "encode", lambda self, texts: pytest.fail("embedded before the check"))
     with pytest.raises(ValueError, match=r"trained on another head \(fingerprint [0-9a-f]+, this head [0-9a-f]+\)"):
         _inject(other, ["okapi"], injector=ICISInjector.load(str(path)), inplace=True)
     _assert_unchanged(other, snapshot)
