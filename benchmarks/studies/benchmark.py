@@ -414,7 +414,9 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     """Wall time of ``inject()`` (library defaults) on lite0, the default embedder loaded and warm.
 
     Per count, three calls, each with ``count`` names never embedded before: ``first``, into a head the calibration
-    has not seen (its cached choices are cleared, so it simulates); ``same_head``, other names into the same head
+    has not seen (its cached choices are cleared, so it simulates; the warm-up injection has left the synthesised
+    features in this process, so it fits and simulates but does not climb them again: the scaling study times a
+    fresh process); ``same_head``, other names into the same head
     (the fit, and so the simulation that reuses it, depend on the names); ``trained_injector``, passing an ICIS
     injector trained on this head before (no fit: how batches of new classes are meant to be injected); and
     ``same_call``, the ``first`` call again, names included (a script run again: its fit and the calibration's
