@@ -166,7 +166,9 @@ def _reliability_lines(reliability: Any) -> list[str]:
         intro = "Nearest old classes by row cosine (the calibration recorded no expected rates):"
         return ["", intro, "", *_table(["new class", "nearest old classes"], rows)]
     header = ["new class", "expected precision (%)", "expected recall (%)", "nearest old classes"]
-    intro = "Reliability (expected from the calibration's simulation; nearest old classes by row cosine):"
+    intro = (
+        "Reliability (each class alone, as the calibration's simulation expects; nearest old classes by row cosine):"
+    )
     return ["", intro, "", *_table(header, rows)]
 
 

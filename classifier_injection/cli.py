@@ -530,7 +530,7 @@ def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
         return []
     items = list(reliability.items())
     if any(isinstance(entry, dict) and "expected_precision" in entry for _, entry in items):
-        lines = ["    reliability (expected from the calibration's simulation; nearest old classes by row cosine):"]
+        lines = ["    reliability (each class alone, as the simulation expects; nearest old classes by row cosine):"]
     else:
         lines = ["    nearest old classes by row cosine (the calibration recorded no expected rates):"]
     for name, entry in items if show_all else items[:_RELIABILITY_SHOWN]:
