@@ -10,6 +10,7 @@ simulation says each new class can expect (the rates of its bin of the nearest-k
 
 * pooled over the draws: the mean expected precision / recall of the new classes, and the photos' rates;
 * the new classes in thirds by expected precision: does the simulation at least rank them?
+* the photos' rates at other ``new_class_scale`` values, the knob such a model's user has.
 
 The EfficientNets stand in for such models: they are injected with the ``simulate`` rule and the old rows' mean
 bias for the new rows, as if their statistics were hidden, so the rows and their calibration are what such a model
@@ -28,16 +29,19 @@ import numpy as np
 from benchmarks.harness.calibration import RecordingSimulated, last_recorded, prototype_reliability
 from benchmarks.harness.descriptors import embedding_cache, imagenet_classes
 from benchmarks.harness.results import command_line, record, study_parser
-from benchmarks.harness.user_regime import REGIMES, inject_draw, make_draw, score_rows
+from benchmarks.harness.user_regime import REGIMES, inject_draw, make_draw, score_rows, summarize
 from classifier_injection.calibration.reliability import assess
 
 STUDY = "prototype_rates"
 #: Draws of the user regime measured per regime (its plan's number for K = 10).
 DRAWS = 8
+#: ``new_class_scale`` values the photos are scored at: what the knob trades for such a model.
+CURVE_SCALES = (0.8, 1.0, 1.2, 1.5, 2.0)
 
 
-def measure_draw(model_name: str, k: int, draw: int, regime: str) -> list[dict]:
-    """Per new class of one draw: the prototype simulation's expected rates (%) and the photos' outcome at scale 1."""
+def measure_draw(model_name: str, k: int, draw: int, regime: str) -> tuple[list[dict], dict]:
+    """Per new class of one draw: the prototype simulation's expected rates (%) and the photos' outcome at scale 1;
+    and the draw's counts per ``new_class_scale`` (:func:`score_rows`)."""
     spec = make_draw(model_name, k, draw)
     shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # the rule chooses anew
     rule = RecordingSimulated(bias="mean")  # the fallback's biases: a model without statistics has no feature mean
@@ -46,8 +50,9 @@ def measure_draw(model_name: str, k: int, draw: int, regime: str) -> list[dict]:
     table = prototype_reliability(context, rule, choice.factor)
     seen_names = [name for name, kept in zip(imagenet_classes()[0], spec.kept.tolist(), strict=True) if kept]
     entries = assess(rows, context.seen_rows, seen_names, table)
-    outcomes = score_rows(spec, rows, (1.0,))["per_class"]
-    return [
+    counts = score_rows(spec, rows, CURVE_SCALES)
+    outcomes = counts.pop("per_class")
+    classes = [
         {
             "name": name,
             "expected_precision": entry.get("expected_precision"),
@@ -57,6 +62,7 @@ def measure_draw(model_name: str, k: int, draw: int, regime: str) -> list[dict]:
         }
         for name, entry, outcome in zip(spec.names, entries, outcomes, strict=True)
     ]
+    return classes, counts
 
 
 def summary(classes: Sequence[dict]) -> dict:
@@ -94,7 +100,22 @@ def table(results: dict) -> str:
                     f"| {case} | {regime}, {label} | {row['classes']} | {row['expected_precision']:.1f} | "
                     f"{row['measured_precision']:.1f} | {row['expected_recall']:.1f} | {row['measured_recall']:.1f} |"
                 )
-    lines += ["", "Thirds: the new classes sorted by expected precision, least first."]
+    lines += [
+        "",
+        "Thirds: the new classes sorted by expected precision, least first.",
+        "",
+        "### The photos at other new_class_scale values: recall / precision % (old photos taken per new class)",
+        "",
+        "| model, K | regime | " + " | ".join(str(scale) for scale in CURVE_SCALES) + " |",
+        "|---|---|" + "---|" * len(CURVE_SCALES),
+    ]
+    for case, regimes in results.items():
+        for regime, entry in regimes.items():
+            cells = [
+                f"{r['recall']:.1f} / {r['precision']:.1f} ({r['stolen_per_class']:.2f})"
+                for r in (entry["curve"][str(scale)] for scale in CURVE_SCALES)
+            ]
+            lines.append(f"| {case} | {regime} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -109,8 +130,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.prot
     results: dict = {}
     for model_name in args.models:
         for regime in args.regimes:
-            classes = [c for d in range(args.draws) for c in measure_draw(model_name, args.k, d, regime)]
-            entry = {"classes": classes, "summary": summary(classes)}
+            draws = [measure_draw(model_name, args.k, d, regime) for d in range(args.draws)]
+            classes = [c for draw_classes, _ in draws for c in draw_classes]
+            curve = {str(s): summarize([counts[str(s)] for _, counts in draws]) for s in CURVE_SCALES}
+            entry = {"classes": classes, "summary": summary(classes), "curve": curve}
             results.setdefault(f"{model_name}, K = {args.k}", {})[regime] = entry
             print(f"{model_name} {regime}: {entry['summary']['all']}", flush=True)
     text = table(results)
