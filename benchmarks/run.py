@@ -18,6 +18,7 @@ STUDIES = (
     "calibration",
     "calibration_bias",
     "calibration_shift",
+    "confusions",
     "descriptors",
     "icis_defaults",
     "left_out",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,23 @@ def test_prototype_rates_score_true_rows_as_perfect_and_pool_classes_into_thirds
     assert out["thirds"][0]["expected_precision"] == 15.0
     assert out["thirds"][0]["measured_precision"] == pytest.approx(100 / 6)
     assert out["thirds"][2]["measured_recall"] == 50.0 and out["factors"] == [1.0]
+
+
+def test_confusions_pool_counts_over_draws_into_shares_and_chance():
+    from benchmarks.studies.confusions import rates, table
+
+    counts = [
+        {"taken": 4, "taken_nearest": 2, "taken_first": 1, "lost": 2, "lost_nearest": 1},
+        {"taken": 6, "taken_nearest": 3, "taken_first": 3, "lost": 0, "lost_nearest": 0},
+    ]
+    out = rates(counts, 10)
+    assert out["taken"] == 10 and out["taken_nearest_pct"] == 50.0 and out["taken_first_pct"] == 40.0
+    assert out["lost_nearest_pct"] == 50.0 and out["chance_pct"] == pytest.approx(100 * 3 / 990)
+    none_lost = rates(counts[1:], 10)
+    assert math.isnan(none_lost["lost_nearest_pct"])
+    assert "| lite0, K = 10 | wordnet | 10 | 50.0 % | 40.0 % | 2 | 50.0 % | 0.30 % |" in table(
+        {"lite0, K = 10": {"wordnet": out}}
+    )
 
 
 @pytest.mark.usefixtures("all_threads")
