@@ -18,11 +18,12 @@ definitions) and ``name-only`` (every class by its name alone: what a user's nam
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +39,11 @@ __all__ = [
     "REGIMES",
     "SCALES",
     "Draw",
+    "add_draw_arguments",
     "draw_classes",
     "inject_draw",
     "reduced_model",
+    "run_cases",
     "score_rows",
     "summarize",
 ]
@@ -109,6 +112,26 @@ class Draw:
         index[kept] = torch.arange(int(kept.sum()))
         index[torch.as_tensor(self.removed)] = int(kept.sum()) + torch.arange(self.k)
         return index
+
+
+def add_draw_arguments(parser: argparse.ArgumentParser, models: Sequence[str], draws: int, study: str) -> None:
+    """A study's options over user-regime draws: ``--models``, ``--regimes``, ``--k``, ``--draws`` and ``--name``."""
+    parser.add_argument("--models", nargs="+", default=list(models))
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--k", type=int, default=10, help="classes removed and injected back per draw")
+    parser.add_argument("--draws", type=int, default=draws, help="draws per model and regime")
+    parser.add_argument("--name", default=study, help=f"run name in benchmarks/results/{study}")
+
+
+def run_cases(args: argparse.Namespace, measure: Callable[[str, str], dict]) -> dict:
+    """``{"MODEL, K = k": {regime: measure(model, regime)}}`` over the options of :func:`add_draw_arguments`."""
+    results: dict = {}
+    for model_name in args.models:
+        for regime in args.regimes:
+            entry = measure(model_name, regime)
+            results.setdefault(f"{model_name}, K = {args.k}", {})[regime] = entry
+            print(f"{model_name} {regime}: done", flush=True)
+    return results
 
 
 def make_draw(model_name: str, k: int, draw: int) -> Draw:

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.harness.data import MODELS, head_data
 from benchmarks.harness.results import command_line, record, study_parser
-from benchmarks.harness.user_regime import REGIMES, inject_draw, make_draw
+from benchmarks.harness.user_regime import add_draw_arguments, inject_draw, make_draw, run_cases
 from classifier_injection.calibration.reliability import nearest_cosines
 
 STUDY = "confusions"
@@ -94,18 +94,13 @@ def table(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.confusions") -> dict:
     parser = study_parser(prog, __doc__)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
-    parser.add_argument("--k", type=int, default=10, help="classes removed and injected back per draw")
-    parser.add_argument("--draws", type=int, default=DRAWS, help="draws per model and regime")
-    parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/confusions")
+    add_draw_arguments(parser, MODELS, DRAWS, STUDY)
     args = parser.parse_args(argv)
-    results: dict = {}
-    for model_name in args.models:
-        for regime in args.regimes:
-            counts = [draw_confusions(model_name, args.k, d, regime) for d in range(args.draws)]
-            results.setdefault(f"{model_name}, K = {args.k}", {})[regime] = rates(counts, args.k)
-            print(f"{model_name} {regime}: {results[f'{model_name}, K = {args.k}'][regime]}", flush=True)
+
+    def measure(model_name: str, regime: str) -> dict:
+        return rates([draw_confusions(model_name, args.k, d, regime) for d in range(args.draws)], args.k)
+
+    results = run_cases(args, measure)
     text = table(results)
     print(text)
     record(STUDY, args.name, results, text, command_line(prog, argv), title="Nearest old classes against confusions")

@@ -29,7 +29,14 @@ import numpy as np
 from benchmarks.harness.calibration import RecordingSimulated, last_recorded, prototype_reliability
 from benchmarks.harness.descriptors import embedding_cache, imagenet_classes
 from benchmarks.harness.results import command_line, record, study_parser
-from benchmarks.harness.user_regime import REGIMES, inject_draw, make_draw, score_rows, summarize
+from benchmarks.harness.user_regime import (
+    add_draw_arguments,
+    inject_draw,
+    make_draw,
+    run_cases,
+    score_rows,
+    summarize,
+)
 from classifier_injection.calibration.reliability import assess
 
 STUDY = "prototype_rates"
@@ -63,6 +70,14 @@ def measure_draw(model_name: str, k: int, draw: int, regime: str) -> tuple[list[
         for name, entry, outcome in zip(spec.names, entries, outcomes, strict=True)
     ]
     return classes, counts
+
+
+def measure(model_name: str, k: int, draws: int, regime: str) -> dict:
+    """One model and regime over ``draws`` draws: every class, the :func:`summary`, and the photos' curve."""
+    measured = [measure_draw(model_name, k, d, regime) for d in range(draws)]
+    classes = [c for draw_classes, _ in measured for c in draw_classes]
+    curve = {str(s): summarize([counts[str(s)] for _, counts in measured]) for s in CURVE_SCALES}
+    return {"classes": classes, "summary": summary(classes), "curve": curve}
 
 
 def summary(classes: Sequence[dict]) -> dict:
@@ -121,21 +136,9 @@ def table(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.prototype_rates") -> dict:
     parser = study_parser(prog, __doc__)
-    parser.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0"])
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
-    parser.add_argument("--k", type=int, default=10, help="classes removed and injected back per draw")
-    parser.add_argument("--draws", type=int, default=DRAWS, help="draws per regime")
-    parser.add_argument("--name", default=STUDY, help="run name in benchmarks/results/prototype_rates")
+    add_draw_arguments(parser, ["tf_efficientnet_lite0"], DRAWS, STUDY)
     args = parser.parse_args(argv)
-    results: dict = {}
-    for model_name in args.models:
-        for regime in args.regimes:
-            draws = [measure_draw(model_name, args.k, d, regime) for d in range(args.draws)]
-            classes = [c for draw_classes, _ in draws for c in draw_classes]
-            curve = {str(s): summarize([counts[str(s)] for _, counts in draws]) for s in CURVE_SCALES}
-            entry = {"classes": classes, "summary": summary(classes), "curve": curve}
-            results.setdefault(f"{model_name}, K = {args.k}", {})[regime] = entry
-            print(f"{model_name} {regime}: {entry['summary']['all']}", flush=True)
+    results = run_cases(args, lambda model, regime: measure(model, args.k, args.draws, regime))
     text = table(results)
     print(text)
     record(STUDY, args.name, results, text, command_line(prog, argv), title="Expected rates without feature statistics")
