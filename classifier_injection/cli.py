@@ -504,9 +504,11 @@ def _expected_lines(expected: object, target_precision: object = None) -> list[s
     stolen = expected.get("stolen_per_class")
     stolen = f"{stolen:.1f}" if _is_number(stolen) else "?"
     target = f", chosen for precision {_rate(100 * target_precision)}" if _is_number(target_precision) else ""
+    simulated, injected = expected.get("simulated_new_classes", "?"), expected.get("new_classes")
+    nearest = f" (the nearest simulated count to {injected})" if _is_number(injected) and injected != simulated else ""
     lines = [
         _clip(
-            f"    expected (the calibration's simulation, {expected.get('simulated_new_classes', '?')} new classes at "
+            f"    expected (the calibration's simulation, {simulated} new classes{nearest} at "
             f"new_class_scale {expected.get('new_class_scale', '?')}{target}): precision "
             f"{_rate(expected.get('precision'))}, recall {_rate(expected.get('recall'))}, "
             f"{stolen} old-class photos taken per new class"

@@ -437,6 +437,9 @@ def test_info_lines_for_the_expected_rates_read_a_damaged_record_defensively():
     [chosen] = _expected_lines({**record, "new_class_scale": 0.87}, 0.3)
     assert "10 new classes at new_class_scale 0.87, chosen for precision 30 %): precision 21 %" in chosen
     assert "chosen for" not in _expected_lines(record, "0.3")[0]
+    [five] = _expected_lines({**record, "new_classes": 5})  # the nearest count the simulation has
+    assert "10 new classes (the nearest simulated count to 5) at new_class_scale 1.0" in five
+    assert "(the nearest" not in _expected_lines({**record, "new_classes": 10})[0]
     [damaged] = _expected_lines({"recall": "64", "precision": True, "curve": {"scales": "x"}})
     assert "precision ?, recall ?, ? old-class" in damaged
     assert _expected_lines(None) == [] and _expected_lines([1, 2]) == []
