@@ -139,7 +139,8 @@ class SimulatedCalibration:
     the others, ``repeats`` extra fits), and scores every factor on the rows' directions as proxy features
     (:func:`prototype_gzsl_curve`). H is flat around its maximum while old-class accuracy keeps falling, so the rule
     takes the smallest factor whose H is within ``tolerance`` (relative) of the best. It records no expected
-    precision or recall: rows scored on the rows' directions win far more, and far more precisely, than on photos.
+    precision or recall: on the kept rows' directions, held-out rows win far more often and far more precisely than
+    new rows do on photos.
 
     Attributes:
         holdout_fraction: share of old classes held out per repeat.
