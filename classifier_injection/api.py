@@ -190,7 +190,8 @@ def inject(
         rows = apply_new_class_scale(rows, scale)
     # The simulation's per-class rates hold at new_class_scale 1 only; other scales get the neighbours alone.
     table = diagnostics.get("reliability") if scale == 1 else None
-    reliability = _reliability(rows, table, seen_rows, seen_names, names)
+    ranked = [d is not None for d in described.new] if len(names) >= _RANKED_FROM else [False] * len(names)
+    reliability = _reliability(rows, table, seen_rows, seen_names, names, ranked)
     expected = expected_at(diagnostics.get("expected"), len(names), scale)
     method = getattr(injector, "name", type(injector).__name__)
     hparams = prediction.hparams
@@ -227,6 +228,11 @@ def inject(
     return target
 
 
+#: Injections of at least this many new classes name their least reliable described classes in a warning: the
+#: simulation's ranking held on photos there (with descriptions, from 10 classes), not for one class nor for names
+#: alone (``docs/decisions.md``).
+_RANKED_FROM = 10
+
 _NO_EXPECTED_RATES = (
     "target_precision needs the expected rates of the 'synthesize' calibration, which this model lacks (its "
     "feature statistics could not be estimated): set new_class_scale instead"
@@ -255,14 +261,15 @@ def _reliability(
     seen_rows: torch.Tensor,
     seen_names: Sequence[str],
     names: Sequence[str],
+    ranked: Sequence[bool],
 ) -> dict[str, dict]:
     """Per new class: its nearest old classes and, from the calibration's simulation (its reliability ``table``, if
     any), expected precision / recall.
 
-    Warns about the classes in the simulation's least precise bin.
+    Warns about the ``ranked`` classes in the simulation's least precise bin.
     """
     entries = assess(rows, seen_rows, seen_names, table)
-    worst = [(names[i], entries[i]) for i in least_reliable(entries, table)]
+    worst = [(names[i], entries[i]) for i in least_reliable(entries, table) if ranked[i]]
     if worst:
         listing = ", ".join(f"{name!r} (near {e['nearest'][0][0]!r})" for name, e in worst[:5])
         more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""

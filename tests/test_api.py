@@ -76,12 +76,30 @@ def test_the_least_reliable_new_classes_get_a_warning_that_suggests_descriptions
     new = torch.tensor([[1.0, 0.1, 0, 0, 0], [0.5, 0.5, 0.5, 0.5, 0]])  # next to "a", and between all four
     table = {"statistic": "nearest_cosine", "edges": [0.9], "recall": [40.0, 60.0], "precision": [80.0, 30.0]}
     with pytest.warns(UserWarning, match=r"least reliable new classes: 'x' \(near 'a'\).* 30 %.*descriptions="):
-        record = api._reliability(new, table, seen, ["a", "b", "c", "d"], ["x", "y"])
+        record = api._reliability(new, table, seen, ["a", "b", "c", "d"], ["x", "y"], [True, True])
     assert record["x"]["expected_precision"] == 30.0 and record["y"]["expected_precision"] == 80.0
     single = {**table, "edges": [], "recall": [50.0], "precision": [50.0]}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one bin: nothing to rank, no warning
-        api._reliability(new, single, seen, ["a", "b", "c", "d"], ["x", "y"])
+        api._reliability(new, single, seen, ["a", "b", "c", "d"], ["x", "y"], [True, True])
+        # Classes the ranking was not checked for (too few new classes, or no description) are not named.
+        unranked = api._reliability(new, table, seen, ["a", "b", "c", "d"], ["x", "y"], [False, True])
+    assert unranked["x"]["expected_precision"] == 30.0  # the record keeps its rates all the same
+
+
+def test_only_injections_of_enough_described_classes_name_their_least_reliable(embedder, fast_icis, monkeypatch):
+    from classifier_injection import api
+
+    named: list[list[bool]] = []
+    real = api._reliability
+    monkeypatch.setattr(api, "_reliability", lambda *args: named.append(list(args[-1])) or real(*args))
+    model = tiny_model("test_efficientnet", num_classes=12)
+    config = InjectionConfig(icis=fast_icis, allow_existing=True)
+    many = [f"new {i}" for i in range(api._RANKED_FROM)]
+    described = {name: "a thing of some kind" for name in many[:-1]}
+    inject(model, many, config, embedder=embedder, descriptions=described)
+    inject(model, many[:2], config, embedder=embedder, descriptions={name: described[name] for name in many[:2]})
+    assert named == [[True] * (len(many) - 1) + [False], [False, False]]
 
 
 def test_inplace_modifies_and_returns_same_model(resnet, embedder, fast_icis):
