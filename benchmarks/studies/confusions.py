@@ -38,24 +38,20 @@ def draw_confusions(model_name: str, k: int, draw: int, regime: str) -> dict[str
     spec = make_draw(model_name, k, draw)
     rows, _ = inject_draw(spec, regime)
     data = head_data(model_name)
-    kept = torch.nonzero(spec.kept).squeeze(1)  # old class i of the grown head is class kept[i] of the 1000
-    old_rows = data.rows[kept]
-    nearest = kept[nearest_cosines(rows, old_rows, NEAREST)[1]]  # [K, 3], as classes of the 1000
-    logits = torch.cat([data.logits(old_rows), data.logits(rows.to(data.rows.dtype))], dim=1)
-    winner = logits.argmax(1)
-    won_by = torch.where(winner < len(kept), kept[winner.clamp_max(len(kept) - 1)], -1 - (winner - len(kept)))
-    removed = torch.as_tensor(spec.removed)
+    old_rows = data.rows[spec.kept]
+    num_old = len(old_rows)
+    nearest = nearest_cosines(rows, old_rows, NEAREST)[1]  # [K, 3]: old classes, as indices of the grown head
+    winner = torch.cat([data.logits(old_rows), data.logits(rows.to(data.rows.dtype))], dim=1).argmax(1)
+    target = spec.grown_labels()[data.labels]  # each photo's class in the grown head: new class j is num_old + j
     counts = dict.fromkeys(("taken", "taken_nearest", "taken_first", "lost", "lost_nearest"), 0)
-    for j, own in enumerate(removed.tolist()):
-        took = (won_by == -1 - j) & ~torch.isin(data.labels, removed)
-        taken_classes = data.labels[took]
-        counts["taken"] += int(took.sum())
-        counts["taken_nearest"] += int(torch.isin(taken_classes, nearest[j]).sum())
-        counts["taken_first"] += int((taken_classes == nearest[j, 0]).sum())
-        for photo in torch.nonzero(data.labels == own).squeeze(1).tolist():
-            if won_by[photo] >= 0:
-                counts["lost"] += 1
-                counts["lost_nearest"] += int(bool(torch.isin(won_by[photo], nearest[j])))
+    for j in range(spec.k):
+        taken = target[(winner == num_old + j) & (target < num_old)]
+        counts["taken"] += len(taken)
+        counts["taken_nearest"] += int(torch.isin(taken, nearest[j]).sum())
+        counts["taken_first"] += int((taken == nearest[j, 0]).sum())
+        lost_to = winner[(target == num_old + j) & (winner < num_old)]
+        counts["lost"] += len(lost_to)
+        counts["lost_nearest"] += int(torch.isin(lost_to, nearest[j]).sum())
     return counts
 
 
