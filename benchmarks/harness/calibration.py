@@ -48,6 +48,7 @@ __all__ = [
     "RecordingSimulated",
     "fold_context",
     "fold_inputs",
+    "forget_choices",
     "injection_context",
     "inner_split",
     "inner_summary",
@@ -217,6 +218,11 @@ class RecordingSimulated(_Records, SimulatedCalibration):
 _RECORDED: dict = {}
 
 
+def forget_choices() -> None:
+    """Drop the calibration choices the benchmarks' cache holds, so that the next ``inject()`` simulates anew."""
+    shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)
+
+
 def last_recorded() -> tuple[CalibrationContext, FactorChoice]:
     """The context and choice of the last recording rule that chose."""
     return _RECORDED["context"], _RECORDED["choice"]
@@ -247,7 +253,7 @@ def recorded_injection(
     """The calibration context and choice of ``rule`` (the default) when ``inject()`` adds "capybara" to the model's
     full head with the descriptors of a user-regime ``regime``, simulated anew: what a first injection records."""
     rule = rule or SynthesizedCalibration()
-    shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # simulate anew
+    forget_choices()
     config = InjectionConfig(descriptors=REGIMES[regime], calibration=_Recording(**rule.to_dict()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the unreliable-class warning

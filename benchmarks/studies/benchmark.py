@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.harness.calibration import forget_choices
 from benchmarks.harness.data import CACHE, fold_classes, head_data, load_model
 from benchmarks.harness.descriptors import embedding_cache, fold_descriptors
 from benchmarks.harness.methods import METHODS, Method, run_any
@@ -423,8 +424,6 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     choice are read from :class:`classifier_injection.cache.FitCache` and
     :mod:`classifier_injection.calibration.cache`).
     """
-    import shutil
-
     from classifier_injection import ICISInjector, default_embedder, inject
 
     model = load_model("tf_efficientnet_lite0")
@@ -438,7 +437,7 @@ def inject_latency(counts: tuple[int, ...] = (1, 100, 1000)) -> dict:
     calls = (("first", None), ("same_head", None), ("trained_injector", trained), ("same_call", None))
     unused = iter(new_class_names(sum(counts) * len(calls)))  # fresh names: their embeddings are not cached
     for count in counts:
-        shutil.rmtree(cache.directory / "calibration", ignore_errors=True)
+        forget_choices()
         named: dict[str, list[str]] = {}
         for call, injector in calls:
             names = named["first"] if call == "same_call" else [next(unused) for _ in range(count)]

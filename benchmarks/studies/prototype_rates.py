@@ -21,13 +21,12 @@ gets.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 
 import numpy as np
 
-from benchmarks.harness.calibration import RecordingSimulated, last_recorded, prototype_reliability
-from benchmarks.harness.descriptors import embedding_cache, imagenet_classes
+from benchmarks.harness.calibration import RecordingSimulated, forget_choices, last_recorded, prototype_reliability
+from benchmarks.harness.descriptors import imagenet_classes
 from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import (
     add_draw_arguments,
@@ -50,7 +49,7 @@ def measure_draw(model_name: str, k: int, draw: int, regime: str) -> tuple[list[
     """Per new class of one draw: the prototype simulation's expected rates (%) and the photos' outcome at scale 1;
     and the draw's counts per ``new_class_scale`` (:func:`score_rows`)."""
     spec = make_draw(model_name, k, draw)
-    shutil.rmtree(embedding_cache().directory / "calibration", ignore_errors=True)  # the rule chooses anew
+    forget_choices()  # the rule chooses anew
     rule = RecordingSimulated(bias="mean")  # the fallback's biases: a model without statistics has no feature mean
     rows, _ = inject_draw(spec, regime, calibration=rule)
     context, choice = last_recorded()
