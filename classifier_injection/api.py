@@ -190,7 +190,7 @@ def inject(
         rows = apply_new_class_scale(rows, scale)
     # The simulation's per-class rates hold at new_class_scale 1 only; other scales get the neighbours alone.
     table = diagnostics.get("reliability") if scale == 1 else None
-    ranked = [d is not None for d in described.new] if len(names) >= _RANKED_FROM else [False] * len(names)
+    ranked = [len(names) >= _RANKED_FROM and d is not None for d in described.new]
     reliability = _reliability(rows, table, seen_rows, seen_names, names, ranked)
     expected = expected_at(diagnostics.get("expected"), len(names), scale)
     method = getattr(injector, "name", type(injector).__name__)
