@@ -400,6 +400,29 @@ def test_separation_term_changes_the_fit_and_weight_zero_is_plain_icis():
         )
 
 
+def test_feature_separation_changes_the_fit_and_weight_zero_is_plain_icis():
+    from benchmarks.harness.research_injectors import FeatureSeparatedICIS
+    from classifier_injection import ICISConfig, ICISInjector
+
+    g = torch.Generator().manual_seed(0)
+    seen_a, new_a = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    seen_rows = torch.randn(40, 9, generator=g)
+    mean, std = torch.rand(8, generator=g), torch.rand(8, generator=g)
+    config = ICISConfig(latent_dim=8, max_epochs=3, early_stop_slope=0.0)
+    plain = ICISInjector(config, seed=0).fit(seen_a, seen_rows, new_a)
+    zero = FeatureSeparatedICIS(mean, std, 0.0, config=config, seed=0).fit(seen_a, seen_rows, new_a)
+    separated = FeatureSeparatedICIS(mean, std, 1.0, neighbours=3, config=config, seed=0).fit(seen_a, seen_rows, new_a)
+    torch.testing.assert_close(zero.predict(new_a), plain.predict(new_a))
+    assert not torch.allclose(separated.predict(new_a), plain.predict(new_a))
+    assert "losses" not in vars(separated.model)  # the wrapped loss does not outlive the fit
+    assert separated.hparams()["feature_separation"][:2] == [1.0, 3]
+    with pytest.raises(ValueError, match="neighbours"):
+        FeatureSeparatedICIS(mean, std, 1.0, neighbours=0)
+    with pytest.raises(ValueError, match="dense mixture"):
+        linear = ICISConfig(latent_dim=8, max_epochs=1, row_decoder="linear")
+        FeatureSeparatedICIS(mean, std, 1.0, config=linear).fit(seen_a, seen_rows, new_a)
+
+
 def test_residual_map_adds_to_plain_icis_and_vanishes_under_a_large_penalty():
     from benchmarks.harness.research_injectors import ResidualICIS
     from classifier_injection import ICISConfig, ICISInjector

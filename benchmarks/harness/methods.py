@@ -8,6 +8,7 @@ scored by its own rule (:func:`run_conse`).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from benchmarks.harness.data import HeadData
 from benchmarks.harness.metrics import check_fold, evaluate_conse, evaluate_rows, seen_mask
 from benchmarks.harness.research_injectors import (
     DirectionEnsemble,
+    FeatureSeparatedICIS,
     NeighbourContrast,
     RefitSimulationICIS,
     ResidualICIS,
@@ -38,7 +40,19 @@ from classifier_injection.baselines import (
 from classifier_injection.core import predict_rows
 from classifier_injection.icis import ICISConfig, ICISInjector
 
-__all__ = ["METHODS", "Method", "make_injector", "run_any", "run_conse", "run_method"]
+__all__ = ["METHODS", "Method", "lite0_feature_statistics", "make_injector", "run_any", "run_conse", "run_method"]
+
+
+@functools.cache
+def lite0_feature_statistics() -> tuple[torch.Tensor, torch.Tensor]:
+    """lite0's feature mean and spread (its backbone's, the same under any head): for the user regime's main case."""
+    from benchmarks.harness.data import load_model
+    from classifier_injection.features import feature_statistics
+    from classifier_injection.heads import find_head
+
+    model = load_model("tf_efficientnet_lite0")
+    statistics = feature_statistics(model, find_head(model))
+    return statistics.mean, statistics.std
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,12 @@ METHODS: dict[str, Method] = {
             "icis-separated",
             lambda: SeparatedICIS(1.0, 10.0, leave_out=True),
             description="row variant: a separation term (each seen row rebuilt from the others nearest its own row)",
+        ),
+        Method(
+            "icis-feature-separated",
+            lambda: FeatureSeparatedICIS(*lite0_feature_statistics(), weight=1.0),
+            description="row variant: each seen row rebuilt without itself must win its synthesised features and "
+            "lose its 5 nearest classes' (weight 1, lite0's feature statistics)",
         ),
         Method(
             "icis-residual",

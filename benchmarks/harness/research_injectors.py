@@ -11,6 +11,10 @@ like any other (the user regime's ``--user-methods``). What they gave: ``docs/de
 * :class:`SeparatedICIS`: ICIS trained with a separation term: each seen class's row predicted from its descriptor
   must be nearer (by cosine) to its own true row than to any other seen row, the seen rows standing in for the
   features of their classes (the counterfactual extension of ICIS pushes rows of different classes apart).
+* :class:`FeatureSeparatedICIS`: ICIS trained so that each seen class's row, predicted from its descriptor without
+  its own row, wins the features synthesised for its class and loses those of its nearest classes, scored in the
+  head with its own row replaced, as the calibration will place it (the separation term with the calibration's
+  synthesised features standing in for photos, instead of the seen rows).
 * :class:`RefitSimulationICIS`: ICIS whose calibration simulation refits a fresh injector on the kept classes (a
   second fit), as every simulation did before it reused the injection's fit with the held-out rows left out.
 * :class:`ResidualICIS`: ICIS's blend plus a ridge map from what a class's descriptor says beyond the blend of its
@@ -25,11 +29,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from classifier_injection.calibration.simulation import _nearest_rows, synthesize_features
 from classifier_injection.icis import ICISConfig, ICISInjector, _MixtureDecoder
 from classifier_injection.injector import Injector
 
 __all__ = [
     "DirectionEnsemble",
+    "FeatureSeparatedICIS",
     "NeighbourContrast",
     "RefitSimulationICIS",
     "ResidualICIS",
@@ -166,6 +172,86 @@ class SeparatedICIS(ICISInjector):
             blend = decoder(model.descriptor_ae.encoder(descriptors), exclude=own if self.leave_out else None)
             logits = self.scale * F.normalize(blend[:, :-1], dim=1) @ prototypes.T
             return total + self.weight * F.cross_entropy(logits, own)
+
+        model.losses = losses
+        try:
+            return super()._train(model, a, r, a_new, candidates)
+        finally:
+            del model.losses
+
+
+class FeatureSeparatedICIS(ICISInjector):
+    """ICIS plus ``weight`` x a cross-entropy on synthesised features: each batch class's A->W blend (its own row
+    left out) takes its row's place in the head, scaled to the rows' mean norm with the feature-mean bias plus
+    ``offset`` (as the default calibration places a new row), and must win the features of its class and lose those
+    of its ``neighbours`` nearest classes. The features are the calibration's expected ones (``samples`` per class,
+    climbed to ``confidence`` with ``neighbour_share`` of the target on the nearest rows), from the model's feature
+    statistics ``feature_mean`` / ``feature_std``."""
+
+    name = "icis-feature-separated"
+
+    def __init__(
+        self,
+        feature_mean: torch.Tensor,
+        feature_std: torch.Tensor,
+        weight: float = 0.3,
+        neighbours: int = 5,
+        config: ICISConfig | None = None,
+        *,
+        seed: int = 0,
+        spread: float = 3.8,
+        confidence: float = 0.3,
+        samples: int = 2,
+        neighbour_share: float = 0.7,
+        offset: float = 1.0,
+    ) -> None:
+        if not weight >= 0 or neighbours < 1:
+            raise ValueError(f"weight must be >= 0 and neighbours >= 1, got {weight}, {neighbours}")
+        super().__init__(config, seed=seed)
+        self.feature_mean, self.feature_std = feature_mean.float(), feature_std.float()
+        self.weight, self.neighbours, self.samples, self.offset = weight, neighbours, samples, offset
+        self.synthesis = {"spread": spread, "confidence": confidence, "neighbour_share": neighbour_share}
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "feature_separation": [self.weight, self.neighbours, self.synthesis]}
+
+    def _train(self, model, a, r, a_new, candidates) -> list[float]:
+        if candidates is not None or not isinstance(model.weight_ae.decoder, _MixtureDecoder):
+            raise ValueError("FeatureSeparatedICIS needs the dense mixture decoder (heads of up to 2048 rows)")
+        if self.weight == 0:
+            return super()._train(model, a, r, a_new, candidates)
+        s = self.synthesis
+        with torch.no_grad():
+            features, labels = synthesize_features(
+                r,
+                self.feature_mean,
+                s["spread"] * self.feature_std,
+                s["confidence"],
+                self.samples,
+                seed=self.seed,
+                neighbour_share=s["neighbour_share"],
+                step_size=0.02,
+            )
+            weights, biases = r[:, :-1], r[:, -1]
+            old_logits = features @ weights.T + biases  # [M, S]: fixed, the old rows do not train
+            centred = features - self.feature_mean  # a new row's logit: m u . (f - mu) + mean old logit at mu + offset
+            level = (weights @ self.feature_mean + biases).mean() + self.offset
+            norm = weights.norm(dim=1).mean()
+            classes = torch.cat([torch.arange(len(r))[:, None], _nearest_rows(weights, self.neighbours)], 1)
+            by_class = torch.arange(len(features)).view(len(r), self.samples)  # labels are repeat_interleave'd
+            scored = by_class[classes].flatten(1)  # [S, (1 + neighbours) x samples]: each class's feature indices
+        prototypes = F.normalize(weights, dim=1)
+        original = model.losses
+
+        def losses(descriptors, rows, *args):
+            total = original(descriptors, rows, *args)
+            own = (F.normalize(rows[:, :-1], dim=1) @ prototypes.T).argmax(1)  # each batch row is a seen row
+            blend = model.weight_ae.decoder(model.descriptor_ae.encoder(descriptors), exclude=own)
+            unit = F.normalize(blend[:, :-1], dim=1)
+            idx = scored[own]  # [B, G]
+            new = norm * torch.einsum("bd,bgd->bg", unit, centred[idx]) + level
+            logits = old_logits[idx].scatter(2, own[:, None, None].expand(-1, idx.shape[1], 1), new[..., None])
+            return total + self.weight * F.cross_entropy(logits.flatten(0, 1), labels[idx].flatten())
 
         model.losses = losses
         try:

@@ -205,6 +205,7 @@ ROW_VARIANTS = (
     "icis+vgse-smo",
     "icis-contrast",
     "icis-separated",
+    "icis-feature-separated",
     "icis-residual",
     "icis-residual10",
 )

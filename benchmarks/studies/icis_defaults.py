@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from benchmarks.harness.data import fold_classes, head_data
 from benchmarks.harness.descriptors import load_descriptors
-from benchmarks.harness.research_injectors import SeparatedICIS
+from benchmarks.harness.methods import lite0_feature_statistics
+from benchmarks.harness.research_injectors import FeatureSeparatedICIS, SeparatedICIS
 from benchmarks.harness.results import command_line, record, study_parser
 from classifier_injection import ICISConfig, ICISInjector
 
@@ -74,6 +75,8 @@ VARIANTS: dict[str, Callable[[], ICISInjector]] = {
     "separation 0.3, scale 10, own row left out": lambda: SeparatedICIS(0.3, 10.0, leave_out=True),
     "separation 1, scale 10, own row kept": lambda: SeparatedICIS(1.0, 10.0, leave_out=False),
     "separation 1, scale 30, own row left out": lambda: SeparatedICIS(1.0, 30.0, leave_out=True),
+    "feature separation 1": lambda: FeatureSeparatedICIS(*lite0_feature_statistics(), weight=1.0),
+    "feature separation 0.3": lambda: FeatureSeparatedICIS(*lite0_feature_statistics(), weight=0.3),
 }
 
 
