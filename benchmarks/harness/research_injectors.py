@@ -24,13 +24,13 @@ like any other (the user regime's ``--user-methods``). What they gave: ``docs/de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from classifier_injection.calibration.simulation import _nearest_rows, synthesize_features
-from classifier_injection.icis import ICISConfig, ICISInjector, _MixtureDecoder
+from classifier_injection.icis import ICISConfig, ICISInjector, ICISModel, _MixtureDecoder
 from classifier_injection.injector import Injector
 
 __all__ = [
@@ -133,7 +133,36 @@ class NeighbourContrast:
         return self.inner.predict(self._contrast(descriptors, seen=False))
 
 
-class SeparatedICIS(ICISInjector):
+class _SeparatedFit(ICISInjector):
+    """ICIS whose fit adds ``weight`` x an extra term (:meth:`_term`) to every batch's losses; dense mixture only."""
+
+    weight: float
+
+    def _term(self, model: ICISModel, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The extra loss of a batch from its ``descriptors`` and ``own``, the batch's indices among the seen rows."""
+        raise NotImplementedError
+
+    def _train(self, model, a, r, a_new, candidates) -> list[float]:
+        if candidates is not None or not isinstance(model.weight_ae.decoder, _MixtureDecoder):
+            raise ValueError(f"{type(self).__name__} needs the dense mixture decoder (heads of up to 2048 rows)")
+        if self.weight == 0:
+            return super()._train(model, a, r, a_new, candidates)
+        term = self._term(model, r)
+        prototypes = F.normalize(r[:, :-1], dim=1)
+        original = model.losses
+
+        def losses(descriptors, rows, *args):
+            own = (F.normalize(rows[:, :-1], dim=1) @ prototypes.T).argmax(1)  # each batch row is a seen row
+            return original(descriptors, rows, *args) + self.weight * term(descriptors, own)
+
+        model.losses = losses
+        try:
+            return super()._train(model, a, r, a_new, candidates)
+        finally:
+            del model.losses
+
+
+class SeparatedICIS(_SeparatedFit):
     """ICIS plus ``weight`` x a softmax cross-entropy over ``scale`` x the cosines of each batch class's A->W row to
     every seen row, its own row the target; with ``leave_out``, the blend that is scored may not use its own row
     (as a new class's cannot)."""
@@ -157,30 +186,19 @@ class SeparatedICIS(ICISInjector):
     def hparams(self) -> dict:
         return {**super().hparams(), "separation": [self.weight, self.scale, self.leave_out]}
 
-    def _train(self, model, a, r, a_new, candidates) -> list[float]:
-        if candidates is not None or not isinstance(model.weight_ae.decoder, _MixtureDecoder):
-            raise ValueError("SeparatedICIS needs the dense mixture decoder (heads of up to mixture_dense_up_to rows)")
-        if self.weight == 0:
-            return super()._train(model, a, r, a_new, candidates)
-        prototypes = F.normalize(r[:, :-1], dim=1)
-        original = model.losses
+    def _term(self, model: ICISModel, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        prototypes = F.normalize(rows[:, :-1], dim=1)
 
-        def losses(descriptors, rows, *args):
-            total = original(descriptors, rows, *args)
-            own = (F.normalize(rows[:, :-1], dim=1) @ prototypes.T).argmax(1)  # each batch row is a seen row
+        def term(descriptors: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
             decoder = model.weight_ae.decoder
             blend = decoder(model.descriptor_ae.encoder(descriptors), exclude=own if self.leave_out else None)
             logits = self.scale * F.normalize(blend[:, :-1], dim=1) @ prototypes.T
-            return total + self.weight * F.cross_entropy(logits, own)
+            return F.cross_entropy(logits, own)
 
-        model.losses = losses
-        try:
-            return super()._train(model, a, r, a_new, candidates)
-        finally:
-            del model.losses
+        return term
 
 
-class FeatureSeparatedICIS(ICISInjector):
+class FeatureSeparatedICIS(_SeparatedFit):
     """ICIS plus ``weight`` x a cross-entropy on synthesised features: each batch class's A->W blend (its own row
     left out) takes its row's place in the head, scaled to the rows' mean norm with the feature-mean bias plus
     ``offset`` (as the default calibration places a new row), and must win the features of its class and lose those
@@ -215,49 +233,38 @@ class FeatureSeparatedICIS(ICISInjector):
     def hparams(self) -> dict:
         return {**super().hparams(), "feature_separation": [self.weight, self.neighbours, self.synthesis]}
 
-    def _train(self, model, a, r, a_new, candidates) -> list[float]:
-        if candidates is not None or not isinstance(model.weight_ae.decoder, _MixtureDecoder):
-            raise ValueError("FeatureSeparatedICIS needs the dense mixture decoder (heads of up to 2048 rows)")
-        if self.weight == 0:
-            return super()._train(model, a, r, a_new, candidates)
+    @torch.no_grad()
+    def _term(self, model: ICISModel, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         s = self.synthesis
-        with torch.no_grad():
-            features, labels = synthesize_features(
-                r,
-                self.feature_mean,
-                s["spread"] * self.feature_std,
-                s["confidence"],
-                self.samples,
-                seed=self.seed,
-                neighbour_share=s["neighbour_share"],
-                step_size=0.02,
-            )
-            weights, biases = r[:, :-1], r[:, -1]
-            old_logits = features @ weights.T + biases  # [M, S]: fixed, the old rows do not train
-            centred = features - self.feature_mean  # a new row's logit: m u . (f - mu) + mean old logit at mu + offset
-            level = (weights @ self.feature_mean + biases).mean() + self.offset
-            norm = weights.norm(dim=1).mean()
-            classes = torch.cat([torch.arange(len(r))[:, None], _nearest_rows(weights, self.neighbours)], 1)
-            by_class = torch.arange(len(features)).view(len(r), self.samples)  # labels are repeat_interleave'd
-            scored = by_class[classes].flatten(1)  # [S, (1 + neighbours) x samples]: each class's feature indices
-        prototypes = F.normalize(weights, dim=1)
-        original = model.losses
+        features, labels = synthesize_features(
+            rows,
+            self.feature_mean,
+            s["spread"] * self.feature_std,
+            s["confidence"],
+            self.samples,
+            seed=self.seed,
+            neighbour_share=s["neighbour_share"],
+            step_size=0.02,
+        )
+        weights, biases = rows[:, :-1], rows[:, -1]
+        old_logits = features @ weights.T + biases  # [M, S]: fixed, the old rows do not train
+        centred = features - self.feature_mean  # a new row's logit: m u . (f - mu) + mean old logit at mu + offset
+        level = (weights @ self.feature_mean + biases).mean() + self.offset
+        norm = weights.norm(dim=1).mean()
+        classes = torch.cat([torch.arange(len(rows))[:, None], _nearest_rows(weights, self.neighbours)], 1)
+        by_class = torch.arange(len(features)).view(len(rows), self.samples)  # labels are repeat_interleave'd
+        scored = by_class[classes].flatten(1)  # [S, (1 + neighbours) x samples]: each class's feature indices
 
-        def losses(descriptors, rows, *args):
-            total = original(descriptors, rows, *args)
-            own = (F.normalize(rows[:, :-1], dim=1) @ prototypes.T).argmax(1)  # each batch row is a seen row
+        def term(descriptors: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
             blend = model.weight_ae.decoder(model.descriptor_ae.encoder(descriptors), exclude=own)
             unit = F.normalize(blend[:, :-1], dim=1)
             idx = scored[own]  # [B, G]
             new = norm * torch.einsum("bd,bgd->bg", unit, centred[idx]) + level
-            logits = old_logits[idx].scatter(2, own[:, None, None].expand(-1, idx.shape[1], 1), new[..., None])
-            return total + self.weight * F.cross_entropy(logits.flatten(0, 1), labels[idx].flatten())
+            place = own[:, None, None].expand(-1, idx.shape[1], 1)
+            logits = old_logits[idx].scatter(2, place, new[..., None])
+            return F.cross_entropy(logits.flatten(0, 1), labels[idx].flatten())
 
-        model.losses = losses
-        try:
-            return super()._train(model, a, r, a_new, candidates)
-        finally:
-            del model.losses
+        return term
 
 
 class ResidualICIS(ICISInjector):
