@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import benchmarks.harness.research_rules  # noqa: F401  (registers the research calibration rules)
-from benchmarks.harness.data import HeadData
+from benchmarks.harness.data import HeadData, load_model
 from benchmarks.harness.metrics import check_fold, evaluate_conse, evaluate_rows, seen_mask
 from benchmarks.harness.research_injectors import (
     DirectionEnsemble,
@@ -38,6 +38,8 @@ from classifier_injection.baselines import (
     VGSEWAvgInjector,
 )
 from classifier_injection.core import predict_rows
+from classifier_injection.features import feature_statistics
+from classifier_injection.heads import find_head
 from classifier_injection.icis import ICISConfig, ICISInjector
 
 __all__ = ["METHODS", "Method", "lite0_feature_statistics", "make_injector", "run_any", "run_conse", "run_method"]
@@ -46,10 +48,6 @@ __all__ = ["METHODS", "Method", "lite0_feature_statistics", "make_injector", "ru
 @functools.cache
 def lite0_feature_statistics() -> tuple[torch.Tensor, torch.Tensor]:
     """lite0's feature mean and spread (its backbone's, the same under any head): for the user regime's main case."""
-    from benchmarks.harness.data import load_model
-    from classifier_injection.features import feature_statistics
-    from classifier_injection.heads import find_head
-
     model = load_model("tf_efficientnet_lite0")
     statistics = feature_statistics(model, find_head(model))
     return statistics.mean, statistics.std
