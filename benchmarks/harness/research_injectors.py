@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from classifier_injection.calibration import SynthesizedCalibration
+from classifier_injection.calibration.rules import EXPECTED_STEP
 from classifier_injection.calibration.simulation import _nearest_rows, synthesize_features
 from classifier_injection.icis import ICISConfig, ICISInjector, ICISModel, _MixtureDecoder
 from classifier_injection.injector import Injector
@@ -200,11 +202,10 @@ class SeparatedICIS(_SeparatedFit):
 
 class FeatureSeparatedICIS(_SeparatedFit):
     """ICIS plus ``weight`` x a cross-entropy on synthesised features: each batch class's A->W blend (its own row
-    left out) takes its row's place in the head, scaled to the rows' mean norm with the feature-mean bias plus
-    ``offset`` (as the default calibration places a new row), and must win the features of its class and lose those
-    of its ``neighbours`` nearest classes. The features are the calibration's expected ones (``samples`` per class,
-    climbed to ``confidence`` with ``neighbour_share`` of the target on the nearest rows), from the model's feature
-    statistics ``feature_mean`` / ``feature_std``."""
+    left out) takes its row's place in the head, placed as ``rule`` (default: the default calibration) places a new
+    row (the rows' mean norm, the feature-mean bias plus its ``offset``), and must win the features of its class and
+    lose those of its ``neighbours`` nearest classes. The features are ``rule``'s expected ones, from the model's
+    feature statistics ``feature_mean`` / ``feature_std``."""
 
     name = "icis-feature-separated"
 
@@ -217,42 +218,40 @@ class FeatureSeparatedICIS(_SeparatedFit):
         config: ICISConfig | None = None,
         *,
         seed: int = 0,
-        spread: float = 3.8,
-        confidence: float = 0.3,
-        samples: int = 2,
-        neighbour_share: float = 0.7,
-        offset: float = 1.0,
+        rule: SynthesizedCalibration | None = None,
     ) -> None:
         if not weight >= 0 or neighbours < 1:
             raise ValueError(f"weight must be >= 0 and neighbours >= 1, got {weight}, {neighbours}")
         super().__init__(config, seed=seed)
         self.feature_mean, self.feature_std = feature_mean.float(), feature_std.float()
-        self.weight, self.neighbours, self.samples, self.offset = weight, neighbours, samples, offset
-        self.synthesis = {"spread": spread, "confidence": confidence, "neighbour_share": neighbour_share}
+        self.weight, self.neighbours = weight, neighbours
+        self.rule = rule or SynthesizedCalibration()
 
     def hparams(self) -> dict:
-        return {**super().hparams(), "feature_separation": [self.weight, self.neighbours, self.synthesis]}
+        rule = self.rule
+        synthesis = {"spread": rule.spread, "confidence": rule.confidence, "neighbour_share": rule.neighbour_share}
+        return {**super().hparams(), "feature_separation": [self.weight, self.neighbours, synthesis]}
 
     @torch.no_grad()
     def _term(self, model: ICISModel, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        s = self.synthesis
+        rule, samples = self.rule, self.rule.expected_samples
         features, labels = synthesize_features(
             rows,
             self.feature_mean,
-            s["spread"] * self.feature_std,
-            s["confidence"],
-            self.samples,
+            rule.spread * self.feature_std,
+            rule.confidence,
+            samples,
             seed=self.seed,
-            neighbour_share=s["neighbour_share"],
-            step_size=0.02,
+            neighbour_share=rule.neighbour_share,
+            step_size=EXPECTED_STEP,
         )
         weights, biases = rows[:, :-1], rows[:, -1]
         old_logits = features @ weights.T + biases  # [M, S]: fixed, the old rows do not train
         centred = features - self.feature_mean  # a new row's logit: m u . (f - mu) + mean old logit at mu + offset
-        level = (weights @ self.feature_mean + biases).mean() + self.offset
+        level = (weights @ self.feature_mean + biases).mean() + rule.offset
         norm = weights.norm(dim=1).mean()
         classes = torch.cat([torch.arange(len(rows))[:, None], _nearest_rows(weights, self.neighbours)], 1)
-        by_class = torch.arange(len(features)).view(len(rows), self.samples)  # labels are repeat_interleave'd
+        by_class = torch.arange(len(features)).view(len(rows), samples)  # labels are repeat_interleave'd
         scored = by_class[classes].flatten(1)  # [S, (1 + neighbours) x samples]: each class's feature indices
 
         def term(descriptors: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
