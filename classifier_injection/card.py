@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["calibration_markdown", "injection_markdown", "model_card"]
+__all__ = ["calibration_markdown", "has_expected_rates", "injection_markdown", "model_card"]
 
 TAGS = ("image-classification", "timm", "classifier-injection")
 
@@ -147,6 +147,15 @@ def calibration_markdown(calibration: Any) -> list[str]:
     return lines
 
 
+#: The per-class rates of a reliability record (``calibration.reliability.assess``), when the rule recorded any.
+_RATES = ("expected_precision", "expected_recall")
+
+
+def has_expected_rates(reliability: Mapping[str, Any]) -> bool:
+    """Whether a saved reliability record holds any expected rate (only the nearest old classes otherwise)."""
+    return any(isinstance(e, Mapping) and e.get(k) is not None for e in reliability.values() for k in _RATES)
+
+
 def _reliability_lines(reliability: Any) -> list[str]:
     """A table of the new classes' reliability record (expected precision / recall, nearest old classes)."""
     if not isinstance(reliability, Mapping):
@@ -154,13 +163,12 @@ def _reliability_lines(reliability: Any) -> list[str]:
     entries = {name: entry for name, entry in reliability.items() if isinstance(entry, Mapping)}
     if not entries:
         return []
-    keys = ("expected_precision", "expected_recall")
-    rated = any(entry.get(k) is not None for entry in entries.values() for k in keys)
+    rated = has_expected_rates(entries)
     rows = []
     for name, entry in entries.items():
         nearest = entry.get("nearest") if isinstance(entry.get("nearest"), list) else []
         near = ", ".join(md_text(n[0]) for n in nearest if isinstance(n, list) and n)
-        rates = [_number(entry[k]) if entry.get(k) is not None else "-" for k in keys] if rated else []
+        rates = [_number(entry[k]) if entry.get(k) is not None else "-" for k in _RATES] if rated else []
         rows.append([md_text(name), *rates, near])
     if not rated:
         intro = "Nearest old classes by row cosine (the calibration recorded no expected rates):"

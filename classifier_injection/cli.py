@@ -530,8 +530,11 @@ def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
     """``info``'s lines for an injection's per-class ``reliability`` record (read defensively: untrusted file)."""
     if not isinstance(reliability, dict) or not reliability:
         return []
+    from .card import has_expected_rates
+
     items = list(reliability.items())
-    if any(isinstance(entry, dict) and "expected_precision" in entry for _, entry in items):
+    rated = has_expected_rates(reliability)
+    if rated:
         lines = ["    reliability (each class alone, as the simulation expects; nearest old classes by row cosine):"]
     else:
         lines = ["    nearest old classes by row cosine (the calibration recorded no expected rates):"]
@@ -541,7 +544,7 @@ def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
         nearest = entry.get("nearest") if isinstance(entry.get("nearest"), list) else []
         near = ", ".join(str(n[0]) for n in nearest if isinstance(n, list) and n)
         rates = ""
-        if "expected_precision" in entry:
+        if rated:
             rates = f"precision {_rate(entry['expected_precision'])}, recall {_rate(entry.get('expected_recall'))}; "
         lines.append(_clip(f"      {name}: {rates}near {near}"))
     if not show_all and len(items) > _RELIABILITY_SHOWN:
