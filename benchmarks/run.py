@@ -27,6 +27,7 @@ STUDIES = (
     "prototype_rates",
     "row_bound",
     "row_identity",
+    "row_signals",
     "scaling",
     "seeds",
     "zoo",

@@ -565,7 +565,9 @@ def test_target_entries_pool_each_targets_draws():
 
 
 def test_row_bound_oracles_recover_rows_they_can_reach_and_rows_are_calibrated_alike():
-    from benchmarks.studies.row_bound import OFFSET, SCALES, best_blend, best_linear, calibrated, curve_summary
+    from benchmarks.harness.user_regime import CURVE_SCALES as SCALES
+    from benchmarks.harness.user_regime import curve_summary
+    from benchmarks.studies.row_bound import OFFSET, best_blend, best_linear, calibrated
     from classifier_injection.calibration.base import feature_mean_biases
 
     generator = torch.Generator().manual_seed(0)
@@ -605,3 +607,50 @@ def test_row_bound_oracles_recover_rows_they_can_reach_and_rows_are_calibrated_a
     assert summary["cosine"] == pytest.approx(0.6)
     assert summary["recall_at_precision_50"] == 30 and summary["recall_at_precision_35"] == 50
     assert summary["best_f1"] == pytest.approx(2 * 50 * 40 / 90) and summary["best_f1_scale"] == 1.05
+
+
+def test_row_signals_families_keep_the_default_calibration_and_change_only_what_they_name():
+    from benchmarks.harness.data import HeadData
+    from benchmarks.harness.user_regime import score_head
+    from benchmarks.studies.row_bound import calibrated
+    from benchmarks.studies.row_signals import _grown_target, families, logit_spread, neighbour_similarity
+
+    generator = torch.Generator().manual_seed(0)
+    old_rows = torch.randn(20, 9, generator=generator)
+    mean, spread = torch.randn(8, generator=generator), torch.rand(8, generator=generator) + 0.5
+    blend = torch.randn(4, 8, generator=generator) * torch.tensor([0.5, 1.0, 2.0, 4.0])[:, None]
+    rows, signals = families(blend, old_rows, mean, spread)
+    default = rows["ICIS, the default's calibration"]
+    torch.testing.assert_close(default, calibrated(blend, old_rows, mean))
+    torch.testing.assert_close(signals["blend norm"], blend.norm(dim=1))
+    scaled = rows["blend norm, gamma 0.5"][:, :-1].norm(dim=1) / default[:, :-1].norm(dim=1)
+    torch.testing.assert_close(scaled, (blend.norm(dim=1) / blend.norm(dim=1).mean()).sqrt())
+    centred = rows["neighbour similarity about the injection's mean, lam 1"]
+    torch.testing.assert_close(centred[:, :-1], default[:, :-1])
+    torch.testing.assert_close(centred[:, -1].mean(), default[:, -1].mean())
+    torch.testing.assert_close(
+        default[:, -1] - centred[:, -1], signals["neighbour similarity"] - signals["neighbour similarity"].mean()
+    )
+    spread_rows = rows["logit spread"][:, :-1]
+    torch.testing.assert_close(
+        logit_spread(spread_rows, spread) * spread_rows.norm(dim=1),
+        (logit_spread(old_rows[:, :-1], spread).mean() * default[:, :-1].norm(dim=1)),
+    )
+    # A copy of an old row is as near its neighbours as that row is: its z-score is that row's own.
+    kept = old_rows[:, :-1]
+    z = neighbour_similarity(kept[:1] * 3, kept)
+    unit = torch.nn.functional.normalize(kept, dim=1)
+    cosines = (unit @ unit.T).fill_diagonal_(-2)
+    among = cosines.topk(5, dim=1).values.mean(1)
+    near = torch.cat([torch.ones(1), cosines[0].topk(4).values]).mean()  # the copy's nearest: the row, its 4 nearest
+    torch.testing.assert_close(z, ((near - among.mean()) / among.std()).reshape(1))
+
+    # The grown head: the other classes in order, then the new ones in the order given.
+    photos = HeadData("synthetic", old_rows, kept.clone(), torch.arange(20))
+    target = _grown_target(photos, torch.tensor([7, 2]))
+    assert target[7] == 18 and target[2] == 19 and target[0] == 0 and target[3] == 2 and target[19] == 17
+    keep = torch.ones(20, dtype=torch.bool)
+    keep[torch.tensor([7, 2])] = False
+    counts, predicted = score_head(photos, old_rows[keep], old_rows[torch.tensor([7, 2])], target, (0.5, 1.0))
+    assert counts["1.0"]["new_photos"] == 2 and counts["1.0"]["old_photos"] == 18
+    assert predicted.shape == (20,) and counts["1.0"]["hits"] == int((predicted == target)[[7, 2]].sum())

@@ -35,15 +35,20 @@ from benchmarks.harness.descriptors import embedding_cache, imagenet_classes
 from classifier_injection import DescriptorConfig, InjectionConfig, find_head, inject
 
 __all__ = [
+    "CURVE_SCALES",
     "DRAW_SEED",
     "REGIMES",
     "SCALES",
+    "TARGET_PRECISIONS",
     "Draw",
     "add_draw_arguments",
+    "curve_summary",
+    "curve_table",
     "draw_classes",
     "inject_draw",
     "reduced_model",
     "run_cases",
+    "score_head",
     "score_rows",
     "summarize",
 ]
@@ -54,6 +59,10 @@ DRAW_SEED = 777
 REGIMES: dict[str, DescriptorConfig | None] = {"wordnet": None, "name-only": DescriptorConfig.from_preset("name")}
 #: ``new_class_scale`` values of the precision-recall curve (the rows' logits times the scale).
 SCALES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0)
+#: ``new_class_scale`` values of the fine curves (:func:`curve_summary`) (the rows' logits times the scale).
+CURVE_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(41))
+#: Precision levels of the issue's targets (names WordNet knows: 50 %, names it lacks: 35 %).
+TARGET_PRECISIONS = (50.0, 35.0)
 #: Counts a draw is scored by (summed over draws before they become rates).
 COUNTS = (
     "new_photos",
@@ -181,18 +190,23 @@ def inject_draw(
 
 
 @torch.no_grad()
-def score_rows(draw: Draw, new_rows: torch.Tensor, scales: Sequence[float] = SCALES) -> dict[str, dict[str, int]]:
-    """The draw's counts (:data:`COUNTS`) per ``new_class_scale`` (as ``inject()`` scales rows), and ``per_class``."""
-    data: HeadData = head_data(draw.model_name)
-    kept = draw.kept
-    old_rows = data.rows[kept]
-    target = draw.grown_labels()[data.labels]
-    is_new = ~kept[data.labels]
-    old_logits = data.logits(old_rows)
+def score_head(
+    photos: HeadData,
+    old_rows: torch.Tensor,
+    new_rows: torch.Tensor,
+    target: torch.Tensor,
+    scales: Sequence[float] = SCALES,
+) -> tuple[dict[str, dict[str, int]], torch.Tensor]:
+    """Counts (:data:`COUNTS`) per ``new_class_scale`` of a head of ``old_rows`` grown by ``new_rows`` (scaled as
+    ``inject()`` scales them) on every photo, ``target [photos]`` their classes in the grown head; and the
+    predictions at scale 1."""
+    is_new = target >= len(old_rows)
+    old_logits = photos.logits(old_rows)
     before = old_logits.argmax(1) == target
     out: dict = {}
+    at_1 = old_logits.argmax(1)
     for scale in scales:
-        logits = torch.cat([old_logits, data.logits(new_rows.to(data.rows.dtype) * scale)], dim=1)
+        logits = torch.cat([old_logits, photos.logits(new_rows.to(photos.rows.dtype) * scale)], dim=1)
         predicted = logits.argmax(1)
         wins = predicted >= len(old_rows)
         right = predicted == target
@@ -209,7 +223,18 @@ def score_rows(draw: Draw, new_rows: torch.Tensor, scales: Sequence[float] = SCA
             "old_after": int((right & ~is_new).sum()),
         }
         if scale == 1.0:
-            out["per_class"] = _per_class(draw, predicted, target, is_new, len(old_rows))
+            at_1 = predicted
+    return out, at_1
+
+
+def score_rows(draw: Draw, new_rows: torch.Tensor, scales: Sequence[float] = SCALES) -> dict[str, dict[str, int]]:
+    """The draw's counts (:data:`COUNTS`) per ``new_class_scale`` (as ``inject()`` scales rows), and ``per_class``."""
+    data: HeadData = head_data(draw.model_name)
+    kept = draw.kept
+    target = draw.grown_labels()[data.labels]
+    out, predicted = score_head(data, data.rows[kept], new_rows, target, scales)
+    if 1.0 in scales:
+        out["per_class"] = _per_class(draw, predicted, target, target >= int(kept.sum()), int(kept.sum()))
     return out
 
 
@@ -242,3 +267,55 @@ def summarize(counts: Sequence[dict[str, int]]) -> dict[str, float]:
         "old_change": 100 * (total["old_after"] - total["old_before"]) / old,
         "draws": len(counts),
     }
+
+
+def curve_summary(per_draw: list[dict], cosines: list[float]) -> dict:
+    """Rates at scale 1, the highest recall at each target precision, and the best F1 over :data:`CURVE_SCALES`."""
+    rates = {scale: summarize([counts[str(scale)] for counts in per_draw]) for scale in CURVE_SCALES}
+    out = {"cosine": sum(cosines) / len(cosines), "at_1": rates[1.0]}
+    for level in TARGET_PRECISIONS:
+        reached = [r["recall"] for r in rates.values() if r["precision"] >= level]
+        out[f"recall_at_precision_{level:g}"] = max(reached) if reached else None
+    best = max(rates, key=lambda scale: f1(rates[scale]))
+    out["best_f1"], out["best_f1_scale"] = f1(rates[best]), best
+    return out
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def curve_table(heading: str, regimes: Sequence[str], result: dict) -> str:
+    """Markdown under ``heading``: one line per row family (``regimes``: those whose shared nearest rows to report)."""
+    levels = " | ".join(f"highest recall at precision >= {level:g} %" for level in TARGET_PRECISIONS)
+    effective = result.get("best blend's effective rows")
+    lines = [
+        f"##### {heading}",
+        "",
+        f"Recall / precision / top-5 recall in %, pooled over the draws; scales {CURVE_SCALES[0]}-"
+        f"{CURVE_SCALES[-1]} in steps of 0.05."
+        + (
+            ""
+            if effective is None
+            else f" The best blend of all kept rows has {effective:.0f} effective rows "
+            "(`1 / sum(w^2)`, mean over the new classes)."
+        )
+        + "".join(
+            f" {regime}: ICIS's row has {result[f'{regime}: shared nearest rows']:.2f} of the 5 kept rows nearest the "
+            "true row among its own 5 nearest."
+            for regime in regimes
+        ),
+        "",
+        "| rows | cosine to the true row | at scale 1: recall / precision / top-5 recall | stolen per class | "
+        f"{levels} | best F1 (scale) |",
+        "|---|---|---|---|" + "---|" * len(TARGET_PRECISIONS) + "---|",
+    ]
+    for name, s in result["families"].items():
+        at_1 = s["at_1"]
+        reached = " | ".join(_cell(s[f"recall_at_precision_{level:g}"]) for level in TARGET_PRECISIONS)
+        lines.append(
+            f"| {name} | {s['cosine']:.3f} | {_cell(at_1['recall'])} / {_cell(at_1['precision'])} / "
+            f"{_cell(at_1['top5_recall'])} | {at_1['stolen_per_class']:.2f} | {reached} | "
+            f"{s['best_f1']:.1f} ({s['best_f1_scale']:g}) |"
+        )
+    return "\n".join(lines)

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 
 from benchmarks.harness.data import HeadData, head_data
 from benchmarks.harness.results import command_line, record, study_parser
-from benchmarks.harness.user_regime import Draw, f1, inject_draw, make_draw, score_rows, summarize
+from benchmarks.harness.user_regime import (
+    CURVE_SCALES,
+    Draw,
+    curve_summary,
+    curve_table,
+    inject_draw,
+    make_draw,
+    score_rows,
+)
 from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import feature_mean_biases, mean_norm
 from classifier_injection.injector import top_cosines
@@ -36,14 +44,10 @@ STUDY = "row_bound"
 TITLE = "What a new row needs: the user regime against the row's cosine to the true row"
 #: The default rule's offset on the feature-mean bias.
 OFFSET = SynthesizedCalibration().offset
-#: ``new_class_scale`` values scored (the rows' logits times the scale).
-SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(41))
 #: Shares of the way from ICIS's row towards the true row.
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
 #: Kept rows nearest a row (by cosine) that count as its siblings.
 NEAREST = 5
-#: Precision levels of the issue's targets (names WordNet knows: 50 %, names it lacks: 35 %).
-PRECISIONS = (50.0, 35.0)
 
 
 def best_blend(
@@ -106,18 +110,6 @@ def draw_directions(
     return out, {**extra, "best blend's effective rows": (1 / blend.square().sum(1)).mean().item()}
 
 
-def curve_summary(per_draw: list[dict], cosines: list[float]) -> dict:
-    """Rates at scale 1, the highest recall at each target precision, and the best F1 over :data:`SCALES`."""
-    rates = {scale: summarize([counts[str(scale)] for counts in per_draw]) for scale in SCALES}
-    out = {"cosine": sum(cosines) / len(cosines), "at_1": rates[1.0]}
-    for level in PRECISIONS:
-        reached = [r["recall"] for r in rates.values() if r["precision"] >= level]
-        out[f"recall_at_precision_{level:g}"] = max(reached) if reached else None
-    best = max(rates, key=lambda scale: f1(rates[scale]))
-    out["best_f1"], out["best_f1_scale"] = f1(rates[best]), best
-    return out
-
-
 def measure(model: str, k: int, draws: Sequence[int], regimes: Sequence[str]) -> dict:
     """Every family's :func:`curve_summary` over the draws, and the best blends' mean effective rows."""
     data = head_data(model)
@@ -131,48 +123,13 @@ def measure(model: str, k: int, draws: Sequence[int], regimes: Sequence[str]) ->
         old_rows = data.rows[draw.kept]
         for name, direction in directions.items():
             rows = calibrated(direction, old_rows, data.feature_mean)
-            counts.setdefault(name, []).append(score_rows(draw, rows, SCALES))
+            counts.setdefault(name, []).append(score_rows(draw, rows, CURVE_SCALES))
             cosines.setdefault(name, []).extend(F.cosine_similarity(direction, true, dim=1).tolist())
         for name, value in extra.items():
             extras.setdefault(name, []).append(value)
         print(f"{model} K = {k} draw {number} done", flush=True)
     summary = {name: curve_summary(counts[name], cosines[name]) for name in counts}
     return {"families": summary, **{name: sum(v) / len(v) for name, v in extras.items()}}
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
-
-
-def table(model: str, k: int, draws: Sequence[int], regimes: Sequence[str], result: dict) -> str:
-    """Markdown: one line per row family."""
-    levels = " | ".join(f"highest recall at precision >= {level:g} %" for level in PRECISIONS)
-    effective = result["best blend's effective rows"]
-    lines = [
-        f"##### {model}, K = {k}, draws {draws[0]}-{draws[-1]}: rows of known quality in place of the injected ones",
-        "",
-        f"Recall / precision / top-5 recall in %, pooled over the draws; scales {SCALES[0]}-{SCALES[-1]} in steps "
-        f"of 0.05. The best blend of all kept rows has {effective:.0f} effective rows "
-        "(`1 / sum(w^2)`, mean over the new classes)."
-        + "".join(
-            f" {regime}: ICIS's row has {result[f'{regime}: shared nearest rows']:.2f} of the 5 kept rows nearest the "
-            "true row among its own 5 nearest."
-            for regime in regimes
-        ),
-        "",
-        "| rows | cosine to the true row | at scale 1: recall / precision / top-5 recall | stolen per class | "
-        f"{levels} | best F1 (scale) |",
-        "|---|---|---|---|" + "---|" * len(PRECISIONS) + "---|",
-    ]
-    for name, s in result["families"].items():
-        at_1 = s["at_1"]
-        reached = " | ".join(_cell(s[f"recall_at_precision_{level:g}"]) for level in PRECISIONS)
-        lines.append(
-            f"| {name} | {s['cosine']:.3f} | {_cell(at_1['recall'])} / {_cell(at_1['precision'])} / "
-            f"{_cell(at_1['top5_recall'])} | {at_1['stolen_per_class']:.2f} | {reached} | "
-            f"{s['best_f1']:.1f} ({s['best_f1_scale']:g}) |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.row_bound") -> dict:
@@ -185,7 +142,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.row_
     args = parser.parse_args(argv)
     draws = list(range(args.draws))
     result = measure(args.model, args.k, draws, args.regimes)
-    text = table(args.model, args.k, draws, args.regimes, result)
+    heading = (
+        f"{args.model}, K = {args.k}, draws {draws[0]}-{draws[-1]}: rows of known quality in place of the injected ones"
+    )
+    text = curve_table(heading, args.regimes, result)
     print(text)
     record(STUDY, args.name, result, text, command_line(prog, argv), title=TITLE)
     return result
