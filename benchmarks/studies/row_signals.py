@@ -4,7 +4,8 @@ The false wins of the user regime's new rows are concentrated: the fifth of the 
 two thirds of the old photos taken. This study asks whether a signal of the row alone, known before any photo,
 picks those rows out, and whether a per-row norm or bias built on it lifts the precision-recall curve. ICIS's
 rows of each draw (lite0, ``K`` new classes, as ``inject()`` predicts them) are calibrated as the default rule
-calibrates them (the kept rows' mean norm, the feature-mean bias plus 1 logit) and then changed per row:
+calibrates them (the kept rows' mean norm times the rule's factor, the feature-mean bias plus 1 logit) and then
+changed per row:
 
 * **blend norm**: the norm of the mixture's convex blend before calibration (a flat blend of unlike rows is
   short, a blend of a few like rows long); each row's norm is multiplied by ``(norm / mean norm) ** gamma``;
@@ -120,13 +121,14 @@ def _grown_target(photos: HeadData, new_classes: torch.Tensor) -> torch.Tensor:
 
 
 def user_injections(model: str, k: int, draws: Sequence[int], regime: str):
-    """The user regime's draws: ``(old rows, blends, new classes)`` per injection of ICIS's rows, as ``inject()``."""
+    """The user regime's draws: ``(old rows, blends, new classes, the rule's factor)`` per injection of ICIS's rows,
+    as ``inject()`` makes them."""
     data = head_data(model)
     for number in draws:
         draw = make_draw(model, k, number)
         injector = _KeepsPredictions(seed=0)
-        inject_draw(draw, regime, injector=injector)
-        yield data.rows[draw.kept], injector.predicted, torch.as_tensor(draw.removed), 1.0
+        _, record = inject_draw(draw, regime, injector=injector)
+        yield data.rows[draw.kept], injector.predicted, torch.as_tensor(draw.removed), record["calibration"]["factor"]
         print(f"{model} K = {k} {regime} draw {number} done", flush=True)
 
 
