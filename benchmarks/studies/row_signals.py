@@ -40,9 +40,9 @@ from classifier_injection.calibration.simulation import simulate_injections, sim
 from classifier_injection.injector import top_cosines
 
 STUDY = "row_signals"
+TITLE = "Per-row calibration from the row alone: blend norm, neighbour similarity, logit spread"
 #: The default rule's offset on the feature-mean bias.
 OFFSET = SynthesizedCalibration().offset
-TITLE = "Per-row calibration from the row alone: blend norm, neighbour similarity, logit spread"
 #: Exponents of the blend norm's factor.
 GAMMAS = (-0.5, -0.25, 0.5)
 #: Bias shifts (logits) per unit of the neighbour-similarity z-score.
