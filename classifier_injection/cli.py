@@ -545,7 +545,9 @@ def _reliability_lines(reliability: object, show_all: bool) -> list[str]:
         near = ", ".join(str(n[0]) for n in nearest if isinstance(n, list) and n)
         rates = ""
         if rated:
-            rates = f"precision {_rate(entry['expected_precision'])}, recall {_rate(entry.get('expected_recall'))}; "
+            rates = (
+                f"precision {_rate(entry.get('expected_precision'))}, recall {_rate(entry.get('expected_recall'))}; "
+            )
         lines.append(_clip(f"      {name}: {rates}near {near}"))
     if not show_all and len(items) > _RELIABILITY_SHOWN:
         lines.append(f"      ... {len(items) - _RELIABILITY_SHOWN} more (--all lists them)")

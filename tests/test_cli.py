@@ -443,3 +443,14 @@ def test_info_lines_for_the_expected_rates_read_a_damaged_record_defensively():
     [damaged] = _expected_lines({"recall": "64", "precision": True, "curve": {"scales": "x"}})
     assert "precision ?, recall ?, ? old-class" in damaged
     assert _expected_lines(None) == [] and _expected_lines([1, 2]) == []
+
+
+def test_info_lines_for_the_reliability_record_read_a_damaged_record_defensively():
+    from classifier_injection.cli import _reliability_lines
+
+    nearest = [["tabby", 0.8]]
+    record = {"capybara": {"expected_precision": 21.0, "expected_recall": 40.0, "nearest": nearest}, "okapi": {}}
+    lines = _reliability_lines(record, show_all=True)
+    assert "capybara: precision 21 %, recall 40 %; near tabby" in lines[1]
+    assert "okapi: precision ?, recall ?; near " in lines[2]  # a class without its rates: no KeyError
+    assert "no expected rates" in _reliability_lines({"okapi": {"nearest": nearest}}, show_all=True)[0]
