@@ -611,9 +611,9 @@ def test_row_bound_oracles_recover_rows_they_can_reach_and_rows_are_calibrated_a
 
 def test_row_signals_families_keep_the_default_calibration_and_change_only_what_they_name():
     from benchmarks.harness.data import HeadData
-    from benchmarks.harness.user_regime import score_head
+    from benchmarks.harness.user_regime import grown_labels, score_head
     from benchmarks.studies.row_bound import calibrated
-    from benchmarks.studies.row_signals import _grown_target, families, logit_spread, neighbour_similarity
+    from benchmarks.studies.row_signals import families, logit_spread, neighbour_similarity
 
     generator = torch.Generator().manual_seed(0)
     old_rows = torch.randn(20, 9, generator=generator)
@@ -647,10 +647,11 @@ def test_row_signals_families_keep_the_default_calibration_and_change_only_what_
 
     # The grown head: the other classes in order, then the new ones in the order given.
     photos = HeadData("synthetic", old_rows, kept.clone(), torch.arange(20))
-    target = _grown_target(photos, torch.tensor([7, 2]))
+    target = grown_labels(20, torch.tensor([7, 2]))[photos.labels]
     assert target[7] == 18 and target[2] == 19 and target[0] == 0 and target[3] == 2 and target[19] == 17
     keep = torch.ones(20, dtype=torch.bool)
     keep[torch.tensor([7, 2])] = False
     counts, predicted = score_head(photos, old_rows[keep], old_rows[torch.tensor([7, 2])], target, (0.5, 1.0))
     assert counts["1.0"]["new_photos"] == 2 and counts["1.0"]["old_photos"] == 18
     assert predicted.shape == (20,) and counts["1.0"]["hits"] == int((predicted == target)[[7, 2]].sum())
+    assert score_head(photos, old_rows[keep], old_rows[torch.tensor([7, 2])], target, (0.5,))[1] is None

@@ -45,6 +45,7 @@ __all__ = [
     "curve_summary",
     "curve_table",
     "draw_classes",
+    "grown_labels",
     "inject_draw",
     "reduced_model",
     "run_cases",
@@ -116,11 +117,17 @@ class Draw:
 
     def grown_labels(self) -> torch.Tensor:
         """Class ``c``'s index in the grown head: kept classes in their order, then the new ones."""
-        index = torch.empty(1000, dtype=torch.long)
-        kept = self.kept
-        index[kept] = torch.arange(int(kept.sum()))
-        index[torch.as_tensor(self.removed)] = int(kept.sum()) + torch.arange(self.k)
-        return index
+        return grown_labels(1000, torch.as_tensor(self.removed))
+
+
+def grown_labels(num_classes: int, new_classes: torch.Tensor) -> torch.Tensor:
+    """Class ``c``'s index in a head of the other classes (in their order) grown by ``new_classes`` (in that order)."""
+    is_new = torch.zeros(num_classes, dtype=torch.bool)
+    is_new[new_classes] = True
+    index = torch.empty(num_classes, dtype=torch.long)
+    index[~is_new] = torch.arange(num_classes - len(new_classes))
+    index[new_classes] = num_classes - len(new_classes) + torch.arange(len(new_classes))
+    return index
 
 
 def add_draw_arguments(parser: argparse.ArgumentParser, models: Sequence[str], draws: int, study: str) -> None:
@@ -196,15 +203,15 @@ def score_head(
     new_rows: torch.Tensor,
     target: torch.Tensor,
     scales: Sequence[float] = SCALES,
-) -> tuple[dict[str, dict[str, int]], torch.Tensor]:
+) -> tuple[dict[str, dict[str, int]], torch.Tensor | None]:
     """Counts (:data:`COUNTS`) per ``new_class_scale`` of a head of ``old_rows`` grown by ``new_rows`` (scaled as
     ``inject()`` scales them) on every photo, ``target [photos]`` their classes in the grown head; and the
-    predictions at scale 1."""
+    predictions at scale 1 (``None`` if 1 is not among ``scales``)."""
     is_new = target >= len(old_rows)
     old_logits = photos.logits(old_rows)
     before = old_logits.argmax(1) == target
     out: dict = {}
-    at_1 = old_logits.argmax(1)
+    at_1 = None
     for scale in scales:
         logits = torch.cat([old_logits, photos.logits(new_rows.to(photos.rows.dtype) * scale)], dim=1)
         predicted = logits.argmax(1)
@@ -233,7 +240,7 @@ def score_rows(draw: Draw, new_rows: torch.Tensor, scales: Sequence[float] = SCA
     kept = draw.kept
     target = draw.grown_labels()[data.labels]
     out, predicted = score_head(data, data.rows[kept], new_rows, target, scales)
-    if 1.0 in scales:
+    if predicted is not None:
         out["per_class"] = _per_class(draw, predicted, target, target >= int(kept.sum()), int(kept.sum()))
     return out
 

@@ -30,9 +30,17 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness.calibration import recorded_injection
-from benchmarks.harness.data import HeadData, head_data
+from benchmarks.harness.data import head_data
 from benchmarks.harness.results import command_line, record, study_parser
-from benchmarks.harness.user_regime import CURVE_SCALES, curve_summary, curve_table, inject_draw, make_draw, score_head
+from benchmarks.harness.user_regime import (
+    CURVE_SCALES,
+    curve_summary,
+    curve_table,
+    grown_labels,
+    inject_draw,
+    make_draw,
+    score_head,
+)
 from classifier_injection import ICISInjector
 from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import feature_mean_biases, mean_norm
@@ -109,17 +117,6 @@ def families(
     return out, {"blend norm": norm, "neighbour similarity": similarity, "logit spread": spreads}
 
 
-def _grown_target(photos: HeadData, new_classes: torch.Tensor) -> torch.Tensor:
-    """Each photo's class in the head of the other classes (in order) grown by ``new_classes`` (in that order)."""
-    num = len(photos.rows)
-    is_new = torch.zeros(num, dtype=torch.bool)
-    is_new[new_classes] = True
-    grown = torch.empty(num, dtype=torch.long)
-    grown[~is_new] = torch.arange(num - len(new_classes))
-    grown[new_classes] = num - len(new_classes) + torch.arange(len(new_classes))
-    return grown[photos.labels]
-
-
 def user_injections(model: str, k: int, draws: Sequence[int], regime: str):
     """The user regime's draws: ``(old rows, blends, new classes, the rule's factor)`` per injection of ICIS's rows,
     as ``inject()`` makes them."""
@@ -166,7 +163,7 @@ def measure(model: str, regimes: Sequence[str], injections) -> dict:
             rows, values = families(blend, old_rows, photos.feature_mean, spread, factor)
             true = photos.rows[new_classes, :-1].float()
             cosines += F.cosine_similarity(rows["ICIS, the default's calibration"][:, :-1], true, dim=1).tolist()
-            target = _grown_target(photos, new_classes)
+            target = grown_labels(len(photos.rows), new_classes)[photos.labels]
             for name, new_rows in rows.items():
                 scored, predicted = score_head(photos, old_rows, new_rows, target, CURVE_SCALES)
                 counts.setdefault(name, []).append(scored)
