@@ -651,7 +651,8 @@ def test_row_signals_families_keep_the_default_calibration_and_change_only_what_
     assert target[7] == 18 and target[2] == 19 and target[0] == 0 and target[3] == 2 and target[19] == 17
     keep = torch.ones(20, dtype=torch.bool)
     keep[torch.tensor([7, 2])] = False
-    counts, predicted = score_head(photos, old_rows[keep], old_rows[torch.tensor([7, 2])], target, (0.5, 1.0))
+    counts, per_class = score_head(photos, old_rows[keep], old_rows[torch.tensor([7, 2])], target, (0.5, 1.0))
     assert counts["1.0"]["new_photos"] == 2 and counts["1.0"]["old_photos"] == 18
-    assert predicted.shape == (20,) and counts["1.0"]["hits"] == int((predicted == target)[[7, 2]].sum())
+    assert len(per_class) == 2 and counts["1.0"]["hits"] == sum(c["hit"] for c in per_class)
+    assert counts["1.0"]["new_wins"] == sum(c["wins"] for c in per_class)
     assert score_head(photos, old_rows[keep], old_rows[torch.tensor([7, 2])], target, (0.5,))[1] is None

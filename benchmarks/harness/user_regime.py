@@ -203,15 +203,16 @@ def score_head(
     new_rows: torch.Tensor,
     target: torch.Tensor,
     scales: Sequence[float] = SCALES,
-) -> tuple[dict[str, dict[str, int]], torch.Tensor | None]:
+) -> tuple[dict[str, dict[str, int]], list[dict[str, int]] | None]:
     """Counts (:data:`COUNTS`) per ``new_class_scale`` of a head of ``old_rows`` grown by ``new_rows`` (scaled as
-    ``inject()`` scales them) on every photo, ``target [photos]`` their classes in the grown head; and the
-    predictions at scale 1 (``None`` if 1 is not among ``scales``)."""
+    ``inject()`` scales them) on every photo, ``target [photos]`` their classes in the grown head; and per new
+    class at scale 1 (``None`` if 1 is not among ``scales``): its photo won (``hit``, 0 / 1) and the photos it won
+    in all (``wins``)."""
     is_new = target >= len(old_rows)
     old_logits = photos.logits(old_rows)
     before = old_logits.argmax(1) == target
     out: dict = {}
-    at_1 = None
+    per_class = None
     for scale in scales:
         logits = torch.cat([old_logits, photos.logits(new_rows.to(photos.rows.dtype) * scale)], dim=1)
         predicted = logits.argmax(1)
@@ -230,8 +231,8 @@ def score_head(
             "old_after": int((right & ~is_new).sum()),
         }
         if scale == 1.0:
-            at_1 = predicted
-    return out, at_1
+            per_class = _per_class(predicted, target, len(old_rows), len(new_rows))
+    return out, per_class
 
 
 def score_rows(draw: Draw, new_rows: torch.Tensor, scales: Sequence[float] = SCALES) -> dict[str, dict[str, int]]:
@@ -239,18 +240,18 @@ def score_rows(draw: Draw, new_rows: torch.Tensor, scales: Sequence[float] = SCA
     data: HeadData = head_data(draw.model_name)
     kept = draw.kept
     target = draw.grown_labels()[data.labels]
-    out, predicted = score_head(data, data.rows[kept], new_rows, target, scales)
-    if predicted is not None:
-        out["per_class"] = _per_class(draw, predicted, target, target >= int(kept.sum()), int(kept.sum()))
+    out, per_class = score_head(data, data.rows[kept], new_rows, target, scales)
+    if per_class is not None:
+        out["per_class"] = per_class
     return out
 
 
-def _per_class(draw: Draw, predicted: torch.Tensor, target: torch.Tensor, is_new: torch.Tensor, num_old: int) -> list:
-    """Per new class at scale 1: its photo won (0/1), and how many photos it won in all."""
-    photo = {int(t): i for i, t in enumerate(target.tolist()) if is_new[i]}
+def _per_class(predicted: torch.Tensor, target: torch.Tensor, num_old: int, k: int) -> list[dict[str, int]]:
+    """Per new class (classes ``num_old .. num_old + k - 1``): its photo won (0/1), and how many photos it won."""
+    photo = {int(t): i for i, t in enumerate(target.tolist()) if t >= num_old}
     return [
         {"hit": int(predicted[photo[num_old + j]] == num_old + j), "wins": int((predicted == num_old + j).sum())}
-        for j in range(draw.k)
+        for j in range(k)
     ]
 
 

@@ -149,7 +149,7 @@ def held_out_injections(model: str, k: int, regime: str):
 
 
 def measure(model: str, regimes: Sequence[str], injections) -> dict:
-    """Every family's :func:`~benchmarks.studies.row_bound.curve_summary` over ``injections(regime)``, the share
+    """Every family's :func:`~benchmarks.harness.user_regime.curve_summary` over ``injections(regime)``, the share
     of false wins the most stealing rows take, and each signal's correlation with a row's false wins."""
     photos = head_data(model)
     spread = photos.feature_std.float()
@@ -165,11 +165,10 @@ def measure(model: str, regimes: Sequence[str], injections) -> dict:
             cosines += F.cosine_similarity(rows["ICIS, the default's calibration"][:, :-1], true, dim=1).tolist()
             target = grown_labels(len(photos.rows), new_classes)[photos.labels]
             for name, new_rows in rows.items():
-                scored, predicted = score_head(photos, old_rows, new_rows, target, CURVE_SCALES)
+                scored, per_class = score_head(photos, old_rows, new_rows, target, CURVE_SCALES)
                 counts.setdefault(name, []).append(scored)
                 if name == "ICIS, the default's calibration":
-                    columns = range(len(old_rows), len(old_rows) + len(new_classes))
-                    false_wins += [int(((predicted == c) & (target != c)).sum()) for c in columns]
+                    false_wins += [c["wins"] - c["hit"] for c in per_class]
             for name, value in values.items():
                 signals.setdefault(name, []).extend(value.tolist())
         for name, per_injection in counts.items():
