@@ -30,6 +30,7 @@ STUDIES = (
     "row_signals",
     "scaling",
     "seeds",
+    "uncertainty_gate",
     "zoo",
 )
 

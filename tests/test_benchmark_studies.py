@@ -566,8 +566,8 @@ def test_target_entries_pool_each_targets_draws():
 
 def test_row_bound_oracles_recover_rows_they_can_reach_and_rows_are_calibrated_alike():
     from benchmarks.harness.user_regime import CURVE_SCALES as SCALES
-    from benchmarks.harness.user_regime import curve_summary
-    from benchmarks.studies.row_bound import OFFSET, best_blend, best_linear, calibrated
+    from benchmarks.harness.user_regime import RULE_OFFSET, calibrated, curve_summary
+    from benchmarks.studies.row_bound import best_blend, best_linear
     from classifier_injection.calibration.base import feature_mean_biases
 
     generator = torch.Generator().manual_seed(0)
@@ -586,7 +586,7 @@ def test_row_bound_oracles_recover_rows_they_can_reach_and_rows_are_calibrated_a
     mean = torch.randn(6, generator=generator)
     rows = calibrated(torch.randn(2, 6, generator=generator), old_rows, mean)
     torch.testing.assert_close(rows[:, :-1].norm(dim=1), old_rows[:, :-1].norm(dim=1).mean().expand(2))
-    torch.testing.assert_close(rows[:, -1], feature_mean_biases(rows[:, :-1], old_rows, mean) + OFFSET)
+    torch.testing.assert_close(rows[:, -1], feature_mean_biases(rows[:, :-1], old_rows, mean) + RULE_OFFSET)
 
     def counts(hits: int, wins: int, right: int) -> dict[str, int]:
         return {
@@ -611,8 +611,7 @@ def test_row_bound_oracles_recover_rows_they_can_reach_and_rows_are_calibrated_a
 
 def test_row_signals_families_keep_the_default_calibration_and_change_only_what_they_name():
     from benchmarks.harness.data import HeadData
-    from benchmarks.harness.user_regime import grown_labels, score_head
-    from benchmarks.studies.row_bound import calibrated
+    from benchmarks.harness.user_regime import calibrated, grown_labels, score_head
     from benchmarks.studies.row_signals import families, logit_spread, neighbour_similarity
 
     generator = torch.Generator().manual_seed(0)
@@ -656,3 +655,30 @@ def test_row_signals_families_keep_the_default_calibration_and_change_only_what_
     assert len(per_class) == 2 and counts["1.0"]["hits"] == sum(c["hit"] for c in per_class)
     assert counts["1.0"]["new_wins"] == sum(c["wins"] for c in per_class)
     assert score_head(photos, old_rows[keep], old_rows[torch.tensor([7, 2])], target, (0.5,))[1] is None
+
+
+def test_uncertainty_gate_lets_a_new_row_win_the_photos_the_old_head_is_unsure_of():
+    import math
+
+    from benchmarks.harness.data import HeadData
+    from benchmarks.harness.user_regime import score_head
+    from benchmarks.studies.uncertainty_gate import UNGATED, auroc, entropy, gate_curves
+
+    assert entropy(torch.zeros(1, 3)).item() == pytest.approx(math.log(3))
+    assert auroc(torch.tensor([3.0, 1.0, 2.0, 2.0]), torch.tensor([True, False, True, False])) == 0.875
+    # Classes 0-4 stay; class 5 is new. Its photo looks a little like each old class, and its row is class 0's:
+    # without a gate it wins its own photo exactly when it also takes class 0's.
+    rows = torch.cat([torch.eye(6) * 5, torch.zeros(6, 1)], 1)
+    features = torch.eye(6)
+    features[5, :5] = 0.4
+    photos = HeadData("toy", rows, features, torch.arange(6))
+    injection = (rows[:5], torch.tensor([[5.0, 0, 0, 0, 0, 0, 0]]), torch.tensor([5]))
+    result = gate_curves(photos, [injection], lambdas=(1.0,))
+    assert result["entropy auroc"] == 1.0
+    ungated, gated = result["families"][UNGATED], result["families"]["entropy gate, lam 1"]
+    assert ungated["best_f1"] <= 200 / 3 + 1e-9 and gated["best_f1"] == 100.0
+    # The gate adds a logit to the new classes only: the old ones, and no offset at all, score as before.
+    target = torch.arange(6)
+    plain, _ = score_head(photos, rows[:5], injection[1], target, (1.0,))
+    zero, _ = score_head(photos, rows[:5], injection[1], target, (1.0,), torch.zeros(6))
+    assert plain == zero and plain["1.0"]["old_before"] == 5

@@ -8,6 +8,7 @@ each rule's choice is what it would make alone. Everything a rule sees is image-
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from benchmarks.harness.data import CACHE, HeadData, fold_classes, load_model
+from benchmarks.harness.data import CACHE, HeadData, fold_classes, head_data, load_model
 from benchmarks.harness.descriptors import embedding_cache
 from benchmarks.harness.metrics import evaluate_rows, mean_of, seen_mask
 from benchmarks.harness.user_regime import REGIMES
@@ -39,6 +40,7 @@ from classifier_injection.icis import ICISInjector
 
 __all__ = [
     "FIT_CACHE",
+    "HELD_OUT_REPEATS",
     "INJECTORS",
     "OFFSET_VARIANTS",
     "SYNTHESIZE_DROPS",
@@ -49,6 +51,7 @@ __all__ = [
     "fold_context",
     "fold_inputs",
     "forget_choices",
+    "held_out_injections",
     "injection_context",
     "inner_split",
     "inner_summary",
@@ -60,6 +63,8 @@ __all__ = [
 ]
 
 FIT_CACHE = CACHE / "calibration"
+#: Random hold-outs of the old classes (each the default rule's share of them) in :func:`held_out_injections`.
+HELD_OUT_REPEATS = 3
 #: Budgets (``max_seen_drop``) and offsets swept by the ``synthesize`` tunings.
 SYNTHESIZE_DROPS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0)
 SYNTHESIZE_OFFSETS = (0.0, 1.0, 2.0, 3.0)
@@ -259,3 +264,26 @@ def recorded_injection(
         warnings.simplefilter("ignore", UserWarning)  # the unreliable-class warning
         inject(load_model(model_name), ["capybara"], config, cache=embedding_cache())
     return last_recorded()
+
+
+def held_out_injections(model: str, k: int, regime: str, repeats: int = HELD_OUT_REPEATS):
+    """Injections of held-out old classes, on which a setting may be chosen: the default rule's simulation of the
+    injection of "capybara" into the full head, its held-out rows refitted as a new class's are (an injector trained
+    on the kept classes), injected ``k`` at a time in a seeded random order among all the other true rows.
+
+    Yields ``(old rows, predicted rows, their classes, the rule's factor)`` per injection, over ``repeats`` hold-outs
+    of the rule's share of the classes.
+    """
+    rule = SynthesizedCalibration()
+    context, choice = recorded_injection(model, regime, rule)
+    context = dataclasses.replace(simulated_head(context), fitted_injector=None)
+    rows = head_data(model).rows
+    generator = torch.Generator().manual_seed(0)
+    for held, predicted in simulate_injections(context, rule.holdout_fraction, repeats):
+        order = torch.randperm(len(held), generator=generator)
+        for start in range(0, len(held) - k + 1, k):
+            group = order[start : start + k]
+            keep = torch.ones(len(rows), dtype=torch.bool)
+            keep[held[group]] = False
+            yield rows[keep], predicted[group], held[group], choice.factor
+    print(f"{model} {regime} held-out classes done", flush=True)

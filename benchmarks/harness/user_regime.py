@@ -28,20 +28,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.harness.data import HeadData, head_data, load_model
 from benchmarks.harness.descriptors import embedding_cache, imagenet_classes
 from classifier_injection import DescriptorConfig, InjectionConfig, find_head, inject
+from classifier_injection.calibration import SynthesizedCalibration
+from classifier_injection.calibration.base import feature_mean_biases, mean_norm
 
 __all__ = [
     "CURVE_SCALES",
     "DRAW_SEED",
     "REGIMES",
+    "RULE_OFFSET",
     "SCALES",
     "TARGET_PRECISIONS",
     "Draw",
     "add_draw_arguments",
+    "calibrated",
     "curve_summary",
     "curve_table",
     "draw_classes",
@@ -62,6 +67,8 @@ REGIMES: dict[str, DescriptorConfig | None] = {"wordnet": None, "name-only": Des
 SCALES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0)
 #: ``new_class_scale`` values of the fine curves (:func:`curve_summary`) (the rows' logits times the scale).
 CURVE_SCALES = tuple(round(0.5 + 0.05 * i, 2) for i in range(41))
+#: The default rule's offset on the feature-mean bias (logits).
+RULE_OFFSET = SynthesizedCalibration().offset
 #: Precision levels of the issue's targets (names WordNet knows: 50 %, names it lacks: 35 %).
 TARGET_PRECISIONS = (50.0, 35.0)
 #: Counts a draw is scored by (summed over draws before they become rates).
@@ -196,6 +203,16 @@ def inject_draw(
     return rows[len(before) :], grown.classifier_injection["injections"][-1]
 
 
+def calibrated(
+    directions: torch.Tensor, old_rows: torch.Tensor, feature_mean: torch.Tensor, factor: float = 1.0
+) -> torch.Tensor:
+    """Rows ``[K, D + 1]`` along ``directions [K, D]``, calibrated as the default rule does at ``factor``: weights
+    ``factor`` x the old rows' mean norm, bias the feature-mean bias plus :data:`RULE_OFFSET`."""
+    weights = F.normalize(directions.float(), dim=1) * mean_norm(old_rows) * factor
+    biases = feature_mean_biases(weights, old_rows, feature_mean) + RULE_OFFSET
+    return torch.cat([weights, biases[:, None].to(weights.dtype)], 1)
+
+
 @torch.no_grad()
 def score_head(
     photos: HeadData,
@@ -203,18 +220,22 @@ def score_head(
     new_rows: torch.Tensor,
     target: torch.Tensor,
     scales: Sequence[float] = SCALES,
+    offsets: torch.Tensor | None = None,
 ) -> tuple[dict[str, dict[str, int]], list[dict[str, int]] | None]:
     """Counts (:data:`COUNTS`) per ``new_class_scale`` of a head of ``old_rows`` grown by ``new_rows`` (scaled as
     ``inject()`` scales them) on every photo, ``target [photos]`` their classes in the grown head; and per new
     class at scale 1 (``None`` if 1 is not among ``scales``): its photo won (``hit``, 0 / 1) and the photos it won
-    in all (``wins``)."""
+    in all (``wins``). ``offsets [photos]``: a logit added to every new class's on that photo, after scaling."""
     is_new = target >= len(old_rows)
     old_logits = photos.logits(old_rows)
     before = old_logits.argmax(1) == target
     out: dict = {}
     per_class = None
     for scale in scales:
-        logits = torch.cat([old_logits, photos.logits(new_rows.to(photos.rows.dtype) * scale)], dim=1)
+        new_logits = photos.logits(new_rows.to(photos.rows.dtype) * scale)
+        if offsets is not None:
+            new_logits = new_logits + offsets.to(new_logits.dtype)[:, None]
+        logits = torch.cat([old_logits, new_logits], dim=1)
         predicted = logits.argmax(1)
         wins = predicted >= len(old_rows)
         right = predicted == target
@@ -277,9 +298,9 @@ def summarize(counts: Sequence[dict[str, int]]) -> dict[str, float]:
     }
 
 
-def curve_summary(per_draw: list[dict], cosines: list[float]) -> dict:
-    """Rates at scale 1, the highest recall at each target precision, and the best F1 over :data:`CURVE_SCALES`."""
-    rates = {scale: summarize([counts[str(scale)] for counts in per_draw]) for scale in CURVE_SCALES}
+def curve_summary(per_draw: list[dict], cosines: list[float], scales: Sequence[float] = CURVE_SCALES) -> dict:
+    """Rates at scale 1, the highest recall at each target precision, and the best F1 over ``scales``."""
+    rates = {scale: summarize([counts[str(scale)] for counts in per_draw]) for scale in scales}
     out = {"cosine": sum(cosines) / len(cosines), "at_1": rates[1.0]}
     for level in TARGET_PRECISIONS:
         reached = [r["recall"] for r in rates.values() if r["precision"] >= level]
@@ -293,15 +314,16 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
-def curve_table(heading: str, regimes: Sequence[str], result: dict) -> str:
-    """Markdown under ``heading``: one line per row family (``regimes``: those whose shared nearest rows to report)."""
+def curve_table(heading: str, regimes: Sequence[str], result: dict, scales: Sequence[float] = CURVE_SCALES) -> str:
+    """Markdown under ``heading``: one line per row family (``regimes``: those whose shared nearest rows to report),
+    scored over ``scales``."""
     levels = " | ".join(f"highest recall at precision >= {level:g} %" for level in TARGET_PRECISIONS)
     effective = result.get("best blend's effective rows")
     lines = [
         f"##### {heading}",
         "",
-        f"Recall / precision / top-5 recall in %, pooled over the draws; scales {CURVE_SCALES[0]}-"
-        f"{CURVE_SCALES[-1]} in steps of 0.05."
+        f"Recall / precision / top-5 recall in %, pooled over the draws; scales {scales[0]}-"
+        f"{scales[-1]} in steps of {scales[1] - scales[0]:.2g}."
         + (
             ""
             if effective is None

@@ -30,20 +30,17 @@ from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import (
     CURVE_SCALES,
     Draw,
+    calibrated,
     curve_summary,
     curve_table,
     inject_draw,
     make_draw,
     score_rows,
 )
-from classifier_injection.calibration import SynthesizedCalibration
-from classifier_injection.calibration.base import feature_mean_biases, mean_norm
 from classifier_injection.injector import top_cosines
 
 STUDY = "row_bound"
 TITLE = "What a new row needs: the user regime against the row's cosine to the true row"
-#: The default rule's offset on the feature-mean bias.
-OFFSET = SynthesizedCalibration().offset
 #: Shares of the way from ICIS's row towards the true row.
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
 #: Kept rows nearest a row (by cosine) that count as its siblings.
@@ -74,13 +71,6 @@ def best_linear(kept: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The least-squares combinations ``[K, D]`` of ``kept [N, D]`` nearest each ``target [K, D]``."""
     solution = torch.linalg.lstsq(kept.double().T, target.double().T).solution
     return (kept.double().T @ solution).T.float()
-
-
-def calibrated(directions: torch.Tensor, old_rows: torch.Tensor, feature_mean: torch.Tensor) -> torch.Tensor:
-    """Rows ``[K, D + 1]`` along ``directions [K, D]``, calibrated as the default rule does at factor 1."""
-    weights = F.normalize(directions.float(), dim=1) * mean_norm(old_rows)
-    biases = feature_mean_biases(weights, old_rows, feature_mean) + OFFSET
-    return torch.cat([weights, biases[:, None].to(weights.dtype)], 1)
 
 
 def draw_directions(

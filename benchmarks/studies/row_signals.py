@@ -23,13 +23,12 @@ The photos measure; the study chooses nothing.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness.calibration import recorded_injection
+from benchmarks.harness.calibration import held_out_injections
 from benchmarks.harness.data import head_data
 from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import (
@@ -44,7 +43,6 @@ from benchmarks.harness.user_regime import (
 from classifier_injection import ICISInjector
 from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import feature_mean_biases, mean_norm
-from classifier_injection.calibration.simulation import simulate_injections, simulated_head
 from classifier_injection.injector import top_cosines
 
 STUDY = "row_signals"
@@ -59,8 +57,6 @@ LAMBDAS = (0.25, 0.5, 1.0)
 NEIGHBOURS = 5
 #: Share of the rows, sorted by false wins, whose share of all false wins is reported.
 TOP_SHARE = 0.2
-#: Random hold-outs of the old classes (each 20 % of them, the rule's share) with ``--held-out``.
-HELD_OUT_REPEATS = 3
 
 
 class _KeepsPredictions(ICISInjector):
@@ -127,25 +123,6 @@ def user_injections(model: str, k: int, draws: Sequence[int], regime: str):
         _, record = inject_draw(draw, regime, injector=injector)
         yield data.rows[draw.kept], injector.predicted, torch.as_tensor(draw.removed), record["calibration"]["factor"]
         print(f"{model} K = {k} {regime} draw {number} done", flush=True)
-
-
-def held_out_injections(model: str, k: int, regime: str):
-    """Held-out old classes instead (no user-regime draw): the default rule's simulation of the injection of
-    "capybara" into the full head, its held-out rows refitted as a new class's are (an injector trained on the kept
-    classes), injected ``k`` at a time in a seeded random order among all the other true rows."""
-    rule = SynthesizedCalibration()
-    context, choice = recorded_injection(model, regime, rule)
-    context = dataclasses.replace(simulated_head(context), fitted_injector=None)
-    rows = head_data(model).rows
-    generator = torch.Generator().manual_seed(0)
-    for held, predicted in simulate_injections(context, rule.holdout_fraction, HELD_OUT_REPEATS):
-        order = torch.randperm(len(held), generator=generator)
-        for start in range(0, len(held) - k + 1, k):
-            group = order[start : start + k]
-            keep = torch.ones(len(rows), dtype=torch.bool)
-            keep[held[group]] = False
-            yield rows[keep], predicted[group], held[group], choice.factor
-    print(f"{model} {regime} held-out classes done", flush=True)
 
 
 def measure(model: str, regimes: Sequence[str], injections) -> dict:
