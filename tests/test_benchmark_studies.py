@@ -682,3 +682,11 @@ def test_uncertainty_gate_lets_a_new_row_win_the_photos_the_old_head_is_unsure_o
     plain, _ = score_head(photos, rows[:5], injection[1], target, (1.0,))
     zero, _ = score_head(photos, rows[:5], injection[1], target, (1.0,), torch.zeros(6))
     assert plain == zero and plain["1.0"]["old_before"] == 5
+    # In the protocol's head, no gate at scale 1 is the protocol's own S / U / H; the gate takes no seen photo here.
+    from benchmarks.harness.metrics import evaluate_rows
+    from benchmarks.studies.uncertainty_gate import gated_gzsl
+
+    held = torch.tensor([5])
+    protocol = evaluate_rows(photos, held.numpy(), injection[1])
+    assert gated_gzsl(photos, held, injection[1], 0.0, 1.0) == {k: protocol[k] for k in ("seen", "unseen", "h")}
+    assert gated_gzsl(photos, held, injection[1], 1.0, 0.6) == {"seen": 100.0, "unseen": 100.0, "h": 100.0}

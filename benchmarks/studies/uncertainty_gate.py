@@ -9,8 +9,11 @@ does part of the rows' work). ``lam`` 0 is the rows as they are.
 
 The injections: the user regime's draws (``K`` classes removed and injected back by name, the rows as ``inject()``
 makes them) or, with ``--held-out``, held-out old classes (the default rule's simulation, its rows refitted as a
-new class's are and calibrated as the default rule calibrates them), on which a setting could be chosen. The old
+new class's are and calibrated as the default rule calibrates them), on which a setting could be chosen, or, with
+``--protocol``, the 200-of-1000 protocol's folds (the library's default rows; S / U / H). The old
 head's entropy also says how well it tells the photos of the new classes from the others on its own (AUROC).
+The benchmark's photos are probably the models' training images, which a head wins with more confidence than
+photos it never saw; ``--image-size`` scores the same rows on the photos resized (harder photos).
 The photos measure; the study chooses nothing.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.studies.uncertainty_gate
@@ -24,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness.calibration import held_out_injections
-from benchmarks.harness.data import HeadData, head_data
+from benchmarks.harness.data import HeadData, fold_classes, head_data
+from benchmarks.harness.descriptors import fold_descriptors
+from benchmarks.harness.metrics import evaluate_rows, seen_mask
 from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import (
     calibrated,
@@ -34,7 +39,10 @@ from benchmarks.harness.user_regime import (
     inject_draw,
     make_draw,
     score_head,
+    summarize,
 )
+from classifier_injection import ICISInjector
+from classifier_injection.core import predict_rows
 
 STUDY = "uncertainty_gate"
 TITLE = "New logits raised by the old head's uncertainty on the photo"
@@ -62,8 +70,9 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def gate_curves(photos: HeadData, injections: Iterable[Injection], lambdas: Sequence[float] = LAMBDAS) -> dict:
-    """Every gate's :func:`~benchmarks.harness.user_regime.curve_summary` over ``injections`` of ``(old rows, new
-    rows, the new classes)``, and the AUROC of the old head's entropy for the new classes' photos, pooled."""
+    """Every gate's :func:`~benchmarks.harness.user_regime.curve_summary` and rates at each scale over ``injections``
+    of ``(old rows, new rows, the new classes)``, and the AUROC of the old head's entropy for the new classes'
+    photos, pooled."""
     counts: dict[str, list[dict]] = {}
     cosines: list[float] = []
     uncertainty, is_new = [], []
@@ -81,8 +90,77 @@ def gate_curves(photos: HeadData, injections: Iterable[Injection], lambdas: Sequ
             counts.setdefault(name, []).append(scored)
     return {
         "families": {name: curve_summary(per, cosines, GATE_SCALES) for name, per in counts.items()},
+        "curves": {
+            name: {str(scale): summarize([c[str(scale)] for c in per]) for scale in GATE_SCALES}
+            for name, per in counts.items()
+        },
         "entropy auroc": auroc(torch.cat(uncertainty), torch.cat(is_new)),
     }
+
+
+def gated_gzsl(photos: HeadData, held: torch.Tensor, new_rows: torch.Tensor, lam: float, scale: float) -> dict:
+    """S, U and H (%) of the protocol's head (the seen rows, ``new_rows`` for the ``held`` classes, times ``scale``),
+    every new logit raised by ``lam`` x the seen rows' entropy on the photo."""
+    seen = seen_mask(len(photos.rows), held)
+    old = photos.logits(photos.rows[seen])
+    new = photos.logits(new_rows.to(photos.rows.dtype) * scale) + lam * entropy(old)[:, None]
+    grown = torch.empty(len(photos.rows), dtype=torch.long)
+    grown[seen] = torch.arange(int(seen.sum()))
+    grown[held] = int(seen.sum()) + torch.arange(len(held))
+    correct = torch.cat([old, new], 1).argmax(1) == grown[photos.labels]
+    photo_seen = seen[photos.labels]
+    s, u = (100 * correct[mask].float().mean().item() for mask in (photo_seen, ~photo_seen))
+    return {"seen": s, "unseen": u, "h": 2 * s * u / (s + u) if s + u else 0.0}
+
+
+def protocol_curves(photos: HeadData, folds: Sequence[int], lambdas: Sequence[float] = LAMBDAS) -> dict:
+    """The 200-of-1000 protocol with the library's default rows (ICIS, default descriptors and calibration): ZSL
+    (which a gate cannot change: it raises every new class alike) and the 5-fold mean S / U / H of each gate at
+    scale 1 and at its best scale."""
+    per_fold: dict[str, dict[str, list[dict]]] = {}
+    zsl = []
+    for fold in folds:
+        held = torch.as_tensor(fold_classes(fold))
+        descriptors = fold_descriptors("minilm-default", held.numpy())
+        seen = seen_mask(len(photos.rows), held)
+        rows = predict_rows(
+            photos.rows[seen], descriptors[seen], descriptors[held], ICISInjector(seed=0), features=photos.statistics()
+        ).rows
+        zsl.append(evaluate_rows(photos, held.numpy(), rows)["zsl"])
+        for lam in (0.0, *lambdas):
+            name = UNGATED if lam == 0 else f"entropy gate, lam {lam:g}"
+            for scale in GATE_SCALES:
+                per_fold.setdefault(name, {}).setdefault(str(scale), []).append(
+                    gated_gzsl(photos, held, rows, lam, scale)
+                )
+        print(f"{photos.model_name} fold {fold} done", flush=True)
+    out: dict = {"zsl": sum(zsl) / len(zsl), "families": {}}
+    for name, by_scale in per_fold.items():
+        means = {
+            scale: {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]} for scale, runs in by_scale.items()
+        }
+        best = max(means, key=lambda scale: means[scale]["h"])
+        out["families"][name] = {"at_1": means["1.0"], "best_scale": float(best), "at_best": means[best]}
+    return out
+
+
+def protocol_table(heading: str, result: dict) -> str:
+    """Markdown of :func:`protocol_curves`."""
+    lines = [
+        f"##### {heading}",
+        "",
+        f"ZSL {result['zsl']:.1f} (every gate). S / U / H in %, means over the folds.",
+        "",
+        "| new logits | at scale 1 | best H (scale) |",
+        "|---|---|---|",
+    ]
+    for name, entry in result["families"].items():
+        at_1, best = entry["at_1"], entry["at_best"]
+        lines.append(
+            f"| {name} | {at_1['seen']:.1f} / {at_1['unseen']:.1f} / {at_1['h']:.1f} | "
+            f"{best['seen']:.1f} / {best['unseen']:.1f} / {best['h']:.1f} ({entry['best_scale']:g}) |"
+        )
+    return "\n".join(lines)
 
 
 def user_injections(photos: HeadData, k: int, draws: Sequence[int], regime: str) -> Iterator[Injection]:
@@ -107,21 +185,34 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.unce
     parser.add_argument("--k", type=int, default=10, help="new classes per injection")
     parser.add_argument("--draws", type=int, default=8, help="draws 0..N-1 of the user regime")
     parser.add_argument("--held-out", action="store_true", help="held-out old classes instead of the user regime")
+    parser.add_argument("--protocol", action="store_true", help="the 200-of-1000 protocol's 5 folds instead")
     parser.add_argument("--regimes", nargs="+", default=["wordnet", "name-only"])
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="photos resized to this many pixels (harder photos; rows as before)",
+    )
     parser.add_argument("--name", default=STUDY, help=f"run name in benchmarks/results/{STUDY}")
     args = parser.parse_args(argv)
     draws = list(range(args.draws))
     result: dict = {}
     sections = []
+    size = "" if args.image_size is None else f", photos at {args.image_size} px"
     for model in args.models:
-        photos = head_data(model)
+        photos = head_data(model, image_size=args.image_size)
+        if args.protocol:
+            heading = f"{model}, the 200-of-1000 protocol, 5 folds{size}"
+            result[heading] = protocol_curves(photos, range(5))
+            sections.append(protocol_table(heading, result[heading]))
+            continue
         for regime in args.regimes:
             if args.held_out:
                 injections = held_out(photos, args.k, regime)
-                heading = f"{model}, {regime}, held-out old classes, {args.k} at a time"
+                heading = f"{model}, {regime}, held-out old classes, {args.k} at a time{size}"
             else:
                 injections = user_injections(photos, args.k, draws, regime)
-                heading = f"{model}, {regime}, K = {args.k}, draws {draws[0]}-{draws[-1]}"
+                heading = f"{model}, {regime}, K = {args.k}, draws {draws[0]}-{draws[-1]}{size}"
             entry = gate_curves(photos, injections)
             result[heading] = entry
             table = curve_table(heading, [], entry, GATE_SCALES)
