@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.unce
     parser.add_argument("--draws", type=int, default=8, help="draws 0..N-1 of the user regime")
     parser.add_argument("--held-out", action="store_true", help="held-out old classes instead of the user regime")
     parser.add_argument("--protocol", action="store_true", help="the 200-of-1000 protocol's 5 folds instead")
+    parser.add_argument("--lambdas", nargs="+", type=float, default=list(LAMBDAS), help="logits per nat of entropy")
     parser.add_argument("--regimes", nargs="+", default=["wordnet", "name-only"])
     parser.add_argument(
         "--image-size",
@@ -203,7 +204,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.unce
         photos = head_data(model, image_size=args.image_size)
         if args.protocol:
             heading = f"{model}, the 200-of-1000 protocol, 5 folds{size}"
-            result[heading] = protocol_curves(photos, range(5))
+            result[heading] = protocol_curves(photos, range(5), args.lambdas)
             sections.append(protocol_table(heading, result[heading]))
             continue
         for regime in args.regimes:
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "benchmarks.studies.unce
             else:
                 injections = user_injections(photos, args.k, draws, regime)
                 heading = f"{model}, {regime}, K = {args.k}, draws {draws[0]}-{draws[-1]}{size}"
-            entry = gate_curves(photos, injections)
+            entry = gate_curves(photos, injections, args.lambdas)
             result[heading] = entry
             table = curve_table(heading, [], entry, GATE_SCALES)
             sections.append(
