@@ -688,5 +688,6 @@ def test_uncertainty_gate_lets_a_new_row_win_the_photos_the_old_head_is_unsure_o
 
     held = torch.tensor([5])
     protocol = evaluate_rows(photos, held.numpy(), injection[1])
-    assert gated_gzsl(photos, held, injection[1], 0.0, 1.0) == {k: protocol[k] for k in ("seen", "unseen", "h")}
-    assert gated_gzsl(photos, held, injection[1], 1.0, 0.6) == {"seen": 100.0, "unseen": 100.0, "h": 100.0}
+    rates = gated_gzsl(photos, held, injection[1], (0.0, 1.0), (1.0, 0.6))
+    assert rates[0.0][1.0] == {k: protocol[k] for k in ("seen", "unseen", "h")}
+    assert rates[1.0][0.6] == {"seen": 100.0, "unseen": 100.0, "h": 100.0}

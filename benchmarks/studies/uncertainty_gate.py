@@ -98,19 +98,27 @@ def gate_curves(photos: HeadData, injections: Iterable[Injection], lambdas: Sequ
     }
 
 
-def gated_gzsl(photos: HeadData, held: torch.Tensor, new_rows: torch.Tensor, lam: float, scale: float) -> dict:
-    """S, U and H (%) of the protocol's head (the seen rows, ``new_rows`` for the ``held`` classes, times ``scale``),
-    every new logit raised by ``lam`` x the seen rows' entropy on the photo."""
+@torch.no_grad()
+def gated_gzsl(
+    photos: HeadData, held: torch.Tensor, new_rows: torch.Tensor, lambdas: Sequence[float], scales: Sequence[float]
+) -> dict[float, dict[float, dict]]:
+    """S, U and H (%) of the protocol's head (the seen rows, ``new_rows`` for the ``held`` classes, times a scale),
+    every new logit raised by ``lam`` x the seen rows' entropy on the photo: ``{lam: {scale: rates}}``."""
     seen = seen_mask(len(photos.rows), held)
     old = photos.logits(photos.rows[seen])
-    new = photos.logits(new_rows.to(photos.rows.dtype) * scale) + lam * entropy(old)[:, None]
+    gate = entropy(old)[:, None]
     grown = torch.empty(len(photos.rows), dtype=torch.long)
     grown[seen] = torch.arange(int(seen.sum()))
     grown[held] = int(seen.sum()) + torch.arange(len(held))
-    correct = torch.cat([old, new], 1).argmax(1) == grown[photos.labels]
-    photo_seen = seen[photos.labels]
-    s, u = (100 * correct[mask].float().mean().item() for mask in (photo_seen, ~photo_seen))
-    return {"seen": s, "unseen": u, "h": 2 * s * u / (s + u) if s + u else 0.0}
+    target, photo_seen = grown[photos.labels], seen[photos.labels]
+    out: dict[float, dict[float, dict]] = {lam: {} for lam in lambdas}
+    for scale in scales:
+        new = photos.logits(new_rows.to(photos.rows.dtype) * scale)
+        for lam in lambdas:
+            correct = torch.cat([old, new + lam * gate], 1).argmax(1) == target
+            s, u = (100 * correct[mask].float().mean().item() for mask in (photo_seen, ~photo_seen))
+            out[lam][scale] = {"seen": s, "unseen": u, "h": 2 * s * u / (s + u) if s + u else 0.0}
+    return out
 
 
 def protocol_curves(photos: HeadData, folds: Sequence[int], lambdas: Sequence[float] = LAMBDAS) -> dict:
@@ -127,12 +135,10 @@ def protocol_curves(photos: HeadData, folds: Sequence[int], lambdas: Sequence[fl
             photos.rows[seen], descriptors[seen], descriptors[held], ICISInjector(seed=0), features=photos.statistics()
         ).rows
         zsl.append(evaluate_rows(photos, held.numpy(), rows)["zsl"])
-        for lam in (0.0, *lambdas):
+        for lam, by_scale in gated_gzsl(photos, held, rows, (0.0, *lambdas), GATE_SCALES).items():
             name = UNGATED if lam == 0 else f"entropy gate, lam {lam:g}"
-            for scale in GATE_SCALES:
-                per_fold.setdefault(name, {}).setdefault(str(scale), []).append(
-                    gated_gzsl(photos, held, rows, lam, scale)
-                )
+            for scale, rates in by_scale.items():
+                per_fold.setdefault(name, {}).setdefault(str(scale), []).append(rates)
         print(f"{photos.model_name} fold {fold} done", flush=True)
     out: dict = {"zsl": sum(zsl) / len(zsl), "families": {}}
     for name, by_scale in per_fold.items():
