@@ -47,6 +47,7 @@ __all__ = [
     "Draw",
     "add_draw_arguments",
     "calibrated",
+    "curve_rates",
     "curve_summary",
     "curve_table",
     "draw_classes",
@@ -298,9 +299,14 @@ def summarize(counts: Sequence[dict[str, int]]) -> dict[str, float]:
     }
 
 
+def curve_rates(per_draw: list[dict], scales: Sequence[float] = CURVE_SCALES) -> dict[float, dict[str, float]]:
+    """:func:`summarize`'s rates at each of ``scales``, pooled over the draws' counts."""
+    return {scale: summarize([counts[str(scale)] for counts in per_draw]) for scale in scales}
+
+
 def curve_summary(per_draw: list[dict], cosines: list[float], scales: Sequence[float] = CURVE_SCALES) -> dict:
     """Rates at scale 1, the highest recall at each target precision, and the best F1 over ``scales``."""
-    rates = {scale: summarize([counts[str(scale)] for counts in per_draw]) for scale in scales}
+    rates = curve_rates(per_draw, scales)
     out = {"cosine": sum(cosines) / len(cosines), "at_1": rates[1.0]}
     for level in TARGET_PRECISIONS:
         reached = [r["recall"] for r in rates.values() if r["precision"] >= level]

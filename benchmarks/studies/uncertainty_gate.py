@@ -33,13 +33,13 @@ from benchmarks.harness.metrics import evaluate_rows, seen_mask
 from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import (
     calibrated,
+    curve_rates,
     curve_summary,
     curve_table,
     grown_labels,
     inject_draw,
     make_draw,
     score_head,
-    summarize,
 )
 from classifier_injection import ICISInjector
 from classifier_injection.core import predict_rows
@@ -91,7 +91,7 @@ def gate_curves(photos: HeadData, injections: Iterable[Injection], lambdas: Sequ
     return {
         "families": {name: curve_summary(per, cosines, GATE_SCALES) for name, per in counts.items()},
         "curves": {
-            name: {str(scale): summarize([c[str(scale)] for c in per]) for scale in GATE_SCALES}
+            name: {str(scale): rates for scale, rates in curve_rates(per, GATE_SCALES).items()}
             for name, per in counts.items()
         },
         "entropy auroc": auroc(torch.cat(uncertainty), torch.cat(is_new)),
