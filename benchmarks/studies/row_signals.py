@@ -33,6 +33,7 @@ from benchmarks.harness.data import head_data
 from benchmarks.harness.results import command_line, record, study_parser
 from benchmarks.harness.user_regime import (
     CURVE_SCALES,
+    RULE_OFFSET,
     curve_summary,
     curve_table,
     grown_labels,
@@ -41,14 +42,11 @@ from benchmarks.harness.user_regime import (
     score_head,
 )
 from classifier_injection import ICISInjector
-from classifier_injection.calibration import SynthesizedCalibration
 from classifier_injection.calibration.base import feature_mean_biases, mean_norm
 from classifier_injection.injector import top_cosines
 
 STUDY = "row_signals"
 TITLE = "Per-row calibration from the row alone: blend norm, neighbour similarity, logit spread"
-#: The default rule's offset on the feature-mean bias.
-OFFSET = SynthesizedCalibration().offset
 #: Exponents of the blend norm's factor.
 GAMMAS = (-0.5, -0.25, 0.5)
 #: Bias shifts (logits) per unit of the neighbour-similarity z-score.
@@ -95,7 +93,7 @@ def families(
     base = F.normalize(blend, dim=1) * mean_norm(old_rows) * factor
 
     def rows(weights: torch.Tensor, shift: torch.Tensor | float = 0.0) -> torch.Tensor:
-        biases = feature_mean_biases(weights, old_rows, feature_mean) + OFFSET - shift
+        biases = feature_mean_biases(weights, old_rows, feature_mean) + RULE_OFFSET - shift
         return torch.cat([weights, biases[:, None].to(weights.dtype)], 1)
 
     norm = blend.norm(dim=1)
